@@ -1,0 +1,30 @@
+"""Every hook a plugin can implement.
+
+A plugin is a module or object with functions decorated by `adapters.hookimpl`, registered by the
+plugin manager (built-ins) or found through the ``adapters`` entry-point group (third parties)::
+
+    import adapters
+
+    @adapters.hookimpl
+    def register_strategies(register):
+        register(MyStrategy())
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import pluggy
+
+from .strategy import Strategy
+
+hookspec = pluggy.HookspecMarker("adapters")
+hookimpl = pluggy.HookimplMarker("adapters")
+
+
+@hookspec
+def register_strategies(register: Callable[[Strategy], None]) -> None:
+    """Register fine-tuning strategies.
+
+    Call ``register(strategy)`` once per strategy. A strategy is any object that satisfies the
+    `adapters.Strategy` protocol; its ``name`` must be unique across all installed plugins.
+    """

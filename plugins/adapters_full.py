@@ -1,0 +1,30 @@
+"""Full fine-tuning: every weight trains. Refused on quantized bases, whose weights cannot train."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import adapters
+
+
+@dataclass
+class FullOptions:
+    pass  # nothing to choose: every parameter trains
+
+
+class FullFinetune:
+    name = "full-finetune"
+    description = "trains every weight of an unquantized base"
+    config_class = FullOptions
+    supported_quantization = frozenset({"none"})
+    supported_tasks = frozenset(adapters.TASKS)
+    default_learning_rate = 5e-5
+
+    def apply(self, model, config: FullOptions):
+        for param in model.parameters():
+            param.requires_grad_(True)
+        return model
+
+
+@adapters.hookimpl
+def register_strategies(register):
+    register(FullFinetune())

@@ -1,0 +1,49 @@
+"""Prefix tuning through PEFT: trained key/value prefixes in every attention layer.
+
+Saved in PEFT's own format. Gradient checkpointing is refused: PEFT's prefix tuning passes its
+prefixes as a cache, which checkpointed layers cannot replay.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import adapters
+
+@dataclass
+class PrefixOptions:
+    num_virtual_tokens: int = 20  # length of the trained prefix
+    projection: bool = False  # reparameterize the prefix through an MLP while training
+
+
+class PrefixTuning:
+    name = "prefix-tuning"
+    description = "PEFT prefix tuning: trained key/value prefixes in every attention layer"
+    config_class = PrefixOptions
+    supported_quantization = frozenset(adapters.QUANTIZATIONS)
+    # PEFT's prefix tuning for sequence classification needs a model that accepts past_key_values
+    # in its classification forward; transformers 5's Llama and BERT heads do not.
+    supported_tasks = frozenset({"causal-lm"})
+    supports_gradient_checkpointing = False
+    default_learning_rate = 1e-2
+
+    def apply(self, model, config: PrefixOptions):
+        from peft import PrefixTuningConfig, get_peft_model
+
+        if config.num_virtual_tokens < 1:
+            raise adapters.AdaptersError("num_virtual_tokens must be at least 1; e.g. --set num_virtual_tokens=20.")
+        peft_config = PrefixTuningConfig(
+            num_virtual_tokens=config.num_virtual_tokens, prefix_projection=config.projection,
+            task_type="CAUSAL_LM",
+        )
+        return get_peft_model(model, peft_config)
+
+    def save(self, model, directory, config):
+        adapters.save_peft(model, directory)
+
+    def load(self, model, directory, config):
+        return adapters.load_peft(self.apply(model, config), directory)
+
+
+@adapters.hookimpl
+def register_strategies(register):
+    register(PrefixTuning())

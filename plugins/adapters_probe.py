@@ -1,0 +1,54 @@
+"""Linear probe: a frozen base and one trainable linear head on its final hidden state.
+
+For sequence classification the head is the model's new classification head; for causal-lm it is
+an untied, trainable copy of the output projection. Nothing upstream of the head requires a
+gradient, so autograd records no graph through the base and memory stays near inference.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+import adapters
+
+
+@dataclass
+class ProbeOptions:
+    pass  # the probe has no options: the head's shape follows from the model
+
+
+class LinearProbe:
+    name = "linear-probe"
+    description = "frozen base; trains only a linear head on the final hidden state"
+    config_class = ProbeOptions
+    supported_quantization = frozenset(adapters.QUANTIZATIONS)
+    supported_tasks = frozenset(adapters.TASKS)
+    default_learning_rate = 1e-3
+
+    def apply(self, model, config: ProbeOptions):
+        adapters.freeze(model)
+        # Checkpointing would only re-run a base that records no graph; input gradients would make one.
+        if getattr(model, "is_gradient_checkpointing", False):
+            model.gradient_checkpointing_disable()
+        if hasattr(model, "_require_grads_hook"):
+            model.disable_input_require_grads()
+        if adapters.task_of(model) == "causal-lm":
+            tied = model.get_output_embeddings()
+            head = torch.nn.Linear(tied.in_features, tied.out_features, bias=tied.bias is not None,
+                                   device=tied.weight.device, dtype=tied.weight.dtype)
+            with torch.no_grad():
+                head.weight.copy_(tied.weight)
+                if tied.bias is not None:
+                    head.bias.copy_(tied.bias)
+            model.set_output_embeddings(head)
+            model.config.tie_word_embeddings = False
+        else:
+            head = model.get_submodule(adapters.output_head_name(model))
+        head.requires_grad_(True)
+        return model
+
+
+@adapters.hookimpl
+def register_strategies(register):
+    register(LinearProbe())
