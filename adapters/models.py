@@ -308,6 +308,23 @@ def check_model_task(spec: ModelSpec, task: str | None) -> str:
     return task
 
 
+@contextlib.contextmanager
+def _quiet_transformers():
+    """Silence transformers' per-load reports and bars (e.g. "score.weight MISSING" for a new head)."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def load_base_model(
     name: str,
     quantization: str = "none",
@@ -321,8 +338,6 @@ def load_base_model(
     Frozen modules that are not quantized stay in the compute dtype (bf16 on GPU): no fp32 upcast,
     which is what makes the common QLoRA recipe use more memory than bf16 LoRA.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-
     if quantization not in QUANTIZATIONS:
         raise AdaptersError(f"unknown quantization {quantization!r}. Use one of: {', '.join(QUANTIZATIONS)}.")
     spec = resolve_model(name)
@@ -332,6 +347,13 @@ def load_base_model(
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
     checkpoint = spec.locate()
+    with _quiet_transformers():
+        return _load(name, checkpoint, quantization, task, labels, device, dtype)
+
+
+def _load(name, checkpoint, quantization, task, labels, device, dtype) -> BaseModel:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
     config = AutoConfig.from_pretrained(checkpoint)
     if getattr(config, "auto_map", None):
         raise AdaptersError(
@@ -349,6 +371,13 @@ def load_base_model(
             checkpoint, num_labels=len(labels), id2label=dict(enumerate(labels)),
             label2id={l: i for i, l in enumerate(labels)}, **kwargs,
         )
+    if quant_config is not None and device.type == "cpu":
+        # bitsandbytes repacks 4-bit weights for a CPU inference kernel the first time a module runs
+        # in eval mode; that kernel has no backward, so training after an evaluation would get
+        # silently wrong gradients through the frozen layers. Keep the trainable layout.
+        for module in model.modules():
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
     tokenizer = _load_tokenizer(checkpoint, AutoTokenizer) if name not in _random_names() else ByteTokenizer()
     if getattr(tokenizer, "pad_token_id", None) is None:
         tokenizer.pad_token = tokenizer.eos_token

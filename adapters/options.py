@@ -27,7 +27,7 @@ def parse_assignments(pairs: list[str] | tuple[str, ...]) -> dict[str, str]:
     return out
 
 
-def _convert(value: Any, hint: Any, key: str) -> Any:
+def convert_value(value: Any, hint: Any, key: str) -> Any:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
@@ -36,7 +36,7 @@ def _convert(value: Any, hint: Any, key: str) -> Any:
         errors = []
         for arg in (a for a in args if a is not type(None)):
             try:
-                return _convert(value, arg, key)
+                return convert_value(value, arg, key)
             except AdaptersError as exc:
                 errors.append(str(exc))
         raise AdaptersError(errors[0])
@@ -45,7 +45,7 @@ def _convert(value: Any, hint: Any, key: str) -> Any:
         items = value.split(",") if isinstance(value, str) else value
         if not isinstance(items, (list, tuple)):
             raise AdaptersError(f"option {key!r} takes a list; write {key}=a,b")
-        converted = [_convert(v.strip() if isinstance(v, str) else v, item, key) for v in items]
+        converted = [convert_value(v.strip() if isinstance(v, str) else v, item, key) for v in items]
         return converted if origin is list else tuple(converted)
     if hint is bool:
         if isinstance(value, bool):
@@ -80,7 +80,7 @@ def build_config(config_class: type, values: dict[str, Any], strategy: str = "")
             f"unknown option {unknown[0]!r} for strategy {strategy!r}. "
             f"Its options are: {', '.join(sorted(fields)) or '(none)'}."
         )
-    kwargs = {k: _convert(v, hints[k], k) for k, v in values.items()}
+    kwargs = {k: convert_value(v, hints[k], k) for k, v in values.items()}
     try:
         return config_class(**kwargs)
     except (TypeError, ValueError) as exc:

@@ -17,7 +17,7 @@ import torch
 from . import data as datasets
 from .errors import AdaptersError, TrainingFailed
 from .models import DEFAULT_MODEL, BaseModel, ModelSpec, check_model_task, load_base_model, resolve_model
-from .options import build_config
+from .options import build_config, convert_value, read_toml
 from .plugins import distribution_of, get_registry
 from .registry import Registry
 from .store import check_output_dir, save
@@ -75,6 +75,32 @@ class TrainResult:
     tokens_per_s: float
     seconds: float
     output: Path | None
+
+
+def settings_from(config_file: str | None, given: dict[str, Any], options: dict[str, Any]) -> TrainSettings:
+    """Settings from a TOML file (optional), overridden by ``given`` values and ``options``.
+
+    The file's keys are `TrainSettings` field names (hyphens or underscores); strategy options go
+    in an ``[options]`` table.
+    """
+    import typing
+
+    hints = typing.get_type_hints(TrainSettings)
+    values: dict[str, Any] = {}
+    file_options: dict[str, Any] = {}
+    if config_file:
+        table = read_toml(config_file)
+        file_options = table.pop("options", {})
+        if not isinstance(file_options, dict):
+            raise AdaptersError(f"--config {config_file}: `options` must be a table, e.g. [options] r = 8.")
+        for key, value in table.items():
+            name = key.replace("-", "_")
+            if name not in hints or name == "options":
+                known = ", ".join(k.replace("_", "-") for k in hints if k != "options")
+                raise AdaptersError(f"--config {config_file}: unknown key {key!r}. Known keys: {known}, [options].")
+            values[name] = convert_value(value, hints[name], key)
+    values.update(given)
+    return TrainSettings(**values, options={**file_options, **options})
 
 
 def split_strategy(spec: str, quantization: str | None) -> tuple[str, str | None]:
@@ -245,13 +271,13 @@ def train(settings: TrainSettings, progress: bool = True) -> TrainResult:
                 if not torch.isfinite(loss):
                     bar.close()
                     raise TrainingFailed(
-                        f"loss became {float(loss)} at step {step + 1}; stopped and saved nothing. "
+                        f"loss became {loss.item()} at step {step + 1}; stopped and saved nothing. "
                         "Lower --learning-rate, or check the data."
                     )
                 accelerator.backward(loss)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            step_loss += float(loss) / s.gradient_accumulation_steps
+            step_loss += loss.item() / s.gradient_accumulation_steps
             tokens += _tokens(batch) * accelerator.num_processes
         losses.append(step_loss)
         elapsed = time.perf_counter() - start

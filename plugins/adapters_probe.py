@@ -18,6 +18,14 @@ class ProbeOptions:
     pass  # the probe has no options: the head's shape follows from the model
 
 
+def _checkpointing(model) -> bool:
+    # transformers 5.x renamed is_gradient_checkpointing to is_activation_checkpointing.
+    for attr in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(model), attr):
+            return bool(getattr(model, attr))
+    return False
+
+
 class LinearProbe:
     name = "linear-probe"
     description = "frozen base; trains only a linear head on the final hidden state"
@@ -29,7 +37,7 @@ class LinearProbe:
     def apply(self, model, config: ProbeOptions):
         adapters.freeze(model)
         # Checkpointing would only re-run a base that records no graph; input gradients would make one.
-        if getattr(model, "is_gradient_checkpointing", False):
+        if model.supports_gradient_checkpointing and _checkpointing(model):
             model.gradient_checkpointing_disable()
         if hasattr(model, "_require_grads_hook"):
             model.disable_input_require_grads()

@@ -1,0 +1,167 @@
+"""The `adapters` command line: thin commands over the library functions.
+
+A user error prints ``Error: <reason>`` on one line, without a traceback, and exits with code 2.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from typing import Any
+
+import click
+from click.core import ParameterSource
+
+from .errors import AdaptersError
+
+
+def _echo_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, allow_nan=False, default=str))
+
+
+def _table(rows: list[list[str]], headers: list[str]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
+    line = lambda r: "  ".join(str(x).ljust(w) for x, w in zip(r, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="adapters")
+def cli() -> None:
+    """Fine-tune quantized pre-trained models with pluggable strategies, and compare them."""
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def strategies(as_json: bool) -> None:
+    """List the registered strategies, their plugins, quantizations, tasks and options."""
+    from .options import describe_options
+    from .plugins import get_registry
+    from .strategy import option
+
+    rows = []
+    for entry in get_registry().entries():
+        s = entry.strategy
+        rows.append({
+            "name": s.name,
+            "description": s.description,
+            "plugin": entry.plugin,
+            "supported_quantization": sorted(s.supported_quantization),
+            "supported_tasks": sorted(s.supported_tasks),
+            "default_quantization": option(s, "default_quantization"),
+            "supports_gradient_checkpointing": option(s, "supports_gradient_checkpointing"),
+            "options": describe_options(s.config_class),
+        })
+    if as_json:
+        _echo_json(rows)
+        return
+    click.echo(_table(
+        [[r["name"], ",".join(r["supported_quantization"]), ",".join(r["supported_tasks"]),
+          " ".join(f"{o['name']}={o['default']}" for o in r["options"]) or "-", r["description"]] for r in rows],
+        ["name", "quantization", "tasks", "options (defaults)", "description"],
+    ))
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def plugins(as_json: bool) -> None:
+    """List the loaded plugins, with their distributions, hooks and strategies."""
+    from .plugins import list_plugins
+
+    rows = list_plugins()
+    if as_json:
+        _echo_json(rows)
+        return
+    click.echo(_table(
+        [[r["name"], f"{r['distribution']} {r.get('version', '')}".strip(),
+          ", ".join(r.get("strategies", [])) or "-", r.get("error", "")] for r in rows],
+        ["plugin", "distribution", "strategies", "error"],
+    ))
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def models(as_json: bool) -> None:
+    """List the named models and whether each is available locally."""
+    from .models import model_status
+
+    rows = model_status()
+    if as_json:
+        _echo_json(rows)
+        return
+    click.echo(_table(
+        [[r["name"], "yes" if r["available"] else "no", "yes" if r["cached"] else "no", ",".join(r["tasks"]),
+          r["install"] or r["description"]] for r in rows],
+        ["name", "available", "cached", "tasks", "description / how to install"],
+    ))
+
+
+@cli.command()
+@click.option("--model", default="smollm2-135m", show_default=True, help="Model name, local directory or hub id.")
+@click.option("--strategy", default="lora", show_default=True, help="Strategy name; NAME@QUANT also sets quantization.")
+@click.option("--quantization", type=click.Choice(["none", "nf4", "fp4", "int8"]), default=None,
+              help="Quantize the base (default: the strategy's own, e.g. nf4 for qlora).")
+@click.option("--task", type=click.Choice(["causal-lm", "sequence-classification"]), default=None,
+              help="Default: the model's own.")
+@click.option("--data", default=None, help=".txt, .jsonl or .csv file (default: built-in real text).")
+@click.option("--max-steps", type=int, default=20, show_default=True)
+@click.option("--batch-size", type=int, default=4, show_default=True)
+@click.option("--gradient-accumulation-steps", type=int, default=1, show_default=True)
+@click.option("--seq-len", type=int, default=128, show_default=True)
+@click.option("--learning-rate", type=float, default=None, help="Default: the strategy's own.")
+@click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations in backward to save memory.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--eval-batches", type=int, default=8, show_default=True)
+@click.option("--output", default=None, help="Directory to save the trained strategy in.")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty --output directory.")
+@click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE", help="A strategy option (repeatable).")
+@click.option("--config", "config_file", default=None, help="TOML file of settings; flags given here win.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.pass_context
+def train(ctx: click.Context, assignments: tuple[str, ...], config_file: str | None, as_json: bool, **flags: Any) -> None:
+    """Train a strategy on a base model, evaluate it before and after, and save it."""
+    from .options import parse_assignments
+    from .train import settings_from, train as run_training
+
+    given = {k: v for k, v in flags.items() if ctx.get_parameter_source(k) == ParameterSource.COMMANDLINE}
+    settings = settings_from(config_file, given, parse_assignments(assignments))
+    result = run_training(settings, progress=True)
+    summary = {
+        "strategy": result.strategy, "model": result.model, "quantization": result.quantization,
+        "task": result.task, "steps": result.steps,
+        "trainable_parameters": result.parameters.trainable, "total_parameters": result.parameters.total,
+        "heldout_before": result.before, "heldout_after": result.after,
+        "tokens_per_s": round(result.tokens_per_s, 1), "seconds": round(result.seconds, 2),
+        "output": str(result.output) if result.output else None,
+    }
+    if as_json:
+        _echo_json(summary)
+        return
+    p = result.parameters
+    metric = "perplexity" if result.task == "causal-lm" else "accuracy"
+    click.echo(
+        f"{result.strategy} on {result.model} ({result.quantization}, {result.task}): "
+        f"{p.trainable:,} of {p.total:,} parameters trained ({100 * p.fraction:.2f}%)\n"
+        f"held-out loss {result.before['loss']:.4f} -> {result.after['loss']:.4f}, "
+        f"{metric} {result.before[metric]:.4g} -> {result.after[metric]:.4g}\n"
+        f"{result.steps} steps in {result.seconds:.1f} s, {result.tokens_per_s:,.0f} tokens/s"
+        + (f"\nsaved to {result.output}" if result.output else "")
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        code = cli.main(args=argv, prog_name="adapters", standalone_mode=False)
+    except AdaptersError as exc:
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        click.echo("Aborted.", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("Interrupted; nothing was saved.", err=True)
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)

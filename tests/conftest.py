@@ -1,0 +1,42 @@
+"""Shared fixtures. Installed third-party plugins never load under test unless a test registers them."""
+from __future__ import annotations
+
+import os
+import warnings
+
+# Before adapters is imported anywhere: an empty allow-list loads no entry-point plugins.
+os.environ["ADAPTERS_LOAD_PLUGINS"] = ""
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import adapters  # noqa: E402
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture
+def register_plugin():
+    """Register plugin objects for one test; they are always unregistered afterwards."""
+    pm = adapters.get_plugin_manager()
+    added = []
+
+    def register(plugin, name=None):
+        added.append(pm.register(plugin, name=name))
+        return plugin
+
+    yield register
+    for name in added:
+        pm.unregister(name=name)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M (unquantized), loaded once per session; tests must not modify it."""
+    return adapters.load_base_model("smollm2-135m")
+
+
+def load(name: str, quantization: str = "none", task: str | None = None, labels=None):
+    return adapters.load_base_model(name, quantization=quantization, task=task, labels=labels)
