@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
+import logging
 import os
 import shutil
 import sys
@@ -364,6 +365,10 @@ def _load(name, checkpoint, quantization, task, labels, device, dtype) -> BaseMo
     quant_config = bnb_config(quantization, dtype)
     if quant_config is not None:
         kwargs["quantization_config"] = quant_config
+    if quantization == "int8" and dtype != torch.float16:
+        # int8 matmuls always cast their input to fp16; bitsandbytes logs that on every call,
+        # burying the progress bar.
+        logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
     if task == "causal-lm":
         model = AutoModelForCausalLM.from_pretrained(checkpoint, **kwargs)
     else:

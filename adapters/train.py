@@ -6,6 +6,7 @@ runs it data-parallel unchanged.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -166,7 +167,15 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
     segments whose own weights are all frozen; the loop keeps the model in train mode, without
     which transformers silently skips checkpointing.
     """
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.2x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    # Newer transformers already hook the input embeddings above; enabling twice would orphan the
+    # first hook, which then could never be removed (as the linear probe must).
+    with contextlib.suppress(AttributeError):
+        model.disable_input_require_grads()
     model.enable_input_require_grads()
 
 

@@ -6,6 +6,7 @@ gradient, so autograd records no graph through the base and memory stays near in
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -38,8 +39,9 @@ class LinearProbe:
         adapters.freeze(model)
         # Checkpointing would only re-run a base that records no graph; input gradients would make one.
         if model.supports_gradient_checkpointing and _checkpointing(model):
-            model.gradient_checkpointing_disable()
-        if hasattr(model, "_require_grads_hook"):
+            disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
+            disable()
+        with contextlib.suppress(AttributeError):  # older transformers raise when no hook is set
             model.disable_input_require_grads()
         if adapters.task_of(model) == "causal-lm":
             tied = model.get_output_embeddings()
