@@ -4,8 +4,8 @@ A user error prints ``Error: <reason>`` on one line, without a traceback, and ex
 """
 from __future__ import annotations
 
-import dataclasses
 import json
+import logging
 import sys
 from typing import Any
 
@@ -13,6 +13,19 @@ import click
 from click.core import ParameterSource
 
 from .errors import AdaptersError
+
+
+class _KernelNoticeFilter(logging.Filter):
+    """Drops bitsandbytes' import-time notice that the optional `kernels` package is missing.
+
+    It goes to stderr through logging's last-resort handler and would precede every error line.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Failed to load CPU gemm_4bit_forward")
+
+
+_KERNEL_NOTICE_FILTER = _KernelNoticeFilter()
 
 
 def _echo_json(data: Any) -> None:
@@ -121,7 +134,8 @@ def models(as_json: bool) -> None:
 def train(ctx: click.Context, assignments: tuple[str, ...], config_file: str | None, as_json: bool, **flags: Any) -> None:
     """Train a strategy on a base model, evaluate it before and after, and save it."""
     from .options import parse_assignments
-    from .train import settings_from, train as run_training
+    from .train import settings_from
+    from .train import train as run_training
 
     given = {k: v for k, v in flags.items() if ctx.get_parameter_source(k) == ParameterSource.COMMANDLINE}
     settings = settings_from(config_file, given, parse_assignments(assignments))
@@ -149,7 +163,43 @@ def train(ctx: click.Context, assignments: tuple[str, ...], config_file: str | N
     )
 
 
+@cli.command()
+@click.option("--suite", default=None, help="TOML suite file (benchmarks/suites/*.toml); flags given here win.")
+@click.option("--model", default=None, help="Model name [default: smollm2-135m].")
+@click.option("--strategies", default=None, help="Comma-separated names, NAME@QUANT allowed.")
+@click.option("--task", type=click.Choice(["causal-lm", "sequence-classification"]), default=None)
+@click.option("--batch-size", type=int, default=None)
+@click.option("--seq-len", type=int, default=None)
+@click.option("--steps", type=int, default=None, help="Timed steps per repeat.")
+@click.option("--warmup", type=int, default=None, help="Untimed steps first.")
+@click.option("--repeats", type=int, default=None)
+@click.option("--gradient-checkpointing", is_flag=True, default=None)
+@click.option("--seed", type=int, default=None)
+@click.option("--output", default=None, help="Report file [default: bench-<model>-<time>.json]; never overwritten.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of a table.")
+def bench(suite: str | None, as_json: bool, **flags: Any) -> None:
+    """Benchmark strategies for memory and speed, each in a fresh process."""
+    import time
+
+    from .bench import format_table, run_bench, settings_from
+
+    given = {k: v for k, v in flags.items() if v is not None}
+    if "strategies" in given:
+        given["strategies"] = [s.strip() for s in given["strategies"].split(",") if s.strip()]
+    settings = settings_from(suite, given)
+    if settings.output is None:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        settings.output = f"bench-{settings.model.replace(':', '-').replace('/', '-')}-{stamp}.json"
+    report = run_bench(settings)
+    if as_json:
+        _echo_json(report)
+        return
+    click.echo(format_table(report))
+    click.echo(f"report written to {settings.output}")
+
+
 def main(argv: list[str] | None = None) -> None:
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_KERNEL_NOTICE_FILTER)
     try:
         code = cli.main(args=argv, prog_name="adapters", standalone_mode=False)
     except AdaptersError as exc:

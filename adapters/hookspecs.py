@@ -11,7 +11,7 @@ plugin manager (built-ins) or found through the ``adapters`` entry-point group (
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import pluggy
 

@@ -17,9 +17,10 @@ import os
 import shutil
 import sys
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -374,7 +375,7 @@ def _load(name, checkpoint, quantization, task, labels, device, dtype) -> BaseMo
     else:
         model = AutoModelForSequenceClassification.from_pretrained(
             checkpoint, num_labels=len(labels), id2label=dict(enumerate(labels)),
-            label2id={l: i for i, l in enumerate(labels)}, **kwargs,
+            label2id={label: i for i, label in enumerate(labels)}, **kwargs,
         )
     if quant_config is not None and device.type == "cpu":
         # bitsandbytes repacks 4-bit weights for a CPU inference kernel the first time a module runs

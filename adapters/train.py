@@ -234,26 +234,55 @@ def evaluate(model, loader, task: str, accelerator, max_batches: int) -> dict[st
     return {"loss": mean, "accuracy": correct / max(count, 1.0)}
 
 
+def make_accelerator(gradient_accumulation_steps: int = 1):
+    """bf16 mixed precision on GPU, full precision on the CPU."""
+    from accelerate import Accelerator
+
+    return Accelerator(
+        mixed_precision="bf16" if torch.cuda.is_available() else "no",
+        gradient_accumulation_steps=gradient_accumulation_steps,
+    )
+
+
+def build(run: Run, device: torch.device) -> tuple[BaseModel, torch.nn.Module]:
+    """Load the base for ``run`` and apply its strategy: the model to train, seeded."""
+    from accelerate.utils import set_seed
+
+    s = run.settings
+    set_seed(s.seed)
+    base = load_base_model(s.model, run.quantization, run.task, run.dataset.labels or None, device)
+    if s.gradient_checkpointing:
+        enable_gradient_checkpointing(base.model)
+    model = run.strategy.apply(base.model, run.config)
+    if count_parameters(model).trainable == 0:
+        raise AdaptersError(f"strategy {run.strategy.name!r} left no parameter trainable; check its options.")
+    return base, model
+
+
+def training_step(model, batch, optimizer, accelerator, step: int) -> torch.Tensor:
+    """One micro-step: forward, backward, and an optimizer step when accumulation is complete."""
+    with accelerator.accumulate(model):
+        loss = model(**batch).loss
+        if not torch.isfinite(loss):
+            raise TrainingFailed(
+                f"loss became {loss.item()} at step {step}; stopped and saved nothing. "
+                "Lower --learning-rate, or check the data."
+            )
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
 def train(settings: TrainSettings, progress: bool = True) -> TrainResult:
     """Train a strategy on a base model and data, evaluate it before and after, and save it."""
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
     run = resolve(settings)
     s = run.settings
-    accelerator = Accelerator(
-        mixed_precision="bf16" if torch.cuda.is_available() else "no",
-        gradient_accumulation_steps=s.gradient_accumulation_steps,
-    )
-    set_seed(s.seed)
-    base = load_base_model(s.model, run.quantization, run.task, run.dataset.labels or None, accelerator.device)
-    if s.gradient_checkpointing:
-        enable_gradient_checkpointing(base.model)
-    model = run.strategy.apply(base.model, run.config)
+    accelerator = make_accelerator(s.gradient_accumulation_steps)
+    base, model = build(run, accelerator.device)
     params = count_parameters(model)
-    if params.trainable == 0:
-        raise AdaptersError(f"strategy {run.strategy.name!r} left no parameter trainable; check its options.")
 
     train_set = make_batches(run.dataset.train, base, s.seq_len, "train")
     eval_set = make_batches(run.dataset.heldout, base, s.seq_len, "held-out")
@@ -271,28 +300,19 @@ def train(settings: TrainSettings, progress: bool = True) -> TrainResult:
                disable=not progress or not accelerator.is_local_main_process)
     start = time.perf_counter()
     batches = _forever(train_loader)
-    for step in range(s.max_steps):
-        step_loss = 0.0
-        for _ in range(s.gradient_accumulation_steps):
-            batch = next(batches)
-            with accelerator.accumulate(model):
-                loss = model(**batch).loss
-                if not torch.isfinite(loss):
-                    bar.close()
-                    raise TrainingFailed(
-                        f"loss became {loss.item()} at step {step + 1}; stopped and saved nothing. "
-                        "Lower --learning-rate, or check the data."
-                    )
-                accelerator.backward(loss)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            step_loss += loss.item() / s.gradient_accumulation_steps
-            tokens += _tokens(batch) * accelerator.num_processes
-        losses.append(step_loss)
-        elapsed = time.perf_counter() - start
-        bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{tokens / elapsed:,.0f}")
-        bar.update()
-    bar.close()
+    try:
+        for step in range(1, s.max_steps + 1):
+            step_loss = 0.0
+            for _ in range(s.gradient_accumulation_steps):
+                batch = next(batches)
+                loss = training_step(model, batch, optimizer, accelerator, step)
+                step_loss += loss.item() / s.gradient_accumulation_steps
+                tokens += _tokens(batch) * accelerator.num_processes
+            losses.append(step_loss)
+            bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{tokens / (time.perf_counter() - start):,.0f}")
+            bar.update()
+    finally:
+        bar.close()
     seconds = time.perf_counter() - start
     after = evaluate(model, eval_loader, run.task, accelerator, s.eval_batches)
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import adapters
 
+
 @dataclass
 class PrefixOptions:
     num_virtual_tokens: int = 20  # length of the trained prefix

@@ -11,7 +11,6 @@ import subprocess
 import sys
 import textwrap
 import types
-from pathlib import Path
 
 import pluggy
 import pytest

@@ -143,7 +143,7 @@ def other_checkpoints(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", STRATEGIES)
-def test_round_trip_reproduces_logits_and_writes_only_expected_files(name, tmp_path):
+def test_round_trip_reproduces_logits_and_writes_only_expected_files(name, tmp_path, no_unpickling):
     out = tmp_path / "out"
     expected, batch = trained_save(out, name)
 
@@ -158,6 +158,8 @@ def test_round_trip_reproduces_logits_and_writes_only_expected_files(name, tmp_p
     assert torch.equal(logits(loaded.model, batch), expected)
 
     # The weights that came back are the saved ones, not a fresh apply's.
+    assert no_unpickling == []  # torch.load can read safetensors too: it must not be used at all
+
     _, _, fresh = apply(name, tiny())
     assert not torch.allclose(logits(fresh, batch), expected)
 
