@@ -46,6 +46,7 @@ class BenchSettings:
     repeats: int = 1
     gradient_checkpointing: bool = False
     seed: int = 0
+    quality_steps: int = 0  # >0: held-out quality before and after this many steps on real data
     output: str | None = None
 
 
@@ -77,16 +78,121 @@ def _train_settings(settings: BenchSettings, strategy: str):
                          gradient_checkpointing=settings.gradient_checkpointing, seed=settings.seed)
 
 
-def measure(settings: BenchSettings, strategy: str) -> dict[str, Any]:
-    """Load, apply and time one strategy in this process (the worker's job)."""
+# Dense bf16 peak FLOP/s per GPU, for MFU (vendor datasheets, without sparsity).
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 70e12,
+                   "RTX 4090": 165e12, "B200": 2250e12}
+
+
+def peak_bf16_flops(device_name: str) -> float | None:
+    """The dense bf16 peak of a GPU by name, or None when unknown."""
+    for key, flops in PEAK_BF16_FLOPS.items():
+        if key.lower() in device_name.lower():
+            return flops
+    return None
+
+
+def _checksums(model) -> dict[str, tuple[float, float]]:
+    from .strategy import trainable_parameters
+
+    return {n: (float(p.detach().double().sum()), float(p.detach().double().abs().sum()))
+            for n, p in trainable_parameters(model)}
+
+
+def _tensor_bytes(tensors) -> int:
+    seen, total = set(), 0
+    for t in tensors:
+        if t is None or t.device.type == "meta":
+            continue
+        key = (t.untyped_storage().data_ptr(), t.device)
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total
+
+
+def static_components(model, optimizer) -> dict[str, int]:
+    """Bytes held outside the step: frozen base weights (quantized or not), trainable weights, optimizer state."""
     import torch
 
-    from .strategy import count_parameters
+    quantized, plain, trainable = [], [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            trainable.append(param)
+        elif param.dtype in (torch.uint8, torch.int8):
+            quantized.append(param)
+            quantized.extend(_quantization_constants(param))
+        else:
+            plain.append(param)
+    plain.extend(model.buffers())
+    opt_state = [t for state in optimizer.state.values() for t in state.values() if isinstance(t, torch.Tensor)]
+    return {
+        "base_weights_quantized": _tensor_bytes(quantized),
+        "base_weights_unquantized": _tensor_bytes(plain),
+        "trainable_parameters": _tensor_bytes(trainable),
+        "optimizer_state": _tensor_bytes(opt_state),
+    }
+
+
+def _quantization_constants(param) -> list:
+    """bitsandbytes' scales and double-quantization constants that belong to a packed weight."""
+    import torch
+
+    state = getattr(param, "quant_state", None)
+    if state is not None:
+        nested = getattr(state, "state2", None)
+        tensors = [t for t in vars(state).values() if isinstance(t, torch.Tensor)]
+        return tensors + ([t for t in vars(nested).values() if isinstance(t, torch.Tensor)] if nested else [])
+    scb = getattr(param, "SCB", None)
+    return [scb] if isinstance(scb, torch.Tensor) else []
+
+
+def cpu_peak_tensor_bytes(step) -> int:
+    """Peak bytes of live CPU tensors during ``step()``, from the profiler's allocation events.
+
+    Tensors that exist before the step and are used in it (weights, optimizer state) count from
+    the start, so the result is the step's whole peak, not only what it allocates.
+    """
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import Action
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        step()
+    live = peak = 0
+    for _, action, (key, _version), size in prof._memory_profile().timeline:
+        if key.device.type != "cpu":
+            continue
+        if action in (Action.PREEXISTING, Action.CREATE):
+            live += size
+        elif action == Action.DESTROY:
+            live -= size
+        peak = max(peak, live)
+    return peak
+
+
+def _nvml():
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        import torch
+
+        return pynvml, pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+    except Exception:  # no NVML, no driver, or no permission: those numbers are simply absent
+        return None, None
+
+
+def measure(settings: BenchSettings, strategy: str) -> dict[str, Any]:
+    """Load, apply, time and measure one strategy in this process (the worker's job)."""
+    import torch
+
+    from .strategy import count_parameters, option
     from .train import build, make_accelerator, make_batches, resolve, training_step
 
     run = resolve(_train_settings(settings, strategy))
     cuda = torch.cuda.is_available()
     sync = torch.cuda.synchronize if cuda else (lambda: None)
+    if cuda and torch.cuda.memory_allocated() > 0:
+        raise AdaptersError("the GPU already holds memory before loading; measurements would be wrong.")
     accelerator = make_accelerator()
     start = time.perf_counter()
     base, model = build(run, accelerator.device)
@@ -98,10 +204,15 @@ def measure(settings: BenchSettings, strategy: str) -> dict[str, Any]:
     model, optimizer = accelerator.prepare(model, optimizer)
     batch = {k: v.to(accelerator.device) for k, v in batch.items()}
     model.train()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
+    before = _checksums(model)
+    step = lambda i: training_step(model, batch, optimizer, accelerator, i)  # noqa: E731
     for i in range(settings.warmup):
-        training_step(model, batch, optimizer, accelerator, i + 1)
+        step(i + 1)
+    nvml, handle = _nvml() if cuda else (None, None)
+    energy_start = _energy(nvml, handle)
+    if cuda:
+        sync()
+        torch.cuda.reset_peak_memory_stats()
     times: list[list[float]] = []
     losses = []
     for _ in range(settings.repeats):
@@ -109,32 +220,97 @@ def measure(settings: BenchSettings, strategy: str) -> dict[str, Any]:
         for i in range(settings.steps):
             sync()
             t = time.perf_counter()
-            losses.append(training_step(model, batch, optimizer, accelerator, i + 1).item())
+            losses.append(step(i + 1).item())
             sync()
             repeat.append(time.perf_counter() - t)
         times.append(repeat)
+    energy_end = _energy(nvml, handle)
     flat = sorted(t for r in times for t in r)
     median = statistics.median(flat)
     tokens = int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+    static = static_components(model, optimizer)
+    gradients = static["trainable_parameters"]  # at the backward peak, every trainable weight has its gradient
+    if cuda:
+        peak, source = torch.cuda.max_memory_allocated(), "cuda_max_memory_allocated"
+    else:
+        peak, source = cpu_peak_tensor_bytes(lambda: step(0)), "cpu_profiler_allocation_events"
+    components = {**static, "gradients": gradients}
+    components["activations_and_temporaries"] = peak - sum(components.values())
+    changed = _checksums(model) != before
+    flags = [] if changed else ["trainable weights unchanged after training"]
+    n_steps = settings.warmup + settings.steps * settings.repeats
     result: dict[str, Any] = {
-        "strategy": run.strategy.name,
+        "strategy": strategy,
+        "name": run.strategy.name,
         "quantization": run.quantization,
         "task": run.task,
         "status": "ok",
+        "message": None,
         "load_s": load_s,
-        "step_s": {"median": median, "min": flat[0], "max": flat[-1],
+        "step_s": {"median": median, "min": flat[0], "max": flat[-1], "spread": (flat[-1] - flat[0]) / median,
                    "repeat_medians": [statistics.median(r) for r in times]},
+        "steps_run": n_steps,
         "tokens_per_step": tokens,
         "tokens_per_s": tokens / median,
         "trainable_parameters": params.trainable,
         "total_parameters": params.total,
         "final_loss": losses[-1],
-        "peak_rss_bytes": _peak_rss(),
+        "memory": {
+            "peak_bytes": peak,
+            "source": source,
+            "components": components,
+            "peak_rss_bytes": _peak_rss(),
+            "reserved_bytes": torch.cuda.max_memory_reserved() if cuda else None,
+            "nvml_used_bytes": nvml.nvmlDeviceGetMemoryInfo(handle).used if handle else None,
+        },
+        "mfu": None,
+        "energy_j_per_token": None,
+        "quality": None,
+        "flags": flags,
     }
     if cuda:
-        result["max_memory_allocated_bytes"] = torch.cuda.max_memory_allocated()
-        result["max_memory_reserved_bytes"] = torch.cuda.max_memory_reserved()
+        flops = peak_bf16_flops(torch.cuda.get_device_name())
+        if flops:
+            base_params = params.total - params.trainable if params.trainable < params.total else params.total
+            factor = option(run.strategy, "flops_per_token_factor")
+            result["mfu"] = factor * base_params * result["tokens_per_s"] / flops
+        if energy_start is not None and energy_end is not None:
+            result["energy_j_per_token"] = (energy_end - energy_start) / 1000 / (tokens * settings.steps * settings.repeats)
+    if settings.quality_steps:
+        del model, optimizer, base
+        result["quality"], quality_flags = _quality(settings, strategy)
+        result["flags"].extend(quality_flags)
     return result
+
+
+def _energy(nvml, handle) -> float | None:
+    """Total GPU energy in millijoules since the driver loaded, where NVML reports it."""
+    try:
+        return float(nvml.nvmlDeviceGetTotalEnergyConsumption(handle)) if handle else None
+    except Exception:
+        return None
+
+
+def _quality(settings: BenchSettings, strategy: str) -> tuple[dict[str, Any], list[str]]:
+    """Held-out quality before and after ``quality_steps`` steps on the built-in real data."""
+    import math
+
+    from .errors import TrainingFailed
+    from .train import train
+
+    ts = _train_settings(settings, strategy)
+    ts.max_steps = settings.quality_steps
+    try:
+        result = train(ts, progress=False)
+    except TrainingFailed as exc:
+        return {"steps": settings.quality_steps, "status": "failed", "message": str(exc)}, ["non-finite loss"]
+    flags = []
+    if any(not math.isfinite(x) for x in result.losses):
+        flags.append("non-finite loss")
+    elif len(result.losses) > 1 and result.after["loss"] >= result.before["loss"]:
+        flags.append("held-out loss did not decrease over the quality steps")
+    return {"steps": settings.quality_steps, "status": "ok", "before": result.before, "after": result.after,
+            "losses": result.losses}, flags
 
 
 def _peak_rss() -> int:
@@ -232,20 +408,29 @@ def run_bench(settings: BenchSettings, progress: bool = True) -> dict[str, Any]:
         raise AdaptersError(f"--output {output}: exists. Choose a new file name; reports are never overwritten.")
     results = []
     bar = tqdm(settings.strategies, desc="bench", unit="strategy", disable=not progress)
-    for spec in bar:
-        bar.set_postfix(strategy=spec)
-        try:
-            resolve(_train_settings(settings, spec))
-        except AdaptersError as exc:  # e.g. full-finetune on a quantized base: recorded, not fatal
-            results.append({"strategy": spec, "status": "refused", "message": str(exc)})
-            continue
-        results.append(_run_case(settings, spec))
+    try:
+        for spec in bar:
+            bar.set_postfix(strategy=spec)
+            try:
+                resolve(_train_settings(settings, spec))
+            except AdaptersError as exc:  # e.g. full-finetune on a quantized base: recorded, not fatal
+                results.append({"strategy": spec, "status": "refused", "message": str(exc)})
+                continue
+            results.append(_run_case(settings, spec))
+    except KeyboardInterrupt:  # keep what was measured; mark the rest
+        done = {r["strategy"] for r in results}
+        results.extend({"strategy": spec, "status": "cancelled", "message": "interrupted by the user"}
+                       for spec in settings.strategies if spec not in done)
+    finally:
+        bar.close()
+    cuda = torch.cuda.is_available()
     report = {
         "schema_version": SCHEMA_VERSION,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "provenance": provenance(),
-        "settings": {**asdict(settings), "dtype": "bfloat16" if torch.cuda.is_available() else "float32",
-                     "effective_batch_size": settings.batch_size},
+        "provenance": {**provenance(), "seed": settings.seed},
+        "settings": {**asdict(settings), "gradient_accumulation_steps": 1,
+                     "effective_batch_size": settings.batch_size, "dtype": "bfloat16" if cuda else "float32",
+                     "device": "cuda" if cuda else "cpu"},
         "results": results,
     }
     if output is not None:
@@ -257,23 +442,25 @@ def run_bench(settings: BenchSettings, progress: bool = True) -> dict[str, Any]:
 def format_table(report: dict[str, Any]) -> str:
     """The report's results as an aligned text table."""
     rows = []
-    gpu = any("max_memory_allocated_bytes" in r for r in report["results"])
     for r in report["results"]:
-        name = r["strategy"] if "@" in r["strategy"] or r.get("quantization") in (None, "none") \
-            else f"{r['strategy']}@{r['quantization']}"
         if r["status"] != "ok":
-            rows.append([name, r["status"], "", "", "", "", r.get("message", "")[:80]])
+            rows.append([r["strategy"], r["status"], "", "", "", "", "", (r.get("message") or "")[:90]])
             continue
-        memory = r["max_memory_allocated_bytes"] if gpu else r["peak_rss_bytes"]
+        mem = r["memory"]
+        comp = mem["components"]
         rows.append([
-            name, "ok", f"{r['trainable_parameters']:,}",
-            f"{r['step_s']['median'] * 1000:,.0f}", f"{r['tokens_per_s']:,.0f}", f"{memory / 2**20:,.0f}",
-            f"load {r['load_s']:.1f} s",
+            r["strategy"], "ok", f"{r['trainable_parameters']:,}",
+            f"{r['step_s']['median'] * 1000:,.0f} ±{100 * r['step_s']['spread'] / 2:.0f}%",
+            f"{r['tokens_per_s']:,.0f}", f"{mem['peak_bytes'] / 2**20:,.0f}",
+            f"{(comp['base_weights_quantized'] + comp['base_weights_unquantized']) / 2**20:,.0f} / "
+            f"{(comp['trainable_parameters'] + comp['gradients'] + comp['optimizer_state']) / 2**20:,.0f} / "
+            f"{comp['activations_and_temporaries'] / 2**20:,.0f}",
+            "; ".join(r.get("flags") or []),
         ])
-    headers = ["strategy", "status", "trainable", "step ms", "tokens/s",
-               "peak MiB" + (" (CUDA)" if gpu else " (RSS)"), "notes"]
+    headers = ["strategy", "status", "trainable", "step ms", "tokens/s", "peak MiB",
+               "base / train+grad+opt / act MiB", "notes"]
     widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
-    fmt = lambda row: "  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip()
+    fmt = lambda row: "  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip()  # noqa: E731
     return "\n".join([fmt(headers), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows])
 
 

@@ -175,6 +175,7 @@ def train(ctx: click.Context, assignments: tuple[str, ...], config_file: str | N
 @click.option("--repeats", type=int, default=None)
 @click.option("--gradient-checkpointing", is_flag=True, default=None)
 @click.option("--seed", type=int, default=None)
+@click.option("--quality-steps", type=int, default=None, help="Also measure held-out quality over this many steps.")
 @click.option("--output", default=None, help="Report file [default: bench-<model>-<time>.json]; never overwritten.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of a table.")
 def bench(suite: str | None, as_json: bool, **flags: Any) -> None:

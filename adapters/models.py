@@ -168,10 +168,11 @@ def _random_dir(shape: str) -> Path:
         from transformers import AutoModelForCausalLM
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
+        print(f"Generating random:{shape} once (seed 0) into {cache_dir()}", file=sys.stderr)
         torch.manual_seed(0)
-        with torch.device(device):  # initializing on the GPU takes seconds even for 8B
+        with torch.device(device), _quiet_transformers():  # on a GPU this takes seconds even for 8B
             model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-        model.save_pretrained(tmp)
+            model.save_pretrained(tmp)
 
     return _atomic_checkpoint(cache_dir() / f"random-{shape}", generate)
 

@@ -178,7 +178,11 @@ def _replace_dir(new: Path, target: Path) -> None:
     if target.exists():
         old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
         os.replace(target, old)
-        os.replace(new, target)
+        try:
+            os.replace(new, target)
+        except BaseException:
+            os.replace(old, target)  # put the previous save back where it was
+            raise
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(new, target)
@@ -204,6 +208,8 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     missing = [k for k in _REQUIRED if k not in manifest]
     if missing:
         raise AdaptersError(f"{path}: missing required key(s) {', '.join(missing)}. Re-save the directory.")
+    if not isinstance(manifest["format_version"], int) or isinstance(manifest["format_version"], bool):
+        raise AdaptersError(f"{path}: format_version must be an integer. Re-save the directory.")
     if manifest["format_version"] > FORMAT_VERSION:
         raise AdaptersError(
             f"{path}: format_version {manifest['format_version']} is newer than this adapters supports "
@@ -243,10 +249,18 @@ def load(directory: str | Path, base: Any = None, *, device: Any = None) -> Load
     directory = Path(directory)
     manifest = read_manifest(directory)
     strategy = get_registry().get(manifest["strategy"])
-    config = build_config(strategy.config_class, manifest["config"], strategy.name)
+    try:
+        config = build_config(strategy.config_class, manifest["config"], strategy.name)
+    except AdaptersError as exc:
+        raise AdaptersError(f"{directory / MANIFEST}: {exc}") from None
     if not isinstance(base, BaseModel):
         base = load_base_model(base or manifest["base_model"], manifest["quantization"], manifest["task"],
                                manifest.get("labels") or None, device)
+    if base.quantization not in strategy.supported_quantization:
+        raise AdaptersError(
+            f"{directory}: strategy {strategy.name!r} cannot load onto a {base.quantization}-quantized base "
+            f"(it supports: {', '.join(sorted(strategy.supported_quantization))}). Load the base unquantized."
+        )
     shape = model_shape(base.model)
     for key, saved in manifest["shape"].items():
         if shape.get(key) != saved:

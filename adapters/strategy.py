@@ -45,6 +45,9 @@ OPTIONAL_DEFAULTS: dict[str, Any] = {
     "supports_gradient_checkpointing": True,
     # AdamW learning rate used when the user gives none.
     "default_learning_rate": 1e-4,
+    # Training FLOPs per token in units of the base's parameter count N, for MFU: 6 when every
+    # weight trains, ~4 when the base is frozen but backward runs through it, ~2 for forward only.
+    "flops_per_token_factor": 4,
 }
 
 

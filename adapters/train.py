@@ -99,7 +99,10 @@ def settings_from(config_file: str | None, given: dict[str, Any], options: dict[
             if name not in hints or name == "options":
                 known = ", ".join(k.replace("_", "-") for k in hints if k != "options")
                 raise AdaptersError(f"--config {config_file}: unknown key {key!r}. Known keys: {known}, [options].")
-            values[name] = convert_value(value, hints[name], key)
+            try:
+                values[name] = convert_value(value, hints[name], key)
+            except AdaptersError as exc:
+                raise AdaptersError(f"--config {config_file}: {exc}") from None
     values.update(given)
     return TrainSettings(**values, options={**file_options, **options})
 

@@ -18,6 +18,7 @@ class FullFinetune:
     supported_quantization = frozenset({"none"})
     supported_tasks = frozenset(adapters.TASKS)
     default_learning_rate = 5e-5
+    flops_per_token_factor = 6  # every weight trains: forward, input and weight gradients
 
     def apply(self, model, config: FullOptions):
         for param in model.parameters():

@@ -20,6 +20,14 @@ class LoraOptions:
     dropout: float = 0.05
     target_modules: str | list[str] = "all-linear"  # "all-linear", or module names such as q_proj,v_proj
 
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise ValueError(f"r must be at least 1, not {self.r}")
+        if self.alpha <= 0:
+            raise ValueError(f"alpha must be positive, not {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:  # also false for NaN
+            raise ValueError(f"dropout must be in [0, 1), not {self.dropout}")
+
 
 def resolve_targets(model, target_modules: str | list[str]) -> list[str]:
     """Module names for PEFT; names that match no linear layer are an error, raised before any change."""

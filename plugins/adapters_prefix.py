@@ -15,6 +15,10 @@ class PrefixOptions:
     num_virtual_tokens: int = 20  # length of the trained prefix
     projection: bool = False  # reparameterize the prefix through an MLP while training
 
+    def __post_init__(self) -> None:
+        if self.num_virtual_tokens < 1:
+            raise ValueError(f"num_virtual_tokens must be at least 1, not {self.num_virtual_tokens}")
+
 
 class PrefixTuning:
     name = "prefix-tuning"
@@ -27,14 +31,12 @@ class PrefixTuning:
     supports_gradient_checkpointing = False
     default_learning_rate = 1e-2
 
-    def apply(self, model, config: PrefixOptions):
+    def apply(self, model, config: PrefixOptions, inference: bool = False):
         from peft import PrefixTuningConfig, get_peft_model
 
-        if config.num_virtual_tokens < 1:
-            raise adapters.AdaptersError("num_virtual_tokens must be at least 1; e.g. --set num_virtual_tokens=20.")
         peft_config = PrefixTuningConfig(
             num_virtual_tokens=config.num_virtual_tokens, prefix_projection=config.projection,
-            task_type="CAUSAL_LM",
+            task_type="CAUSAL_LM", inference_mode=inference,
         )
         return get_peft_model(model, peft_config)
 
@@ -42,7 +44,9 @@ class PrefixTuning:
         adapters.save_peft(model, directory)
 
     def load(self, model, directory, config):
-        return adapters.load_peft(self.apply(model, config), directory)
+        # With projection, PEFT saves the MLP's output, the prefix as used at inference; only an
+        # inference-mode model has that layout.
+        return adapters.load_peft(self.apply(model, config, inference=config.projection), directory)
 
 
 @adapters.hookimpl

@@ -34,6 +34,7 @@ class LinearProbe:
     supported_quantization = frozenset(adapters.QUANTIZATIONS)
     supported_tasks = frozenset(adapters.TASKS)
     default_learning_rate = 1e-3
+    flops_per_token_factor = 2  # the base runs forward only; the head's backward is negligible
 
     def apply(self, model, config: ProbeOptions):
         adapters.freeze(model)

@@ -40,3 +40,10 @@ def smollm2():
 
 def load(name: str, quantization: str = "none", task: str | None = None, labels=None):
     return adapters.load_base_model(name, quantization=quantization, task=task, labels=labels)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _warm_random_tiny():
+    """Generate the random:tiny checkpoint before any CLI subprocess test, so a cold cache's one-time
+    "Generating ..." notice never mixes with the output those tests check."""
+    adapters.models.MODELS["random:tiny"].locate()
