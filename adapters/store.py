@@ -215,6 +215,9 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
             f"{path}: format_version {manifest['format_version']} is newer than this adapters supports "
             f"({FORMAT_VERSION}). Upgrade adapters."
         )
+    for key in ("config", "shape"):
+        if not isinstance(manifest[key], dict):
+            raise AdaptersError(f"{path}: {key} must be a JSON object, not {manifest[key]!r}. Re-save the directory.")
     for key in _SECRET_KEYS:
         if key in manifest or key in manifest["config"]:
             raise AdaptersError(f"{path}: contains {key!r}, which adapters never honours. Remove it from the file.")
@@ -256,6 +259,9 @@ def load(directory: str | Path, base: Any = None, *, device: Any = None) -> Load
     if not isinstance(base, BaseModel):
         base = load_base_model(base or manifest["base_model"], manifest["quantization"], manifest["task"],
                                manifest.get("labels") or None, device)
+    if base.task != manifest["task"]:
+        raise AdaptersError(f"{directory}: saved for task {manifest['task']}, but {base.name!r} was loaded for "
+                            f"{base.task}. Load the base with task={manifest['task']!r}.")
     if base.quantization not in strategy.supported_quantization:
         raise AdaptersError(
             f"{directory}: strategy {strategy.name!r} cannot load onto a {base.quantization}-quantized base "
