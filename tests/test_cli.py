@@ -273,3 +273,24 @@ def test_config_file_with_flag_override(tmp_path, capsys):
     assert manifest["config"]["r"] == 4 and manifest["config"]["alpha"] == 8
     assert manifest["config"]["target_modules"] == "q_proj,v_proj"
     assert manifest["training"]["batch_size"] == 2 and manifest["training"]["seq_len"] == 32
+
+
+def test_done_when_qlora_on_real_smollm2_loads_in_plain_peft(tmp_path):
+    """The core issue's acceptance command: QLoRA on the real SmolLM2 via the CLI, loaded by plain PEFT."""
+    from peft import PeftModel
+
+    out = tmp_path / "D"
+    result = subprocess.run(
+        [sys.executable, "-m", "adapters", "train", "--model", "smollm2-135m", "--strategy", "qlora",
+         "--max-steps", "2", "--eval-batches", "1", "--output", str(out)],
+        capture_output=True, text=True, env=dict(os.environ), timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "qlora on smollm2-135m (nf4, causal-lm)" in result.stdout
+    restored = adapters.load(out)
+    plain = PeftModel.from_pretrained(adapters.load_base_model("smollm2-135m", quantization="nf4").model, out)
+    ids = torch.tensor([restored.base.tokenizer.encode("The capital of France is")])
+    restored.model.eval()
+    plain.eval()
+    with torch.no_grad():
+        assert torch.equal(plain(input_ids=ids).logits, restored.model(input_ids=ids).logits)
