@@ -25,9 +25,9 @@ from typing import Any
 
 from .errors import AdaptersError, TrainingFailed
 from .options import convert_value, read_toml
+from .reports import SCHEMA_VERSION
 from .store import package_versions, write_json
 
-SCHEMA_VERSION = 1
 
 
 @dataclass
