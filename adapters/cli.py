@@ -199,6 +199,24 @@ def bench(suite: str | None, as_json: bool, **flags: Any) -> None:
     click.echo(f"report written to {settings.output}")
 
 
+@cli.command()
+@click.argument("reports", nargs=-1, metavar="BASE.json NEW.json")
+@click.option("--reference", default=None, metavar="STRATEGY",
+              help="With one report: every other strategy's speed and memory relative to this one.")
+@click.option("--fail-on", "fail_on", multiple=True, metavar="METRIC:PCT",
+              help="Exit 1 when METRIC is worse by more than PCT and beyond noise, e.g. tokens_per_s:5% (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
+@click.pass_context
+def compare(ctx: click.Context, reports: tuple[str, ...], reference: str | None, fail_on: tuple[str, ...],
+            as_json: bool) -> None:
+    """Compare two benchmark reports (better / worse / noise), or strategies in one report against --reference."""
+    from .compare import run_compare
+
+    output, code = run_compare(reports, reference=reference, fail_on=fail_on, as_json=as_json)
+    click.echo(output)
+    ctx.exit(code)
+
+
 def main(argv: list[str] | None = None) -> None:
     logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_KERNEL_NOTICE_FILTER)
     try:
