@@ -439,12 +439,12 @@ def run_bench(settings: BenchSettings, progress: bool = True) -> dict[str, Any]:
     return report
 
 
-def format_table(report: dict[str, Any]) -> str:
-    """The report's results as an aligned text table."""
+def summary_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Headers and rows of the summary table of a report."""
     rows = []
     for r in report["results"]:
         if r["status"] != "ok":
-            rows.append([r["strategy"], r["status"], "", "", "", "", "", (r.get("message") or "")[:90]])
+            rows.append([r["strategy"], r["status"], "", "", "", "", "", r.get("message") or ""])
             continue
         mem = r["memory"]
         comp = mem["components"]
@@ -459,9 +459,39 @@ def format_table(report: dict[str, Any]) -> str:
         ])
     headers = ["strategy", "status", "trainable", "step ms", "tokens/s", "peak MiB",
                "base / train+grad+opt / act MiB", "notes"]
+    return headers, rows
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The report's results as an aligned plain-text table."""
+    headers, rows = summary_rows(report)
     widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
     fmt = lambda row: "  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip()  # noqa: E731
     return "\n".join([fmt(headers), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows])
+
+
+def print_summary(report: dict[str, Any]) -> None:
+    """The summary table, drawn with rich when it is installed."""
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        print(format_table(report))
+        return
+    headers, rows = summary_rows(report)
+    console = Console()
+    if not console.is_terminal:  # a pipe or a log file: do not squeeze the table into 80 columns
+        console = Console(width=200)
+    table = Table(title=f"{report['settings']['model']} on {report['settings']['device']}")
+    for i, header in enumerate(headers):
+        table.add_column(header, justify="right" if 2 <= i <= 5 else "left", no_wrap=i < 7)
+    for row in rows:
+        ok = row[1] == "ok"
+        table.add_row(*(row if ok else row[:-1] + [""]), style=None if ok else "yellow")
+    console.print(table)
+    for row in rows:
+        if row[1] != "ok":
+            console.print(f"[yellow]{row[0]}: {row[1]}[/]: {row[-1]}", highlight=False)
 
 
 def _worker(case_path: str, out_path: str) -> int:

@@ -182,7 +182,7 @@ def bench(suite: str | None, as_json: bool, **flags: Any) -> None:
     """Benchmark strategies for memory and speed, each in a fresh process."""
     import time
 
-    from .bench import format_table, run_bench, settings_from
+    from .bench import print_summary, run_bench, settings_from
 
     given = {k: v for k, v in flags.items() if v is not None}
     if "strategies" in given:
@@ -195,7 +195,7 @@ def bench(suite: str | None, as_json: bool, **flags: Any) -> None:
     if as_json:
         _echo_json(report)
         return
-    click.echo(format_table(report))
+    print_summary(report)
     click.echo(f"report written to {settings.output}")
 
 
@@ -215,6 +215,22 @@ def compare(ctx: click.Context, reports: tuple[str, ...], reference: str | None,
     output, code = run_compare(reports, reference=reference, fail_on=fail_on, as_json=as_json)
     click.echo(output)
     ctx.exit(code)
+
+
+@cli.command()
+@click.argument("reports", nargs=-1, metavar="REPORT.json...")
+@click.option("--output", default=None, help="File to write (.html or .md) [default: print markdown].")
+@click.option("--format", "fmt", default=None, metavar="html|markdown", help="[default: from the --output suffix]")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --output file.")
+def report(reports: tuple[str, ...], output: str | None, fmt: str | None, overwrite: bool) -> None:
+    """Render benchmark reports as an HTML page with charts, or as markdown tables."""
+    from .report import write_report
+
+    text = write_report(list(reports), output, fmt, overwrite=overwrite)
+    if output is None:
+        click.echo(text, nl=False)
+    else:
+        click.echo(f"report written to {output}")
 
 
 def main(argv: list[str] | None = None) -> None:
