@@ -29,7 +29,6 @@ from .reports import SCHEMA_VERSION
 from .store import package_versions, write_json
 
 
-
 @dataclass
 class BenchSettings:
     """What `adapters bench` runs; suite files (TOML) use the same keys."""
@@ -275,7 +274,8 @@ def measure(settings: BenchSettings, strategy: str) -> dict[str, Any]:
             factor = option(run.strategy, "flops_per_token_factor")
             result["mfu"] = factor * base_params * result["tokens_per_s"] / flops
         if energy_start is not None and energy_end is not None:
-            result["energy_j_per_token"] = (energy_end - energy_start) / 1000 / (tokens * settings.steps * settings.repeats)
+            timed_tokens = tokens * settings.steps * settings.repeats
+            result["energy_j_per_token"] = (energy_end - energy_start) / 1000 / timed_tokens
     if settings.quality_steps:
         del model, optimizer, base
         result["quality"], quality_flags = _quality(settings, strategy)
