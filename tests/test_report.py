@@ -1,0 +1,325 @@
+"""`adapters report`: HTML with inline charts and markdown tables from benchmark reports."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+from adapters.cli import main as cli_main
+from adapters.errors import AdaptersError
+from adapters.report import _pareto, format_for, render_html, render_markdown, write_report
+from adapters.reports import schema
+
+SCRIPT = "<script>alert(1)</script>"
+MiB = 2**20
+
+
+def ok_result(strategy: str, tokens_per_s: float, peak_mib: float, loss_after: float | None = None,
+              mfu: float | None = None, quantization: str = "none") -> dict:
+    peak = int(peak_mib * MiB)
+    base, train = peak // 4, peak // 16
+    components = {"base_weights_quantized": base if quantization != "none" else 0,
+                  "base_weights_unquantized": base if quantization == "none" else 0,
+                  "trainable_parameters": train, "gradients": train, "optimizer_state": 2 * train}
+    components["activations_and_temporaries"] = peak - sum(components.values())
+    quality = None
+    if loss_after is not None:
+        quality = {"steps": 3, "status": "ok", "before": {"loss": 6.2, "perplexity": 492.7},
+                   "after": {"loss": loss_after, "perplexity": 2.718 ** loss_after}, "losses": [6.2, 6.1, loss_after]}
+    median = 128 / tokens_per_s
+    return {
+        "strategy": strategy, "name": strategy.split("@")[0], "quantization": quantization, "task": "causal-lm",
+        "status": "ok", "message": None, "load_s": 1.5,
+        "step_s": {"median": median, "min": median * 0.9, "max": median * 1.1, "spread": 0.2,
+                   "repeat_medians": [median]},
+        "tokens_per_step": 128, "tokens_per_s": tokens_per_s, "trainable_parameters": 32768,
+        "total_parameters": 139584, "final_loss": 6.0,
+        "memory": {"peak_bytes": peak, "source": "cuda_max_memory_allocated", "components": components,
+                   "peak_rss_bytes": 400 * MiB, "reserved_bytes": peak + MiB, "nvml_used_bytes": None},
+        "mfu": mfu, "energy_j_per_token": None, "quality": quality, "flags": [],
+    }
+
+
+def make_report(results: list[dict], model: str = "random:tiny", gpu: dict | None = None) -> dict:
+    report = {
+        "schema_version": 1,
+        "created": "2026-11-28T04:31:02+00:00",
+        "provenance": {
+            "commit": "0b05c691e57b24c9d70e4289c39a432faada7f03", "dirty": True,
+            "command": ["adapters", "bench", "--model", model, "--output", "r.json"], "seed": 0,
+            "versions": {"adapters": "0.1.0", "torch": "2.13.0", "torch_cuda": None},
+            "plugins": {"lora": "adapters 0.1.0"}, "python": "3.11.7", "os": "Linux-6.18-x86_64",
+            "cpu": {"model": "AMD EPYC", "cores": 2}, "gpu": gpu,
+        },
+        "settings": {
+            "model": model, "strategies": [r["strategy"] for r in results], "batch_size": 2,
+            "gradient_accumulation_steps": 1, "effective_batch_size": 2, "seq_len": 64, "steps": 2, "warmup": 1,
+            "repeats": 1, "gradient_checkpointing": False, "seed": 0, "quality_steps": 3,
+            "dtype": "bfloat16" if gpu else "float32", "device": "cuda" if gpu else "cpu",
+        },
+        "results": results,
+    }
+    jsonschema.Draft202012Validator(schema()).validate(report)  # the fixtures are real reports
+    return report
+
+
+def cpu_report() -> dict:
+    return make_report([
+        ok_result("lora", 2332.0, 3.25, loss_after=6.138),
+        ok_result("lora@nf4", 4554.0, 3.02, loss_after=6.136, quantization="nf4"),
+        ok_result("full-finetune", 17562.0, 3.14, loss_after=6.136),
+        {"strategy": "full-finetune@nf4", "status": "refused", "message": f"cannot train nf4 | {SCRIPT}"},
+        ok_result("linear-probe", 3211.0, 1.56, loss_after=6.079),
+        {"strategy": "prefix-tuning", "status": "oom", "message": "CUDA out of memory"},
+    ])
+
+
+def gpu_report() -> dict:
+    gpu = {"name": "NVIDIA H100 80GB HBM3", "count": 1, "memory_bytes": 80 * 2**30}
+    return make_report([
+        ok_result("lora", 41000.0, 3.1 * 1024, mfu=0.21),
+        ok_result("qlora", 23000.0, 1.4 * 1024, mfu=0.12, quantization="nf4"),
+        ok_result("full-finetune", 52000.0, 6.9 * 1024, mfu=0.33),
+    ], model="smollm2-135m", gpu=gpu)
+
+
+@pytest.fixture(scope="module")
+def page() -> str:
+    return render_html([cpu_report()])
+
+
+def svg_count(text: str) -> int:
+    return len(re.findall(r"<svg[\s>]", text))
+
+
+# --------------------------------------------------------------------------------------------
+# HTML
+
+
+def test_html_has_one_svg_per_chart_and_every_strategy(page):
+    assert page.startswith("<!DOCTYPE html>")
+    assert svg_count(page) == 4  # throughput, memory, speed/memory Pareto, quality/memory
+    for name in ("lora", "lora@nf4", "full-finetune", "full-finetune@nf4", "linear-probe", "prefix-tuning"):
+        assert f">{name}<" in page, name
+    assert "refused" in page and "oom" in page and "CUDA out of memory" in page
+    assert "3.25 MiB" in page and "2,332" in page and "54.9 ms ±10%" in page
+    assert "0b05c691e57b24c9d70e4289c39a432faada7f03 (dirty" in page and "AMD EPYC, 2 cores" in page
+
+
+def test_html_is_self_contained(page):
+    assert not re.search(r"""(?:src|href)\s*=\s*["']?\s*(?:https?:)?//""", page, re.I)
+    assert "url(http" not in page and "@import" not in page
+    assert "<script" not in page.lower() and "<img" not in page.lower()
+    assert "default-src 'none'" in page  # the Content-Security-Policy forbids fetching and scripts
+    assert "<?xml" not in page and "<!DOCTYPE svg" not in page
+
+
+def test_html_escapes_untrusted_text(page):
+    assert SCRIPT not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    hostile = cpu_report()
+    hostile["results"][0]["strategy"] = "<b>bold</b> $x^2$ & co"
+    hostile["results"][0]["flags"] = ['"><img src=x onerror=alert(1)>']
+    hostile["provenance"]["command"] = ["adapters", "</code><script>x</script>"]
+    hostile["settings"]["model"] = "<i>m</i>"
+    text = render_html([hostile])
+    assert "<b>bold</b>" not in text and "<i>m</i>" not in text and "<img" not in text and "<script" not in text
+    assert "&lt;b&gt;bold&lt;/b&gt; $x^2$ &amp; co" in text  # in the table, and math text is not parsed
+    assert svg_count(text) == 4
+
+
+def test_no_quality_means_three_charts_and_mfu_column():
+    text = render_html([gpu_report()])
+    assert svg_count(text) == 3
+    assert "<th>MFU</th>" in text and "21.0%" in text
+    assert "GiB" in text and "NVIDIA H100 80GB HBM3" in text
+    assert "<th>MFU</th>" not in render_html([make_report([ok_result("lora", 100.0, 2.0)])])
+
+
+def test_two_reports_are_grouped_in_one_page():
+    text = render_html([cpu_report(), gpu_report()])
+    assert svg_count(text) == 4
+    assert "random:tiny on cpu" in text and "smollm2-135m on NVIDIA H100 80GB HBM3" in text
+    assert text.count('<table class="provenance">') == 2 and text.count('<table class="results">') == 2
+    assert 'id="report-1"' in text and 'id="report-2"' in text
+
+
+def test_same_model_and_machine_get_distinct_labels():
+    a, b = cpu_report(), cpu_report()
+    b["created"] = "2026-11-29T10:00:00+00:00"
+    text = render_markdown([a, b])
+    assert "## random:tiny on cpu, 2026-11-28T04:31:02+00:00" in text
+    assert "## random:tiny on cpu, 2026-11-29T10:00:00+00:00" in text
+
+
+def test_nothing_to_chart_when_no_strategy_ran():
+    report = make_report([{"strategy": "lora", "status": "failed", "message": "boom"}])
+    text = render_html([report])
+    assert svg_count(text) == 0 and "nothing to chart" in text and "boom" in text
+
+
+def test_malformed_fields_show_as_dashes_instead_of_failing():
+    report = cpu_report()
+    broken = report["results"][0]
+    broken.update(step_s=0.5, memory="lots", tokens_per_s="fast", trainable_parameters=None, flags="x", quality=[])
+    report["results"].append("not a result")
+    report["provenance"].update(command="adapters bench", versions=None, cpu="?", gpu="?")
+    report["settings"] = {"model": ["odd"]}
+    for render in (render_html, render_markdown):
+        assert "lora@nf4" in render([report])
+
+
+def test_pareto_front():
+    points = [(1.0, 10.0), (2.0, 30.0), (3.0, 20.0), (2.0, 5.0), (4.0, 40.0)]
+    assert _pareto(points, y_higher_better=True) == [0, 1, 4]
+    assert _pareto(points, y_higher_better=False) == [0, 3]  # lower is better: least memory, lowest value
+
+
+# --------------------------------------------------------------------------------------------
+# Markdown
+
+
+def test_markdown_tables():
+    text = render_markdown([cpu_report()])
+    rows = [line for line in text.splitlines() if line.startswith("| ")]
+    results = rows[: rows.index(next(r for r in rows if r.startswith("| field |")))]
+    assert results[0].startswith("| strategy | status | trainable params |") and "held-out quality" in results[0]
+    assert set(results[1].replace(" ", "")) <= set("|-:")
+    body = results[2:]
+    assert [r.split(" | ")[0][2:] for r in body] == [
+        "lora", "lora@nf4", "full-finetune", "full-finetune@nf4", "linear-probe", "prefix-tuning"]
+    assert all(r.count(" | ") == results[0].count(" | ") for r in body)  # the escaped pipe adds no column
+    refused = body[3]
+    assert "refused" in refused and "cannot train nf4 \\| &lt;script&gt;" in refused and "<script>" not in text
+    assert "| lora | ok | 32,768 (23.5%) | 54.9 ms ±10% | 2,332 | 3.25 MiB |" in body[0]
+    assert "loss 6.2 → 6.138" in body[0]
+    assert "<details><summary>Provenance</summary>" in text and "| python | 3.11.7 |" in text
+    assert "<svg" not in text
+
+
+# --------------------------------------------------------------------------------------------
+# Files and the command line
+
+
+def test_format_for():
+    assert format_for("r.html", None) == "html" and format_for("R.MD", None) == "markdown"
+    assert format_for(None, None) == "markdown" and format_for("r.txt", "md") == "markdown"
+    with pytest.raises(AdaptersError, match="--format pdf"):
+        format_for("r.html", "pdf")
+    with pytest.raises(AdaptersError, match="suffix"):
+        format_for("report.txt", None)
+
+
+def test_write_report_is_atomic_and_refuses_to_overwrite(tmp_path):
+    src = tmp_path / "r.json"
+    src.write_text(json.dumps(make_report([ok_result("lora", 100.0, 2.0)])))
+    out = tmp_path / "out" / "r.md"
+    text = write_report([src], out)
+    assert out.read_text() == text and "| lora | ok |" in text
+    assert sorted(p.name for p in out.parent.iterdir()) == ["r.md"]  # no temp file left behind
+    with pytest.raises(AdaptersError, match="exists"):
+        write_report([src], out)
+    out.write_text("old")
+    write_report([src], out, overwrite=True)
+    assert out.read_text() == text
+    with pytest.raises(AdaptersError, match="no reports"):
+        write_report([], tmp_path / "x.md")
+
+
+def run_in_process(capsys, *args: str) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as info:
+        cli_main(list(args))
+    captured = capsys.readouterr()
+    return info.value.code, captured.out, captured.err
+
+
+def assert_user_error(code: int, err: str, *needles: str) -> None:
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+@pytest.fixture
+def report_files(tmp_path) -> tuple[Path, Path]:
+    a, b = tmp_path / "cpu.json", tmp_path / "gpu.json"
+    a.write_text(json.dumps(cpu_report()))
+    b.write_text(json.dumps(gpu_report()))
+    return a, b
+
+
+def test_cli_writes_html_and_refuses_to_overwrite(tmp_path, capsys, report_files):
+    a, b = report_files
+    out = tmp_path / "report.html"
+    code, stdout, err = run_in_process(capsys, "report", str(a), str(b), "--output", str(out))
+    assert code == 0, err
+    assert f"report written to {out}" in stdout
+    text = out.read_text()
+    assert svg_count(text) == 4 and "cpu.json" in text and "gpu.json" in text
+    code, _, err = run_in_process(capsys, "report", str(a), "--output", str(out))
+    assert_user_error(code, err, str(out), "exists", "--overwrite")
+    assert out.read_text() == text
+    code, _, err = run_in_process(capsys, "report", str(a), "--output", str(out), "--overwrite")
+    assert code == 0, err
+    assert svg_count(out.read_text()) == 4
+
+
+def test_cli_markdown_to_stdout_and_by_suffix(tmp_path, capsys, report_files):
+    a, _ = report_files
+    code, stdout, err = run_in_process(capsys, "report", str(a))
+    assert code == 0, err
+    assert stdout.startswith("# adapters benchmark report") and "| full-finetune@nf4 | refused |" in stdout
+    out = tmp_path / "r.md"
+    code, _, err = run_in_process(capsys, "report", str(a), "--output", str(out))
+    assert code == 0 and out.read_text() == stdout
+    out = tmp_path / "r.txt"
+    code, _, err = run_in_process(capsys, "report", str(a), "--output", str(out), "--format", "html")
+    assert code == 0 and out.read_text().startswith("<!DOCTYPE html>")
+
+
+def test_cli_errors(tmp_path, capsys, report_files):
+    a, _ = report_files
+    code, _, err = run_in_process(capsys, "report", "--output", str(tmp_path / "r.html"))
+    assert_user_error(code, err, "no reports")
+    missing = tmp_path / "missing.json"
+    code, _, err = run_in_process(capsys, "report", str(missing), "--output", str(tmp_path / "r.html"))
+    assert_user_error(code, err, "missing.json", "not found")
+    corrupt = tmp_path / "corrupt.json"
+    corrupt.write_text('{"schema_version": 1, "results": [')
+    code, _, err = run_in_process(capsys, "report", str(corrupt))
+    assert_user_error(code, err, "corrupt.json", "not a valid JSON report")
+    code, _, err = run_in_process(capsys, "report", str(a), "--format", "pdf")
+    assert_user_error(code, err, "--format pdf", "html or markdown")
+    code, _, err = run_in_process(capsys, "report", str(a), "--output", str(tmp_path / "r.pdf"))
+    assert_user_error(code, err, "r.pdf", "--format")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corrupt.json", "cpu.json", "gpu.json"]
+
+
+# --------------------------------------------------------------------------------------------
+# A real browser
+
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs /usr/bin/chromium")
+def test_headless_chromium_renders_the_page(tmp_path):
+    html_path = tmp_path / "report.html"
+    html_path.write_text(render_html([cpu_report(), gpu_report()]))
+    shot = tmp_path / "shot.png"
+    done = subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1200,2000",
+         html_path.as_uri()],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert shot.exists(), done.stderr[-2000:]
+    assert shot.stat().st_size > 10_000  # a blank page compresses to a few hundred bytes
+    shutil.rmtree(tmp_path / "profile", ignore_errors=True)
