@@ -194,7 +194,7 @@ def measure(settings: BenchSettings, strategy: str) -> dict[str, Any]:
         raise AdaptersError("the GPU already holds memory before loading; measurements would be wrong.")
     accelerator = make_accelerator()
     start = time.perf_counter()
-    base, model = build(run, accelerator.device)
+    base, model, declared = build(run, accelerator.device)
     load_s = time.perf_counter() - start
     params = count_parameters(model)
     data = make_batches(run.dataset.train, base, settings.seq_len, "train")
@@ -237,6 +237,8 @@ def measure(settings: BenchSettings, strategy: str) -> dict[str, Any]:
     components["activations_and_temporaries"] = peak - sum(components.values())
     changed = _checksums(model) != before
     flags = [] if changed else ["trainable weights unchanged after training"]
+    if declared is not None and declared != params.trainable:
+        flags.append(f"trainable count {params.trainable:,} disagrees with the strategy's declared {declared:,}")
     n_steps = settings.warmup + settings.steps * settings.repeats
     result: dict[str, Any] = {
         "strategy": strategy,
@@ -252,6 +254,7 @@ def measure(settings: BenchSettings, strategy: str) -> dict[str, Any]:
         "tokens_per_step": tokens,
         "tokens_per_s": tokens / median,
         "trainable_parameters": params.trainable,
+        "declared_trainable_parameters": declared,
         "total_parameters": params.total,
         "final_loss": losses[-1],
         "memory": {

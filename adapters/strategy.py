@@ -2,8 +2,10 @@
 
 A strategy needs only six things (see `Strategy`). Trainable-parameter counting, saving and
 loading the trainable weights, training and measurement come from the core. A strategy may
-override ``save``/``load`` (the PEFT-backed built-ins do, to write PEFT's own format) and may set
-the optional attributes listed in `OPTIONAL_DEFAULTS`.
+override ``save``/``load`` (the PEFT-backed built-ins do, to write PEFT's own format), may set
+the optional attributes listed in `OPTIONAL_DEFAULTS`, and may declare how many parameters its
+``apply`` leaves trainable with ``expected_trainable_parameters(model, config) -> int | None``,
+computed from the base model before ``apply``; benchmarks and checks flag a disagreement.
 """
 from __future__ import annotations
 
@@ -160,6 +162,13 @@ def validate_strategy(strategy: Any) -> list[str]:
 
 
 def has_override(strategy: Strategy, method: str) -> bool:
-    """Whether the strategy implements ``save`` or ``load`` itself."""
+    """Whether the strategy implements an optional method (``save``, ``load``, ...) itself."""
     return callable(getattr(strategy, method, None))
+
+
+def declared_trainable(strategy: Strategy, model: torch.nn.Module, config: Any) -> int | None:
+    """The trainable-parameter count a strategy declares for ``model`` (before apply), if it does."""
+    if not has_override(strategy, "expected_trainable_parameters"):
+        return None
+    return strategy.expected_trainable_parameters(model, config)
 

@@ -22,7 +22,7 @@ from .options import build_config, convert_value, read_toml
 from .plugins import distribution_of, get_registry
 from .registry import Registry
 from .store import check_output_dir, save
-from .strategy import QUANTIZATIONS, ParameterCount, Strategy, count_parameters, option
+from .strategy import QUANTIZATIONS, ParameterCount, Strategy, count_parameters, declared_trainable, option
 
 
 @dataclass
@@ -247,8 +247,12 @@ def make_accelerator(gradient_accumulation_steps: int = 1):
     )
 
 
-def build(run: Run, device: torch.device) -> tuple[BaseModel, torch.nn.Module]:
-    """Load the base for ``run`` and apply its strategy: the model to train, seeded."""
+def build(run: Run, device: torch.device) -> tuple[BaseModel, torch.nn.Module, int | None]:
+    """Load the base for ``run`` and apply its strategy, seeded.
+
+    Returns the base, the model to train, and the trainable count the strategy declared for this
+    base before applying (None when it declares none).
+    """
     from accelerate.utils import set_seed
 
     s = run.settings
@@ -256,10 +260,11 @@ def build(run: Run, device: torch.device) -> tuple[BaseModel, torch.nn.Module]:
     base = load_base_model(s.model, run.quantization, run.task, run.dataset.labels or None, device)
     if s.gradient_checkpointing:
         enable_gradient_checkpointing(base.model)
+    declared = declared_trainable(run.strategy, base.model, run.config)
     model = run.strategy.apply(base.model, run.config)
     if count_parameters(model).trainable == 0:
         raise AdaptersError(f"strategy {run.strategy.name!r} left no parameter trainable; check its options.")
-    return base, model
+    return base, model, declared
 
 
 def training_step(model, batch, optimizer, accelerator, step: int) -> torch.Tensor:
@@ -284,7 +289,7 @@ def train(settings: TrainSettings, progress: bool = True) -> TrainResult:
     run = resolve(settings)
     s = run.settings
     accelerator = make_accelerator(s.gradient_accumulation_steps)
-    base, model = build(run, accelerator.device)
+    base, model, _ = build(run, accelerator.device)
     params = count_parameters(model)
 
     train_set = make_batches(run.dataset.train, base, s.seq_len, "train")

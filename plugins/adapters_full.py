@@ -20,6 +20,9 @@ class FullFinetune:
     default_learning_rate = 5e-5
     flops_per_token_factor = 6  # every weight trains: forward, input and weight gradients
 
+    def expected_trainable_parameters(self, model, config: FullOptions) -> int:
+        return adapters.count_parameters(model).total
+
     def apply(self, model, config: FullOptions):
         for param in model.parameters():
             param.requires_grad_(True)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 import adapters
 
 _PEFT_TASK = {"causal-lm": "CAUSAL_LM", "sequence-classification": "SEQ_CLS"}
@@ -71,6 +73,16 @@ class Lora:
             task_type=_PEFT_TASK[adapters.task_of(model)],
         )
         return get_peft_model(model, peft_config)
+
+    def expected_trainable_parameters(self, model, config: LoraOptions) -> int:
+        targets = resolve_targets(model, config.target_modules)
+        count = 0
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and any(name == t or name.endswith("." + t) for t in targets):
+                count += config.r * (module.in_features + module.out_features)
+        if adapters.task_of(model) == "sequence-classification":  # PEFT trains a copy of the new head
+            count += sum(p.numel() for p in model.get_submodule(adapters.output_head_name(model)).parameters())
+        return count
 
     def save(self, model, directory, config):
         adapters.save_peft(model, directory)

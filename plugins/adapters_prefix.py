@@ -40,6 +40,13 @@ class PrefixTuning:
         )
         return get_peft_model(model, peft_config)
 
+    def expected_trainable_parameters(self, model, config: PrefixOptions) -> int | None:
+        if config.projection:
+            return None  # the reparameterization MLP's width is PEFT's choice
+        c = model.config
+        kv_width = c.num_key_value_heads * getattr(c, "head_dim", c.hidden_size // c.num_attention_heads)
+        return config.num_virtual_tokens * c.num_hidden_layers * 2 * kv_width  # a key and a value per layer
+
     def save(self, model, directory, config):
         adapters.save_peft(model, directory)
 

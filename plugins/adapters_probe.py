@@ -36,6 +36,11 @@ class LinearProbe:
     default_learning_rate = 1e-3
     flops_per_token_factor = 2  # the base runs forward only; the head's backward is negligible
 
+    def expected_trainable_parameters(self, model, config: ProbeOptions) -> int:
+        head = model.get_output_embeddings() if adapters.task_of(model) == "causal-lm" \
+            else model.get_submodule(adapters.output_head_name(model))
+        return sum(p.numel() for p in head.parameters())
+
     def apply(self, model, config: ProbeOptions):
         adapters.freeze(model)
         # Checkpointing would only re-run a base that records no graph; input gradients would make one.

@@ -62,6 +62,7 @@ def test_timings_parameters_and_quality_are_measured(report):
     assert lora["tokens_per_s"] == pytest.approx(lora["tokens_per_step"] / step["median"])
     assert lora["tokens_per_step"] == TINY["batch_size"] * TINY["seq_len"]
     assert 0 < lora["trainable_parameters"] < lora["total_parameters"]
+    assert lora["declared_trainable_parameters"] == lora["trainable_parameters"]
     assert lora["quality"]["status"] == "ok" and len(lora["quality"]["losses"]) == 2
     assert lora["flags"] == [] or lora["flags"] == ["held-out loss did not decrease over the quality steps"]
 
@@ -178,3 +179,33 @@ def test_a_strategy_that_runs_out_of_memory_is_isolated(tmp_path):
     assert results["fake-oom"]["status"] == "oom" and "20.00 GiB" in results["fake-oom"]["message"]
     assert results["linear-probe"]["status"] == "ok"
     assert "fake-oom" in proc.stdout and "oom" in proc.stdout
+
+
+class _Undercounting:
+    """The built-in LoRA, but declaring one parameter fewer than it trains."""
+
+    def __init__(self):
+        self._lora = adapters.get_strategy("lora")
+        self.name, self.description = "lora-undercount", "test strategy with a wrong declaration"
+        self.config_class = self._lora.config_class
+        self.supported_quantization = self._lora.supported_quantization
+        self.supported_tasks = self._lora.supported_tasks
+
+    def apply(self, model, config):
+        return self._lora.apply(model, config)
+
+    def expected_trainable_parameters(self, model, config):
+        return self._lora.expected_trainable_parameters(model, config) - 1
+
+
+class _UndercountingPlugin:
+    @adapters.hookimpl
+    def register_strategies(self, register):
+        register(_Undercounting())
+
+
+def test_a_trainable_count_that_disagrees_with_the_declaration_is_flagged(register_plugin):
+    register_plugin(_UndercountingPlugin(), name="undercount-plugin")
+    result = measure(BenchSettings(**TINY), "lora-undercount")
+    assert result["declared_trainable_parameters"] == result["trainable_parameters"] - 1
+    assert any("disagrees with the strategy's declared" in f for f in result["flags"])
