@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import warnings
 from typing import Any
 
 import click
@@ -87,7 +88,8 @@ def plugins(as_json: bool) -> None:
         return
     click.echo(_table(
         [[r["name"], f"{r['distribution']} {r.get('version', '')}".strip(),
-          ", ".join(r.get("strategies", [])) or "-", r.get("error", "")] for r in rows],
+          ", ".join(r.get("strategies", [])) or "-",
+          r.get("error", "") or "; ".join(r.get("collisions", []))] for r in rows],
         ["plugin", "distribution", "strategies", "error"],
     ))
 
@@ -131,7 +133,9 @@ def models(as_json: bool) -> None:
 @click.option("--config", "config_file", default=None, help="TOML file of settings; flags given here win.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_context
-def train(ctx: click.Context, assignments: tuple[str, ...], config_file: str | None, as_json: bool, **flags: Any) -> None:
+def train(
+    ctx: click.Context, assignments: tuple[str, ...], config_file: str | None, as_json: bool, **flags: Any
+) -> None:
     """Train a strategy on a base model, evaluate it before and after, and save it."""
     from .options import parse_assignments
     from .train import settings_from
@@ -233,8 +237,69 @@ def report(reports: tuple[str, ...], output: str | None, fmt: str | None, overwr
         click.echo(f"report written to {output}")
 
 
+def _split_choices(values: tuple[str, ...]) -> list[str] | None:
+    """Repeatable options that also take comma-separated values: --quantization nf4,int8."""
+    return [v.strip() for value in values for v in value.split(",") if v.strip()] or None
+
+
+@cli.command()
+@click.argument("strategy")
+@click.option("--quantization", "quantizations", multiple=True, metavar="QUANT[,QUANT]",
+              help="Only these quantizations (none, nf4, fp4, int8; repeatable) [default: all].")
+@click.option("--task", "tasks", multiple=True, metavar="TASK[,TASK]",
+              help="Only these tasks (causal-lm, sequence-classification; repeatable) [default: all].")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+@click.pass_context
+def check(ctx: click.Context, strategy: str, quantizations: tuple[str, ...], tasks: tuple[str, ...],
+          as_json: bool) -> None:
+    """Run the conformance checks on STRATEGY and print a pass/fail table; exit 1 on any failure."""
+    from .testing import run_checks
+
+    report = run_checks(strategy, quantizations=_split_choices(quantizations), tasks=_split_choices(tasks))
+    if as_json:
+        _echo_json(report.to_dict())
+    else:
+        click.echo(report.table())
+        click.echo(report.summary())
+    ctx.exit(0 if report.passed else 1)
+
+
+@cli.command()
+@click.option("--format", "fmt", type=click.Choice(["markdown", "json"]), default="markdown", show_default=True)
+@click.option("--strategies", default=None, help="Comma-separated names [default: every registered strategy].")
+@click.option("--readme", default=None, metavar="FILE",
+              help="Also rewrite the block between <!-- matrix:start --> and <!-- matrix:end --> in FILE.")
+def matrix(fmt: str, strategies: str | None, readme: str | None) -> None:
+    """Probe every strategy x quantization x task by running the checks; print the capability matrix."""
+    from . import matrix as capability
+
+    names = [n.strip() for n in strategies.split(",") if n.strip()] if strategies else None
+    reports = capability.probe(names, progress=lambda name: click.echo(f"probing {name} ...", err=True))
+    markdown = capability.to_markdown(reports)
+    if readme:
+        changed = capability.update_readme(readme, markdown)
+        click.echo(f"{readme}: {'updated' if changed else 'already current'}", err=True)
+    if fmt == "json":
+        _echo_json(capability.to_json(reports))
+    else:
+        click.echo(markdown, nl=False)
+
+
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    """A skipped plugin is reported on one line, without the source location of the warning."""
+    from .plugins import PluginWarning
+
+    if isinstance(category, type) and issubclass(category, PluginWarning):
+        return f"Warning: {message}\n"
+    return _FORMAT_WARNING(message, category, filename, lineno, line)
+
+
+_FORMAT_WARNING = warnings.formatwarning
+
+
 def main(argv: list[str] | None = None) -> None:
     logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_KERNEL_NOTICE_FILTER)
+    warnings.formatwarning = _format_warning
     try:
         code = cli.main(args=argv, prog_name="adapters", standalone_mode=False)
     except AdaptersError as exc:

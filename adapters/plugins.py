@@ -8,13 +8,21 @@ Environment variables:
     ADAPTERS_LOAD_PLUGINS     comma-separated distribution names to load; set but empty loads none
     ADAPTERS_DISABLE_PLUGINS  comma-separated distribution or entry-point names never to load
     ADAPTERS_STRICT_PLUGINS   "1" makes a broken third-party plugin fatal instead of a warning
+
+A third-party plugin that fails to import, fails to register (raises in its hook, or registers an
+invalid strategy), or implements a misspelled or wrong-signature hook is skipped with a
+`PluginWarning` naming the entry point, distribution and exception, and is listed with its error
+by `adapters plugins`; the rest of the tool keeps working. A third-party strategy whose name a
+built-in already has is dropped (the built-in wins) and the collision is reported the same way.
+Built-in plugins are never isolated: a failure there is a bug, and raises.
 """
 from __future__ import annotations
 
-import functools
+import difflib
 import importlib
 import importlib.metadata
 import os
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -23,6 +31,7 @@ import pluggy
 from . import hookspecs
 from .errors import AdaptersError
 from .registry import Registry
+from .strategy import Strategy
 
 DEFAULT_PLUGINS = ("adapters_lora", "adapters_prefix", "adapters_probe", "adapters_full")
 ENTRY_POINT_GROUP = "adapters"
@@ -30,49 +39,167 @@ ENTRY_POINT_GROUP = "adapters"
 
 @dataclass(frozen=True)
 class PluginFailure:
-    entry_point: str
+    """A third-party plugin that was skipped, and why."""
+
+    entry_point: str  # the entry point's name (the plugin's name in the plugin manager)
     distribution: str
-    error: str
+    error: str  # "ExceptionType: message"
+    stage: str = "import"  # "import" (loading the entry point) or "registration" (its hook)
+
+
+@dataclass(frozen=True)
+class Collision:
+    """A third-party strategy dropped because a built-in has its name; the built-in wins."""
+
+    strategy: str
+    plugin: str
+    distribution: str
+    builtin_plugin: str
+
+    def message(self) -> str:
+        return (
+            f"plugin {self.plugin!r} from distribution {self.distribution!r} registers strategy {self.strategy!r}, "
+            f"a name the built-in plugin {self.builtin_plugin!r} already has; the built-in wins. "
+            "Rename the plugin's strategy."
+        )
 
 
 class PluginWarning(UserWarning):
-    """A third-party plugin could not be loaded and was skipped."""
+    """A third-party plugin was skipped (or one of its strategies dropped); the rest keeps working."""
 
 
 _pm: pluggy.PluginManager | None = None
 _failures: list[PluginFailure] = []
+# Entry-point plugins: plugin name -> (distribution, version).
+_distributions: dict[str, tuple[str, str]] = {}
+# Plugins whose failures always raise, as under ADAPTERS_STRICT_PLUGINS=1 (`adapters.testing`
+# registers plugins this way, so a plugin's own tests fail loudly).
+_strict_plugins: set[str] = set()
+# The registry being built, while plugins' hooks run.
+_building: Registry | None = None
+
+
+def _normalize(name: str) -> str:
+    """A distribution name in its canonical form (PEP 503): ``Adapters_IA3`` -> ``adapters-ia3``."""
+    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def _names(variable: str) -> set[str] | None:
     value = os.environ.get(variable)
     if value is None:
         return None
-    return {n.strip() for n in value.split(",") if n.strip()}
+    return {_normalize(n.strip()) for n in value.split(",") if n.strip()}
+
+
+def strict() -> bool:
+    """Whether ADAPTERS_STRICT_PLUGINS makes a broken third-party plugin fatal."""
+    return os.environ.get("ADAPTERS_STRICT_PLUGINS", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}".strip()
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, PluginWarning, stacklevel=3)
+
+
+def known_hooks(pm: pluggy.PluginManager) -> list[str]:
+    """The names of the hooks that `adapters.hookspecs` declares."""
+    return sorted(n for n, caller in vars(pm.hook).items() if not n.startswith("_") and caller.has_spec())
+
+
+def unknown_hooks(pm: pluggy.PluginManager, plugin: object) -> list[str]:
+    """Hook names ``plugin`` implements that no hookspec declares (misspellings, usually)."""
+    unknown = []
+    for attr in dir(plugin):
+        opts = pm.parse_hookimpl_opts(plugin, attr)
+        if opts is None or opts.get("optionalhook"):
+            continue
+        hook_name = opts.get("specname") or attr
+        caller = getattr(pm.hook, hook_name, None)
+        if caller is None or not caller.has_spec():
+            unknown.append(hook_name)
+    return sorted(unknown)
+
+
+def register_checked(pm: pluggy.PluginManager, plugin: object, name: str | None = None) -> str:
+    """Register ``plugin``, rejecting a wrong-signature or misspelled hook with an error naming it.
+
+    The manager is left unchanged when the plugin is rejected.
+    """
+    label = name or pm.get_canonical_name(plugin)
+    try:
+        registered = pm.register(plugin, name=name)
+    except pluggy.PluginValidationError as exc:
+        raise AdaptersError(
+            f"plugin {label!r} implements a hook with the wrong signature: {' '.join(str(exc).split())}. "
+            "Check the hook's arguments against adapters.hookspecs (docs/plugins.md)."
+        ) from exc
+    except ValueError as exc:  # the name, or the same object, is already registered
+        raise AdaptersError(f"plugin {label!r} cannot be registered: {' '.join(str(exc).split()[:12])}") from exc
+    if registered is None:
+        raise AdaptersError(f"plugin {label!r} is blocked from registering.")
+    unknown = unknown_hooks(pm, plugin)
+    if unknown:
+        pm.unregister(name=registered)
+        known = known_hooks(pm)
+        hints = []
+        for hook in unknown:
+            close = difflib.get_close_matches(hook, known, n=1)
+            hints.append(f"{hook!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise AdaptersError(
+            f"plugin {label!r} implements hooks that do not exist: {', '.join(hints)}. "
+            f"Known hooks: {', '.join(known)} (see adapters.hookspecs, docs/plugins.md)."
+        )
+    return registered
+
+
+def _entry_point_distribution(ep: importlib.metadata.EntryPoint) -> tuple[str, str]:
+    try:
+        dist = ep.dist
+        if dist is None:
+            return "unknown", "unknown"
+        return dist.name or dist.metadata["Name"] or "unknown", dist.version or "unknown"
+    except Exception:  # broken metadata must not stop the others loading
+        return "unknown", "unknown"
 
 
 def _load_entry_points(pm: pluggy.PluginManager) -> None:
     allowed = _names("ADAPTERS_LOAD_PLUGINS")
     blocked = _names("ADAPTERS_DISABLE_PLUGINS") or set()
-    strict = os.environ.get("ADAPTERS_STRICT_PLUGINS", "") not in ("", "0")
-    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-        dist = ep.dist.name if ep.dist is not None else "unknown"
-        if (allowed is not None and dist not in allowed) or dist in blocked or ep.name in blocked:
+    try:
+        entry_points = list(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
+    except Exception as exc:  # unreadable metadata somewhere on sys.path
+        _entry_point_failed(PluginFailure("*", "unknown", _describe(exc)), exc)
+        return
+    for ep in entry_points:
+        dist, version = _entry_point_distribution(ep)
+        if (allowed is not None and _normalize(dist) not in allowed) or _normalize(dist) in blocked \
+                or _normalize(ep.name) in blocked:
             continue
         try:
-            pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP, name=ep.name)
+            if pm.has_plugin(ep.name):
+                owner = _distributions.get(ep.name, ("adapters", ""))[0]
+                raise AdaptersError(f"the plugin name {ep.name!r} is already taken by distribution {owner!r}")
+            register_checked(pm, ep.load(), name=ep.name)
         except Exception as exc:  # a broken plugin must not take the tool down with it
-            failure = PluginFailure(ep.name, dist, f"{type(exc).__name__}: {exc}")
-            if strict:
-                raise AdaptersError(
-                    f"plugin entry point {ep.name!r} from distribution {dist!r} failed to load: "
-                    f"{failure.error}. Fix or uninstall it, or unset ADAPTERS_STRICT_PLUGINS."
-                ) from exc
-            _failures.append(failure)
-            warnings.warn(
-                f"skipped plugin entry point {ep.name!r} from distribution {dist!r}: {failure.error}",
-                PluginWarning,
-                stacklevel=2,
-            )
+            _entry_point_failed(PluginFailure(ep.name, dist, _describe(exc)), exc)
+        else:
+            _distributions[ep.name] = (dist, version)
+
+
+def _entry_point_failed(failure: PluginFailure, exc: Exception) -> None:
+    if strict():
+        raise AdaptersError(
+            f"plugin entry point {failure.entry_point!r} from distribution {failure.distribution!r} failed to "
+            f"load: {failure.error}. Fix or uninstall it, or unset ADAPTERS_STRICT_PLUGINS."
+        ) from exc
+    _failures.append(failure)
+    _warn(
+        f"skipped plugin entry point {failure.entry_point!r} from distribution {failure.distribution!r}: "
+        f"{failure.error}"
+    )
 
 
 def get_plugin_manager() -> pluggy.PluginManager:
@@ -83,6 +210,8 @@ def get_plugin_manager() -> pluggy.PluginManager:
         pm.add_hookspecs(hookspecs)
         for module_name in DEFAULT_PLUGINS:
             pm.register(importlib.import_module(module_name), name=module_name)
+        _failures.clear()
+        _distributions.clear()
         _load_entry_points(pm)
         try:
             pm.check_pending()
@@ -102,21 +231,75 @@ def plugin_failures() -> list[PluginFailure]:
 
 
 def get_registry() -> Registry:
-    """Every strategy registered by the loaded plugins, built-ins first."""
+    """Every strategy registered by the loaded plugins, built-ins first.
+
+    A third-party plugin whose hook raises, or that registers an invalid strategy, is skipped as a
+    whole (recorded in ``registry.failures``, with a `PluginWarning`); under ADAPTERS_STRICT_PLUGINS=1
+    that raises instead. A third-party strategy named like a built-in one is dropped and recorded in
+    ``registry.collisions``. Two third-party plugins registering one name is an error naming both.
+    """
+    global _building
+    if _building is not None:
+        # Re-entered from a plugin's hook (a wrapper looking up the strategy it wraps): what is
+        # registered so far, the built-ins included, since they register first.
+        return _building
     pm = get_plugin_manager()
-    registry = Registry()
-    # Call each implementation on its own, so the registry knows which plugin registered what.
-    for impl in pm.hook.register_strategies.get_hookimpls():
-        impl.function(register=functools.partial(registry.register, plugin=impl.plugin_name))
+    registry = _building = Registry()
+    try:
+        _register_all(pm, registry)
+    finally:
+        _building = None
     return registry
+
+
+def _register_all(pm: pluggy.PluginManager, registry: Registry) -> None:
+    impls = pm.hook.register_strategies.get_hookimpls()
+    # Built-ins first, so that they win every name; otherwise in registration order.
+    impls = sorted(impls, key=lambda impl: impl.plugin_name not in DEFAULT_PLUGINS)
+    # Call each implementation on its own, so the registry knows which plugin registered what.
+    for impl in impls:
+        plugin = impl.plugin_name
+        if plugin in DEFAULT_PLUGINS:
+            impl.function(register=lambda strategy, plugin=plugin: registry.register(strategy, plugin=plugin))
+            continue
+        offered: list[Strategy] = []
+        own = Registry()  # validates each strategy, and catches a name registered twice by this plugin
+        try:
+            impl.function(register=offered.append)
+            for strategy in offered:
+                own.register(strategy, plugin=plugin)
+        except Exception as exc:  # the plugin's own code, or its invalid strategies
+            _registration_failed(registry, plugin, exc)
+            continue
+        for strategy in offered:
+            existing = registry.find(strategy.name)
+            if existing is not None and existing.plugin in DEFAULT_PLUGINS:
+                collision = Collision(strategy.name, plugin, distribution_of(plugin)[0], existing.plugin)
+                registry.collisions.append(collision)
+                _warn(collision.message())
+                continue
+            registry.register(strategy, plugin=plugin)  # two third parties, one name: an error naming both
+
+
+def _registration_failed(registry: Registry, plugin: str, exc: Exception) -> None:
+    dist = distribution_of(plugin)[0]
+    failure = PluginFailure(plugin, dist, _describe(exc), stage="registration")
+    if strict() or plugin in _strict_plugins:
+        if isinstance(exc, AdaptersError):
+            raise exc
+        raise AdaptersError(
+            f"plugin {plugin!r} from distribution {dist!r} failed to register its strategies: {failure.error}. "
+            "Fix or uninstall it, or unset ADAPTERS_STRICT_PLUGINS."
+        ) from exc
+    registry.failures.append(failure)
+    _warn(f"skipped plugin {plugin!r} from distribution {dist!r}: its strategies failed to register: {failure.error}")
 
 
 def distribution_of(plugin_name: str) -> tuple[str, str]:
     """(distribution name, version) of a loaded plugin."""
-    pm = get_plugin_manager()
-    for plugin, dist in pm.list_plugin_distinfo():
-        if pm.get_name(plugin) == plugin_name:
-            return dist.metadata["name"], dist.version
+    get_plugin_manager()
+    if plugin_name in _distributions:
+        return _distributions[plugin_name]
     if plugin_name in DEFAULT_PLUGINS:
         return "adapters", _version("adapters")
     return "unknown", "unknown"
@@ -130,24 +313,34 @@ def _version(distribution: str) -> str:
 
 
 def list_plugins() -> list[dict]:
-    """Each loaded plugin with its distribution, hooks and strategies (for `adapters plugins`)."""
+    """Each plugin with its distribution, hooks and strategies (for `adapters plugins`).
+
+    A plugin that was skipped carries ``error`` (and ``stage``: import or registration); one whose
+    strategy lost its name to a built-in carries ``collisions``, one message per dropped strategy.
+    """
     pm = get_plugin_manager()
     registry = get_registry()
+    failed = {f.entry_point: f for f in registry.failures}
     rows = []
     for plugin in pm.get_plugins():
         name = pm.get_name(plugin)
         dist, version = distribution_of(name)
-        rows.append(
-            {
-                "name": name,
-                "distribution": dist,
-                "version": version,
-                "builtin": name in DEFAULT_PLUGINS,
-                "hooks": sorted(h.name for h in pm.get_hookcallers(plugin) or []),
-                "strategies": [e.strategy.name for e in registry.entries() if e.plugin == name],
-            }
-        )
+        row = {
+            "name": name,
+            "distribution": dist,
+            "version": version,
+            "builtin": name in DEFAULT_PLUGINS,
+            "hooks": sorted(h.name for h in pm.get_hookcallers(plugin) or []),
+            "strategies": [e.strategy.name for e in registry.entries() if e.plugin == name],
+        }
+        if name in failed:
+            row.update(error=failed[name].error, stage="registration")
+        collisions = [c.message() for c in registry.collisions if c.plugin == name]
+        if collisions:
+            row["collisions"] = collisions
+        rows.append(row)
     rows.sort(key=lambda r: (not r["builtin"], r["name"]))
     for failure in _failures:
-        rows.append({"name": failure.entry_point, "distribution": failure.distribution, "error": failure.error})
+        rows.append({"name": failure.entry_point, "distribution": failure.distribution, "version": "",
+                     "builtin": False, "hooks": [], "strategies": [], "error": failure.error, "stage": failure.stage})
     return rows

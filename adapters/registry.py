@@ -19,6 +19,10 @@ class Registry:
 
     def __init__(self) -> None:
         self._entries: dict[str, Entry] = {}
+        # Filled by `adapters.plugins.get_registry`: third-party plugins skipped because their
+        # registration failed, and strategies a third party offered under a built-in's name.
+        self.failures: list = []  # adapters.plugins.PluginFailure
+        self.collisions: list = []  # adapters.plugins.Collision
 
     def register(self, strategy: Strategy, plugin: str) -> None:
         problems = validate_strategy(strategy)
@@ -38,6 +42,10 @@ class Registry:
 
     def get(self, name: str) -> Strategy:
         return self.entry(name).strategy
+
+    def find(self, name: str) -> Entry | None:
+        """The entry registered under ``name``, or None."""
+        return self._entries.get(name)
 
     def entry(self, name: str) -> Entry:
         try:

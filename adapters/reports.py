@@ -6,9 +6,10 @@ A report is strict JSON (no NaN or infinity) described by ``schemas/report-v<N>.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .errors import AdaptersError
 

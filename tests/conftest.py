@@ -14,22 +14,11 @@ import torch  # noqa: E402
 
 import adapters  # noqa: E402
 
+# The fixture adapters ships for plugin authors: register_plugin(plugin, name=None, strict=True)
+# registers a plugin for one test and always unregisters it.
+from adapters.testing import register_plugin  # noqa: E402, F401
+
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-
-@pytest.fixture
-def register_plugin():
-    """Register plugin objects for one test; they are always unregistered afterwards."""
-    pm = adapters.get_plugin_manager()
-    added = []
-
-    def register(plugin, name=None):
-        added.append(pm.register(plugin, name=name))
-        return plugin
-
-    yield register
-    for name in added:
-        pm.unregister(name=name)
 
 
 @pytest.fixture(scope="session")

@@ -185,7 +185,9 @@ class _Undercounting:
     """The built-in LoRA, but declaring one parameter fewer than it trains."""
 
     def __init__(self):
-        self._lora = adapters.get_strategy("lora")
+        from adapters_lora import Lora
+
+        self._lora = Lora()
         self.name, self.description = "lora-undercount", "test strategy with a wrong declaration"
         self.config_class = self._lora.config_class
         self.supported_quantization = self._lora.supported_quantization

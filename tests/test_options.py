@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +31,7 @@ class Assorted:
     sizes: list[int] = field(default_factory=lambda: [1, 2])
     pair: tuple[float, ...] = (0.5,)
     limit: int | None = None
-    scale: typing.Optional[float] = None
+    scale: float | None = None
     either: int | str = 0
 
 

@@ -90,14 +90,25 @@ def test_valid_names_register(register_plugin, good):
     assert registry.entry(good).plugin == "test_goodname_plugin"
 
 
-def test_duplicate_name_names_both_plugins(register_plugin):
+def test_a_builtin_name_stays_the_builtins_and_the_collision_names_both_plugins(register_plugin):
     register_plugin(plugin_registering(Minimal("lora")), name="test_dup_plugin")
-    with pytest.raises(adapters.AdaptersError) as info:
-        adapters.get_registry()
-    message = str(info.value)
+    with pytest.warns(adapters.plugins.PluginWarning) as caught:
+        registry = adapters.get_registry()
+    assert registry.entry("lora").plugin == "adapters_lora"  # the built-in wins
+    message = str(caught[0].message)
     assert "'lora'" in message
     assert "adapters_lora" in message
     assert "test_dup_plugin" in message
+    assert "the built-in wins" in message
+
+
+def test_two_third_party_plugins_with_one_name_name_both(register_plugin):
+    register_plugin(plugin_registering(Minimal("dup-name")), name="test_dup_plugin_a")
+    register_plugin(plugin_registering(Minimal("dup-name")), name="test_dup_plugin_b")
+    with pytest.raises(adapters.AdaptersError) as info:
+        adapters.get_registry()
+    message = str(info.value)
+    assert "'dup-name'" in message and "test_dup_plugin_a" in message and "test_dup_plugin_b" in message
     assert "twice" in message
 
 
@@ -377,14 +388,16 @@ def misspelled_plugin() -> types.ModuleType:
     return module
 
 
-def test_misspelled_hook_fails_check_pending_naming_the_plugin(register_plugin):
+def test_misspelled_hook_is_rejected_at_registration_naming_the_plugin(register_plugin):
     pm = adapters.get_plugin_manager()
     pm.check_pending()  # the built-ins are fine
-    register_plugin(misspelled_plugin(), name="adapters_misspelled_test")
-    with pytest.raises(pluggy.PluginValidationError) as info:
-        pm.check_pending()
+    with pytest.raises(adapters.AdaptersError) as info:
+        register_plugin(misspelled_plugin(), name="adapters_misspelled_test")
     assert "register_strategy" in str(info.value)
     assert "adapters_misspelled_test" in str(info.value)
+    assert "did you mean 'register_strategies'?" in str(info.value)
+    assert pm.get_plugin("adapters_misspelled_test") is None  # rejected, so never registered
+    pm.check_pending()
     assert "never-registered" not in adapters.get_registry().names()
 
 
