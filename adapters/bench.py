@@ -27,6 +27,7 @@ from .errors import AdaptersError, TrainingFailed
 from .options import convert_value, read_toml
 from .reports import SCHEMA_VERSION
 from .store import package_versions, write_json
+from .text import aligned_table
 
 
 @dataclass
@@ -468,9 +469,7 @@ def summary_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 def format_table(report: dict[str, Any]) -> str:
     """The report's results as an aligned plain-text table."""
     headers, rows = summary_rows(report)
-    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
-    fmt = lambda row: "  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip()  # noqa: E731
-    return "\n".join([fmt(headers), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows])
+    return aligned_table(rows, headers)
 
 
 def print_summary(report: dict[str, Any]) -> None:

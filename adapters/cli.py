@@ -14,6 +14,7 @@ import click
 from click.core import ParameterSource
 
 from .errors import AdaptersError
+from .text import aligned_table
 
 
 class _KernelNoticeFilter(logging.Filter):
@@ -31,12 +32,6 @@ _KERNEL_NOTICE_FILTER = _KernelNoticeFilter()
 
 def _echo_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, allow_nan=False, default=str))
-
-
-def _table(rows: list[list[str]], headers: list[str]) -> str:
-    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
-    line = lambda r: "  ".join(str(x).ljust(w) for x, w in zip(r, widths)).rstrip()  # noqa: E731
-    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -69,7 +64,7 @@ def strategies(as_json: bool) -> None:
     if as_json:
         _echo_json(rows)
         return
-    click.echo(_table(
+    click.echo(aligned_table(
         [[r["name"], ",".join(r["supported_quantization"]), ",".join(r["supported_tasks"]),
           " ".join(f"{o['name']}={o['default']}" for o in r["options"]) or "-", r["description"]] for r in rows],
         ["name", "quantization", "tasks", "options (defaults)", "description"],
@@ -86,7 +81,7 @@ def plugins(as_json: bool) -> None:
     if as_json:
         _echo_json(rows)
         return
-    click.echo(_table(
+    click.echo(aligned_table(
         [[r["name"], f"{r['distribution']} {r.get('version', '')}".strip(),
           ", ".join(r.get("strategies", [])) or "-",
           r.get("error", "") or "; ".join(r.get("collisions", []))] for r in rows],
@@ -104,7 +99,7 @@ def models(as_json: bool) -> None:
     if as_json:
         _echo_json(rows)
         return
-    click.echo(_table(
+    click.echo(aligned_table(
         [[r["name"], "yes" if r["available"] else "no", "yes" if r["cached"] else "no", ",".join(r["tasks"]),
           r["install"] or r["description"]] for r in rows],
         ["name", "available", "cached", "tasks", "description / how to install"],

@@ -33,6 +33,7 @@ from typing import Any
 
 from .errors import AdaptersError
 from .reports import METRICS, Metric, load_report
+from .text import aligned_table
 
 TIMED_FLOOR = 0.02
 TOLERANCE = {"peak_memory": 0.01, "load_time": 0.10, "heldout_loss": 0.01, "accuracy": 0.01}
@@ -344,12 +345,6 @@ def _fmt(metric: str, value: float | None) -> str:
     return f"{value:.4f}"
 
 
-def _table(rows: list[list[str]], headers: list[str]) -> str:
-    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
-    line = lambda r: "  ".join(str(x).ljust(w) for x, w in zip(r, widths)).rstrip()
-    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
-
-
 def _describe(label: str, path: str, info: dict[str, Any]) -> str:
     commit = (info.get("commit") or "unknown")[:7] + ("+dirty" if info.get("dirty") else "")
     return f"{label}: {path} ({info.get('created')}, commit {commit}, {info.get('model')}, {info.get('gpu')})"
@@ -366,7 +361,7 @@ def format_comparison(comparison: Comparison, base_label: str = "base", new_labe
         ratio = "-" if r.ratio is None else f"{r.ratio:.3f}"
         rows.append([r.strategy, r.label, _fmt(r.metric, r.base), _fmt(r.metric, r.new), ratio,
                      f"{r.mark} {r.verdict}", r.direction])
-    lines.append(_table(rows, ["strategy", "metric", "base", "new", "new/base", "verdict", "direction"]))
+    lines.append(aligned_table(rows, ["strategy", "metric", "base", "new", "new/base", "verdict", "direction"]))
     if comparison.only_in_base:
         lines.append(f"only in base: {', '.join(comparison.only_in_base)}")
     if comparison.only_in_new:

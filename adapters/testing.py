@@ -48,6 +48,7 @@ from .strategy import (
     option,
     validate_strategy,
 )
+from .text import aligned_table
 
 TINY_MODEL = "random:tiny"
 LABELS = ["a", "b"]  # the labels of the tiny sequence-classification model
@@ -121,10 +122,7 @@ class CheckReport:
         # A failure's detail is never cut short: it says what to fix.
         cells = [[r.check, r.task or "-", r.quantization or "-", r.status.upper() if r.status == FAIL else r.status,
                   r.detail if r.status == FAIL else _shorten(r.detail, width)] for r in rows]
-        headers = ["check", "task", "quantization", "result", "detail"]
-        widths = [max(len(x) for x in col) for col in zip(headers, *cells)]
-        line = lambda r: "  ".join(x.ljust(w) for x, w in zip(r, widths)).rstrip()  # noqa: E731
-        return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in cells])
+        return aligned_table(cells, ["check", "task", "quantization", "result", "detail"])
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
