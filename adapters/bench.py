@@ -18,13 +18,12 @@ import subprocess
 import sys
 import tempfile
 import time
-import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import AdaptersError, TrainingFailed
-from .options import convert_value, read_toml
+from .options import read_toml, settings_values
 from .reports import SCHEMA_VERSION
 from .store import package_versions, write_json
 from .text import aligned_table
@@ -52,14 +51,7 @@ class BenchSettings:
 
 def settings_from(suite: str | None, given: dict[str, Any]) -> BenchSettings:
     """Settings from a suite file, overridden by ``given`` (the flags a user typed)."""
-    hints = typing.get_type_hints(BenchSettings)
-    values: dict[str, Any] = {}
-    if suite:
-        for key, value in read_toml(suite).items():
-            name = key.replace("-", "_")
-            if name not in hints:
-                raise AdaptersError(f"--suite {suite}: unknown key {key!r}. Known keys: {', '.join(hints)}.")
-            values[name] = convert_value(value, hints[name], key)
+    values = settings_values(read_toml(suite), BenchSettings, f"--suite {suite}") if suite else {}
     values.update(given)
     settings = BenchSettings(**values)
     for name in ("batch_size", "seq_len", "steps", "repeats"):

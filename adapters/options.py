@@ -111,3 +111,25 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise AdaptersError(f"--config {path}: file not found. Check the path.") from None
     except tomllib.TOMLDecodeError as exc:
         raise AdaptersError(f"--config {path}: not valid TOML ({exc}). Fix the file's syntax.") from None
+
+
+def settings_values(
+    table: dict[str, Any], settings_class: type, where: str, nested: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """A settings file's keys as ``settings_class`` field values, each converted to its field's type.
+
+    Keys may use hyphens or underscores. ``where`` names the file in errors (e.g. "--config run.toml");
+    ``nested`` names fields that are tables handled by the caller, not plain keys.
+    """
+    hints = typing.get_type_hints(settings_class)
+    values = {}
+    for key, value in table.items():
+        name = key.replace("-", "_")
+        if name not in hints or name in nested:
+            known = [k.replace("_", "-") for k in hints if k not in nested] + [f"[{n}]" for n in nested]
+            raise AdaptersError(f"{where}: unknown key {key!r}. Known keys: {', '.join(known)}.")
+        try:
+            values[name] = convert_value(value, hints[name], key)
+        except AdaptersError as exc:
+            raise AdaptersError(f"{where}: {exc}") from None
+    return values

@@ -224,12 +224,6 @@ def get_plugin_manager() -> pluggy.PluginManager:
     return _pm
 
 
-def plugin_failures() -> list[PluginFailure]:
-    """Third-party plugins that failed to load in this process."""
-    get_plugin_manager()
-    return list(_failures)
-
-
 def get_registry() -> Registry:
     """Every strategy registered by the loaded plugins, built-ins first.
 

@@ -125,11 +125,6 @@ def output_head_name(model: torch.nn.Module) -> str:
     raise ValueError(f"{type(model).__name__} has no linear classification head")
 
 
-def config_fields(config_class: type) -> list[dataclasses.Field]:
-    """The dataclass fields of a strategy's options."""
-    return list(dataclasses.fields(config_class))
-
-
 def validate_strategy(strategy: Any) -> list[str]:
     """Problems with a strategy object's declaration; empty when it satisfies the contract."""
     import re

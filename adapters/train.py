@@ -18,7 +18,7 @@ import torch
 from . import data as datasets
 from .errors import AdaptersError, TrainingFailed
 from .models import DEFAULT_MODEL, BaseModel, ModelSpec, check_model_task, load_base_model, resolve_model
-from .options import build_config, convert_value, read_toml
+from .options import build_config, read_toml, settings_values
 from .plugins import distribution_of, get_registry
 from .registry import Registry
 from .store import check_output_dir, save
@@ -84,9 +84,6 @@ def settings_from(config_file: str | None, given: dict[str, Any], options: dict[
     The file's keys are `TrainSettings` field names (hyphens or underscores); strategy options go
     in an ``[options]`` table.
     """
-    import typing
-
-    hints = typing.get_type_hints(TrainSettings)
     values: dict[str, Any] = {}
     file_options: dict[str, Any] = {}
     if config_file:
@@ -94,15 +91,7 @@ def settings_from(config_file: str | None, given: dict[str, Any], options: dict[
         file_options = table.pop("options", {})
         if not isinstance(file_options, dict):
             raise AdaptersError(f"--config {config_file}: `options` must be a table, e.g. [options] r = 8.")
-        for key, value in table.items():
-            name = key.replace("-", "_")
-            if name not in hints or name == "options":
-                known = ", ".join(k.replace("_", "-") for k in hints if k != "options")
-                raise AdaptersError(f"--config {config_file}: unknown key {key!r}. Known keys: {known}, [options].")
-            try:
-                values[name] = convert_value(value, hints[name], key)
-            except AdaptersError as exc:
-                raise AdaptersError(f"--config {config_file}: {exc}") from None
+        values = settings_values(table, TrainSettings, f"--config {config_file}", nested=("options",))
     values.update(given)
     return TrainSettings(**values, options={**file_options, **options})
 
