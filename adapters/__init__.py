@@ -15,6 +15,7 @@ from .errors import AdaptersError, TrainingFailed, UnknownStrategyError
 from .hookspecs import hookimpl
 from .models import BaseModel, fingerprint, load_base_model
 from .peft_io import load_peft, save_peft
+from .plan import ModelShape, RunShape, StrategyMemory
 from .plugins import get_plugin_manager, get_registry
 from .store import Loaded, load, read_safetensors, save
 from .strategy import (
@@ -36,7 +37,7 @@ __all__ = [
     "load_base_model", "load_peft", "save_peft", "get_plugin_manager", "get_registry", "get_strategy", "Loaded",
     "load", "read_safetensors", "save", "QUANTIZATIONS", "TASKS", "ParameterCount", "Strategy",
     "count_parameters", "freeze", "linear_module_names", "output_head_name", "task_of", "trainable_parameters",
-    "TrainResult", "TrainSettings", "train",
+    "TrainResult", "TrainSettings", "train", "ModelShape", "RunShape", "StrategyMemory",
 ]
 
 

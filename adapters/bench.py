@@ -46,6 +46,8 @@ class BenchSettings:
     gradient_checkpointing: bool = False
     seed: int = 0
     quality_steps: int = 0  # >0: held-out quality before and after this many steps on real data
+    find_max: str | None = None  # "batch_size" or "seq_len": search for the largest that runs
+    memory_limit: str | None = None  # e.g. "4GiB": a try over it fails (required on the CPU for a search)
     output: str | None = None
 
 
@@ -59,6 +61,12 @@ def settings_from(suite: str | None, given: dict[str, Any]) -> BenchSettings:
             raise AdaptersError(f"--{name.replace('_', '-')} must be at least 1.")
     if settings.warmup < 0:
         raise AdaptersError("--warmup must be 0 or more.")
+    if settings.find_max not in (None, "batch_size", "seq_len"):
+        raise AdaptersError(f"find_max = {settings.find_max!r}: use batch_size or seq_len.")
+    if settings.memory_limit is not None:
+        from .plan import parse_size
+
+        parse_size(settings.memory_limit)
     return settings
 
 
@@ -185,6 +193,11 @@ def measure(settings: BenchSettings, strategy: str) -> dict[str, Any]:
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     if cuda and torch.cuda.memory_allocated() > 0:
         raise AdaptersError("the GPU already holds memory before loading; measurements would be wrong.")
+    if cuda and settings.memory_limit:  # a real out-of-memory error past the limit
+        from .plan import parse_size
+
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, parse_size(settings.memory_limit) / total))
     accelerator = make_accelerator()
     start = time.perf_counter()
     base, model, declared = build(run, accelerator.device)
@@ -389,8 +402,65 @@ def _check_strategies(settings: BenchSettings) -> None:
         registry.entry(split_strategy(spec, None)[0])
 
 
+def _device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _error_pct(predicted: int, measured: int) -> float | None:
+    if measured == 0:
+        return 0.0 if predicted == 0 else None
+    return round(100 * (predicted - measured) / measured, 2)
+
+
+def predict(settings: BenchSettings, result: dict[str, Any], shape=None) -> dict[str, Any]:
+    """The plan's prediction for a measured result, split as the measurement is, with errors in percent."""
+    from .options import build_config
+    from .plan import RunShape, estimate, model_shape
+    from .plugins import get_registry
+
+    try:
+        shape = shape or model_shape(settings.model, result["task"], _device())
+        strategy = get_registry().get(result["name"])
+        config = build_config(strategy.config_class, {}, strategy.name)
+        run = RunShape(settings.batch_size, settings.seq_len, result["task"], result["quantization"],
+                       settings.gradient_checkpointing, _device())
+        plan = estimate(shape, strategy, config, run, result["strategy"])
+    except Exception as exc:  # the measurement stands; a failing plan is recorded, not fatal
+        return {"status": "no estimate", "message": f"planning failed: {type(exc).__name__}: {exc}"}
+    if plan.status != "ok":
+        return {"status": plan.status, "message": plan.message}
+    predicted = plan.measured_convention()
+    measured = result["memory"]["components"]
+    errors = {k: _error_pct(predicted[k], measured[k]) for k in predicted}
+    errors["total"] = _error_pct(plan.peak_bytes, result["memory"]["peak_bytes"])
+    return {"status": "ok", "message": None, "peak_bytes": plan.peak_bytes, "phase": plan.peak_phase,
+            "components": predicted, "error_pct": errors}
+
+
+def _attach_predictions(settings: BenchSettings, results: list[dict[str, Any]]) -> None:
+    shapes: dict[str, Any] = {}
+    for result in results:
+        if result["status"] == "ok":
+            from .plan import model_shape
+
+            task = result["task"]
+            try:
+                if task not in shapes:
+                    shapes[task] = model_shape(settings.model, task, _device())
+            except Exception as exc:  # recorded beside the measurement, which stands
+                result["prediction"] = {"status": "no estimate", "message": f"planning failed: {exc}"}
+                continue
+            result["prediction"] = predict(settings, result, shapes[task])
+
+
 def run_bench(settings: BenchSettings, progress: bool = True) -> dict[str, Any]:
-    """Benchmark every strategy in ``settings`` and return the report (also written to ``output``)."""
+    """Benchmark every strategy in ``settings`` and return the report (also written to ``output``).
+
+    With ``find_max`` set, each strategy's largest batch size or sequence length is searched by real
+    runs instead, and the report's result for it is the run at that value.
+    """
     import torch
     from tqdm.auto import tqdm
 
@@ -402,7 +472,9 @@ def run_bench(settings: BenchSettings, progress: bool = True) -> dict[str, Any]:
     output = Path(settings.output) if settings.output else None
     if output is not None and output.exists():
         raise AdaptersError(f"--output {output}: exists. Choose a new file name; reports are never overwritten.")
-    results = []
+    limit = _search_limit(settings)
+    results: list[dict[str, Any]] = []
+    capacity: list[dict[str, Any]] = []
     bar = tqdm(settings.strategies, desc="bench", unit="strategy", disable=not progress)
     try:
         for spec in bar:
@@ -412,13 +484,25 @@ def run_bench(settings: BenchSettings, progress: bool = True) -> dict[str, Any]:
             except AdaptersError as exc:  # e.g. full-finetune on a quantized base: recorded, not fatal
                 results.append({"strategy": spec, "status": "refused", "message": str(exc)})
                 continue
-            results.append(_run_case(settings, spec))
+            if settings.find_max:
+                result, search = find_capacity(settings, spec, limit, bar)
+                results.append(result)
+                capacity.append(search)
+            else:
+                results.append(_run_case(settings, spec))
     except KeyboardInterrupt:  # keep what was measured; mark the rest
         done = {r["strategy"] for r in results}
         results.extend({"strategy": spec, "status": "cancelled", "message": "interrupted by the user"}
                        for spec in settings.strategies if spec not in done)
     finally:
         bar.close()
+    if settings.find_max:  # each result's prediction is for the batch it ran
+        for result, search in zip(results, capacity):
+            if result["status"] == "ok":
+                run_settings = BenchSettings(**{**asdict(settings), settings.find_max: search["largest"]})
+                result["prediction"] = predict(run_settings, result)
+    else:
+        _attach_predictions(settings, results)
     cuda = torch.cuda.is_available()
     report = {
         "schema_version": SCHEMA_VERSION,
@@ -429,10 +513,99 @@ def run_bench(settings: BenchSettings, progress: bool = True) -> dict[str, Any]:
                      "device": "cuda" if cuda else "cpu"},
         "results": results,
     }
+    if settings.find_max:
+        report["capacity"] = capacity
     if output is not None:
         output.parent.mkdir(parents=True, exist_ok=True)
         write_json(output, report)
     return report
+
+
+def _search_limit(settings: BenchSettings) -> int | None:
+    """The memory limit of a capacity search, in bytes; the CPU needs one to stop at."""
+    from .plan import parse_size
+
+    if not settings.find_max:
+        return None
+    if settings.memory_limit is None:
+        if _device() == "cpu":
+            raise AdaptersError(
+                f"--find-max-{settings.find_max.replace('_size', '').replace('_', '-')} on the CPU needs "
+                "--memory-limit (e.g. --memory-limit 4GiB): without a GPU's out-of-memory error, "
+                "nothing else would stop the search."
+            )
+        return None
+    return parse_size(settings.memory_limit)
+
+
+def find_capacity(settings: BenchSettings, spec: str, limit: int | None, bar=None) -> tuple[dict, dict]:
+    """The largest batch size (or sequence length) that trains under ``limit``, by real runs.
+
+    Doubles from 1 until a try fails (out of memory, or a measured peak over ``limit``), then
+    bisects between the last success and the first failure. Every try runs in a fresh process, so
+    memory is free again before the next. Returns the result at the largest working value and the
+    search record, with the plan's prediction of the same largest value beside it.
+    """
+    from .models import model_config
+
+    param = settings.find_max
+    upper = 2**16
+    if param == "seq_len":
+        upper = getattr(model_config(settings.model), "max_position_embeddings", None) or upper
+    tries: list[dict[str, Any]] = []
+    results: dict[int, dict[str, Any]] = {}
+
+    def works(value: int) -> bool:
+        if bar is not None:
+            bar.set_postfix(strategy=spec, **{param: value})
+        trial = BenchSettings(**{**asdict(settings), param: value, "steps": 1, "warmup": 1, "repeats": 1,
+                                 "quality_steps": 0, "find_max": None, "output": None})
+        result = _run_case(trial, spec)
+        peak = result["memory"]["peak_bytes"] if result["status"] == "ok" else None
+        status = result["status"]
+        if status == "ok" and limit is not None and peak > limit:
+            status = "over limit"
+        tries.append({"value": value, "status": status, "peak_bytes": peak,
+                      "message": None if status in ("ok", "over limit") else result.get("message")})
+        results[value] = result
+        return status == "ok"
+
+    from .plan import _largest
+
+    largest = _largest(works, upper)
+    search = {"strategy": spec, "parameter": param, "limit_bytes": limit, "largest": largest, "tries": tries,
+              "predicted_largest": _predicted_largest(settings, spec, limit)}
+    if largest is None:
+        first = tries[0]
+        return ({"strategy": spec, "status": "failed" if first["status"] == "over limit" else first["status"],
+                 "message": first["message"] or f"even {param} = 1 needs more than the memory limit"}, search)
+    search["peak_bytes"] = results[largest]["memory"]["peak_bytes"]
+    return results[largest], search
+
+
+def _predicted_largest(settings: BenchSettings, spec: str, limit: int | None) -> int | None:
+    """What `adapters plan` predicts for the same search, or None without a limit or an estimate."""
+    from .options import build_config
+    from .plan import RunShape, estimate, model_shape, with_budget
+    from .plugins import get_registry
+    from .strategy import option
+    from .train import split_strategy
+
+    if limit is None:
+        import torch
+
+        limit = torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
+    if limit is None:
+        return None
+    name, quantization = split_strategy(spec, None)
+    strategy = get_registry().get(name)
+    quantization = quantization or option(strategy, "default_quantization")
+    shape = model_shape(settings.model, settings.task, _device())
+    run = RunShape(settings.batch_size, settings.seq_len, shape.task, quantization,
+                   settings.gradient_checkpointing, _device())
+    config = build_config(strategy.config_class, {}, strategy.name)
+    plan = with_budget(estimate(shape, strategy, config, run, spec), shape, strategy, config, run, limit)
+    return plan.max_batch_size if settings.find_max == "batch_size" else plan.max_seq_len
 
 
 def summary_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
@@ -440,28 +613,52 @@ def summary_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     rows = []
     for r in report["results"]:
         if r["status"] != "ok":
-            rows.append([r["strategy"], r["status"], "", "", "", "", "", r.get("message") or ""])
+            rows.append([r["strategy"], r["status"], "", "", "", "", "", "", r.get("message") or ""])
             continue
         mem = r["memory"]
         comp = mem["components"]
         rows.append([
             r["strategy"], "ok", f"{r['trainable_parameters']:,}",
             f"{r['step_s']['median'] * 1000:,.0f} ±{100 * r['step_s']['spread'] / 2:.0f}%",
-            f"{r['tokens_per_s']:,.0f}", f"{mem['peak_bytes'] / 2**20:,.0f}",
+            f"{r['tokens_per_s']:,.0f}", f"{mem['peak_bytes'] / 2**20:,.0f}", _predicted(r.get("prediction")),
             f"{(comp['base_weights_quantized'] + comp['base_weights_unquantized']) / 2**20:,.0f} / "
             f"{(comp['trainable_parameters'] + comp['gradients'] + comp['optimizer_state']) / 2**20:,.0f} / "
             f"{comp['activations_and_temporaries'] / 2**20:,.0f}",
             "; ".join(r.get("flags") or []),
         ])
-    headers = ["strategy", "status", "trainable", "step ms", "tokens/s", "peak MiB",
+    headers = ["strategy", "status", "trainable", "step ms", "tokens/s", "peak MiB", "plan MiB (error)",
                "base / train+grad+opt / act MiB", "notes"]
     return headers, rows
+
+
+def _predicted(prediction: dict[str, Any] | None) -> str:
+    if not prediction:
+        return "-"
+    if prediction["status"] != "ok":
+        return prediction["status"]
+    return f"{prediction['peak_bytes'] / 2**20:,.0f} ({prediction['error_pct']['total']:+.1f}%)"
+
+
+def capacity_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Headers and rows of a capacity search's table."""
+    rows = []
+    for c in report.get("capacity", []):
+        tried = ", ".join(f"{t['value']}{'' if t['status'] == 'ok' else ' ' + t['status']}" for t in c["tries"])
+        rows.append([c["strategy"], "none" if c["largest"] is None else f"{c['largest']:,}",
+                     f"{c['peak_bytes'] / 2**20:,.0f}" if c.get("peak_bytes") else "-",
+                     "-" if c["predicted_largest"] is None else f"{c['predicted_largest']:,}", tried])
+    param = report["settings"].get("find_max") or "value"
+    return ["strategy", f"largest {param}", "its peak MiB", "plan predicts", "tries"], rows
 
 
 def format_table(report: dict[str, Any]) -> str:
     """The report's results as an aligned plain-text table."""
     headers, rows = summary_rows(report)
-    return aligned_table(rows, headers)
+    text = aligned_table(rows, headers)
+    if report.get("capacity"):
+        headers, rows = capacity_rows(report)
+        text += "\n\n" + aligned_table(rows, headers)
+    return text
 
 
 def print_summary(report: dict[str, Any]) -> None:
@@ -478,7 +675,7 @@ def print_summary(report: dict[str, Any]) -> None:
         console = Console(width=200)
     table = Table(title=f"{report['settings']['model']} on {report['settings']['device']}")
     for i, header in enumerate(headers):
-        table.add_column(header, justify="right" if 2 <= i <= 5 else "left", no_wrap=i < 7)
+        table.add_column(header, justify="right" if 2 <= i <= 6 else "left", no_wrap=i < 8)
     for row in rows:
         ok = row[1] == "ok"
         table.add_row(*(row if ok else row[:-1] + [""]), style=None if ok else "yellow")
@@ -486,6 +683,15 @@ def print_summary(report: dict[str, Any]) -> None:
     for row in rows:
         if row[1] != "ok":
             console.print(f"[yellow]{row[0]}: {row[1]}[/]: {row[-1]}", highlight=False)
+    if report.get("capacity"):
+        headers, rows = capacity_rows(report)
+        limit = report["capacity"][0]["limit_bytes"]
+        table = Table(title=f"capacity search{'' if limit is None else f' under {limit / 2**30:.2f} GiB'}")
+        for header in headers:
+            table.add_column(header)
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
 
 
 def _worker(case_path: str, out_path: str) -> int:

@@ -175,15 +175,26 @@ def train(
 @click.option("--gradient-checkpointing", is_flag=True, default=None)
 @click.option("--seed", type=int, default=None)
 @click.option("--quality-steps", type=int, default=None, help="Also measure held-out quality over this many steps.")
+@click.option("--find-max-batch", is_flag=True, help="Search each strategy's largest batch size by real runs.")
+@click.option("--find-max-seq-len", is_flag=True, help="Search each strategy's largest sequence length by real runs.")
+@click.option("--memory-limit", default=None, metavar="SIZE",
+              help="With --find-max-*: a try whose peak exceeds SIZE (e.g. 4GiB) fails; required on the CPU.")
 @click.option("--output", default=None, help="Report file [default: bench-<model>-<time>.json]; never overwritten.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of a table.")
-def bench(suite: str | None, as_json: bool, **flags: Any) -> None:
-    """Benchmark strategies for memory and speed, each in a fresh process."""
+def bench(suite: str | None, as_json: bool, find_max_batch: bool, find_max_seq_len: bool, **flags: Any) -> None:
+    """Benchmark strategies for memory and speed, each in a fresh process.
+
+    Every measured peak has the plan's prediction beside it (see `adapters plan`), with its error.
+    """
     import time
 
     from .bench import print_summary, run_bench, settings_from
 
     given = {k: v for k, v in flags.items() if v is not None}
+    if find_max_batch and find_max_seq_len:
+        raise AdaptersError("give one of --find-max-batch and --find-max-seq-len; search one at a time.")
+    if find_max_batch or find_max_seq_len:
+        given["find_max"] = "batch_size" if find_max_batch else "seq_len"
     if "strategies" in given:
         given["strategies"] = [s.strip() for s in given["strategies"].split(",") if s.strip()]
     settings = settings_from(suite, given)
@@ -196,6 +207,48 @@ def bench(suite: str | None, as_json: bool, **flags: Any) -> None:
         return
     print_summary(report)
     click.echo(f"report written to {settings.output}")
+
+
+@cli.command()
+@click.option("--model", default="smollm2-135m", show_default=True,
+              help="Model name, local directory (config.json is enough) or hub id.")
+@click.option("--strategy", "--strategies", "strategies", default="lora", show_default=True,
+              help="Comma-separated names, NAME@QUANT allowed, or `all` for every strategy and quantization.")
+@click.option("--quantization", type=click.Choice(["none", "nf4", "fp4", "int8"]), default=None,
+              help="Quantize the base (default: each strategy's own).")
+@click.option("--batch-size", type=int, default=4, show_default=True)
+@click.option("--seq-len", type=int, default=512, show_default=True)
+@click.option("--task", type=click.Choice(["causal-lm", "sequence-classification"]), default=None)
+@click.option("--gradient-checkpointing", is_flag=True, help="Plan with activations recomputed in backward.")
+@click.option("--device", type=click.Choice(["cuda", "cpu"]), default="cuda", show_default=True,
+              help="cuda: bf16 under autocast, as training on a GPU runs; cpu: fp32.")
+@click.option("--budget", default=None, metavar="SIZE",
+              help="Memory to fit in (e.g. 24GiB): a verdict, and the largest batch and sequence that fit.")
+@click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE", help="A strategy option (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+def plan(strategies: str, quantization: str | None, assignments: tuple[str, ...], as_json: bool,
+         **flags: Any) -> None:
+    """Predict each strategy's peak memory from the model's config alone, without loading weights."""
+    from .options import parse_assignments
+    from .plan import PlanSettings, make_plans, plan_rows
+    from .train import split_strategy
+
+    specs = [s.strip() for s in strategies.split(",") if s.strip()]
+    if quantization and specs != ["all"]:
+        specs = [f"{split_strategy(s, quantization)[0]}@{quantization}" for s in specs]
+    settings = PlanSettings(strategies=specs, options=parse_assignments(assignments), **flags)
+    result = make_plans(settings)
+    if as_json:
+        _echo_json(result)
+        return
+    headers, rows = plan_rows(result)
+    click.echo(f"{result['model']} ({result['task']}) on {result['device']}, {result['dtype']}: "
+               f"batch {result['batch_size']} x seq {result['seq_len']}"
+               + (", gradient checkpointing" if result["gradient_checkpointing"] else ""))
+    click.echo(aligned_table(rows, headers))
+    if result["device"] == "cuda":
+        click.echo("Peaks are tensor memory, as torch.cuda.max_memory_allocated reports it; the CUDA context "
+                   "and the allocator's cache need about 1 GiB more.")
 
 
 @cli.command()

@@ -231,6 +231,29 @@ def resolve_model(name: str) -> ModelSpec:
     )
 
 
+def model_config(name: str):
+    """A model's transformers config, read without loading or downloading its weights."""
+    from transformers import AutoConfig, LlamaConfig
+
+    if name.startswith("random:"):
+        return random_config(name.partition(":")[2])
+    spec = resolve_model(name)
+    if name == "smollm2-135m" and not spec.cached():  # same shape as the GGUF, before its conversion
+        return LlamaConfig(**RANDOM_SHAPES["smollm2-135m"], bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    if spec.description == "hub model":
+        from huggingface_hub import hf_hub_download
+
+        try:
+            return AutoConfig.from_pretrained(Path(hf_hub_download(name, "config.json")).parent)
+        except Exception as exc:
+            raise AdaptersError(f"--model {name}: could not fetch its config.json from the hub ({exc}). "
+                                "Point --model at a local checkpoint directory instead.") from None
+    config = AutoConfig.from_pretrained(spec.locate())
+    if getattr(config, "auto_map", None):
+        raise AdaptersError(f"model {name!r} needs remote code (its config has auto_map); adapters never runs it.")
+    return config
+
+
 def _download(repo_id: str) -> str:
     from huggingface_hub import snapshot_download
 

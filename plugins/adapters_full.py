@@ -23,6 +23,12 @@ class FullFinetune:
     def expected_trainable_parameters(self, model, config: FullOptions) -> int:
         return adapters.count_parameters(model).total
 
+    def estimate_memory(self, model, config: FullOptions, run):
+        """Every base weight trains, in the compute dtype."""
+        sizes = [p.numel() for p in model.meta_model.parameters()]
+        return adapters.StrategyMemory(sum(sizes), sum(sizes) * run.compute_bytes, max(sizes) * run.compute_bytes,
+                                       gradient_flow="weights", base_parameters_trained=sum(sizes))
+
     def apply(self, model, config: FullOptions):
         for param in model.parameters():
             param.requires_grad_(True)

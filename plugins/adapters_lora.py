@@ -84,6 +84,29 @@ class Lora:
             count += sum(p.numel() for p in model.get_submodule(adapters.output_head_name(model)).parameters())
         return count
 
+    def estimate_memory(self, model, config: LoraOptions, run):
+        """Fp32 adapters (PEFT keeps them fp32 over a bf16 base) and what they save for backward."""
+        targets = resolve_targets(model.meta_model, config.target_modules)
+        trainable = self.expected_trainable_parameters(model.meta_model, config)
+        matched = [m for n, m in model.meta_model.named_modules() if isinstance(m, torch.nn.Linear)
+                   and any(n == t or n.endswith("." + t) for t in targets)]
+        largest = max([config.r * max(m.in_features, m.out_features) for m in matched], default=0)
+        leaves = {t.rsplit(".", 1)[-1] for t in targets}
+        per_layer = [lin for lin in model.layer_linears if lin.name in leaves]
+        n, cuda = run.tokens, run.device == "cuda"
+        saved = 0
+        if config.dropout > 0:  # each adapter's dropout keeps its mask and its output (cast to bf16 on CUDA)
+            for lin in per_layer:
+                saved += n * lin.in_features * (run.dropout_mask_bytes + (2 if cuda else 4))
+        elif cuda:  # each adapter casts its input to fp32, and autocast casts it back: a bf16 copy each
+            saved += sum(n * lin.in_features * 2 for lin in per_layer)
+        else:  # lora_A keeps the layer's own tensor, once per distinct input; attention already keeps o_proj's
+            inputs = {lin.input_group: lin.in_features for lin in per_layer if lin.name != "o_proj"}
+            saved += sum(n * width * 4 for width in inputs.values())
+        saved += len(per_layer) * n * config.r * (2 if cuda else 4)  # lora_A's output, kept by lora_B
+        return adapters.StrategyMemory(trainable, 4 * trainable, 4 * largest, gradient_flow="inputs",
+                                       layer_activation_bytes=saved)
+
     def save(self, model, directory, config):
         adapters.save_peft(model, directory)
 

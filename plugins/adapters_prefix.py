@@ -47,6 +47,14 @@ class PrefixTuning:
         kv_width = c.num_key_value_heads * getattr(c, "head_dim", c.hidden_size // c.num_attention_heads)
         return config.num_virtual_tokens * c.num_hidden_layers * 2 * kv_width  # a key and a value per layer
 
+    def estimate_memory(self, model, config: PrefixOptions, run):
+        """The prefix itself (fp32); the base's attention then runs over the virtual tokens too."""
+        trainable = self.expected_trainable_parameters(model.meta_model, config)
+        if trainable is None:
+            return None  # with projection, the MLP's width is PEFT's choice: no estimate rather than a guess
+        return adapters.StrategyMemory(trainable, 4 * trainable, 4 * trainable, gradient_flow="inputs",
+                                       extra_attention_tokens=config.num_virtual_tokens)
+
     def save(self, model, directory, config):
         adapters.save_peft(model, directory)
 

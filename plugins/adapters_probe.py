@@ -41,6 +41,16 @@ class LinearProbe:
             else model.get_submodule(adapters.output_head_name(model))
         return sum(p.numel() for p in head.parameters())
 
+    def estimate_memory(self, model, config: ProbeOptions, run):
+        """The head in the compute dtype; for causal-lm a new untied copy, for classification the base's own."""
+        trainable = self.expected_trainable_parameters(model.meta_model, config)
+        size = trainable * run.compute_bytes
+        meta = model.meta_model
+        tied = meta.get_output_embeddings() is not None and \
+            meta.get_output_embeddings().weight is meta.get_input_embeddings().weight
+        own = 0 if run.task == "causal-lm" and tied else trainable  # an untied head is replaced, not kept
+        return adapters.StrategyMemory(trainable, size, size, gradient_flow="head", base_parameters_trained=own)
+
     def apply(self, model, config: ProbeOptions):
         adapters.freeze(model)
         # Checkpointing would only re-run a base that records no graph; input gradients would make one.

@@ -1,0 +1,578 @@
+"""Predict a training step's peak memory from a model's config alone, before any run.
+
+The pipeline mirrors a real step: ``model_shape`` builds the model's skeleton on the meta device
+(no weights, no allocation, seconds even for 70B); each strategy's ``estimate_memory`` hook says
+what it trains and what its own modules keep for backward (`StrategyMemory`); `estimate` adds the
+base's part and takes the largest of the step's three peaks:
+
+- the loss backward: every activation saved for backward, plus the ``[tokens x vocab]`` log-softmax
+  and its two gradient buffers;
+- the backward of one layer's recomputation, under gradient checkpointing;
+- the optimizer step: every gradient plus AdamW's temporaries.
+
+The activation model follows the tensors PyTorch saves in a Llama-style decoder (RMSNorm, rotary
+attention with GQA through SDPA, a gated MLP); it was checked tensor by tensor against
+``torch.autograd.graph.saved_tensors_hooks`` on SmolLM2, and its CPU totals against profiler peaks
+(tests/test_plan.py). Architectures it does not model get no estimate, never a guess.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .errors import AdaptersError
+
+GiB = 2**30
+MiB = 2**20
+
+GRADIENT_FLOWS = ("inputs", "weights", "head")
+
+# Memory that is not tensors the step creates. The CPU peak is read from the profiler's tensor
+# allocations, which the model accounts for exactly (measured: within 1 MiB on SmolLM2). On CUDA,
+# cuBLAS keeps its workspace in the caching allocator (32 MiB on Hopper with the default config).
+RUNTIME_OVERHEAD = {"cpu": 0, "cuda": 32 * MiB}
+
+# Decoder families whose activations `estimate` models: a Llama-style block.
+_DECODER_PARTS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                  "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+@dataclass(frozen=True)
+class RunShape:
+    """The run a plan is for: what the batch looks like and where it runs."""
+
+    batch_size: int
+    seq_len: int
+    task: str = "causal-lm"
+    quantization: str = "none"
+    gradient_checkpointing: bool = False
+    device: str = "cuda"  # "cuda": bf16 weights under bf16 autocast; "cpu": fp32, as adapters train runs
+
+    @property
+    def tokens(self) -> int:
+        return self.batch_size * self.seq_len
+
+    @property
+    def compute_bytes(self) -> int:
+        """Bytes per element of weights and activations in the compute dtype (bf16 on CUDA, fp32 on CPU)."""
+        return 2 if self.device == "cuda" else 4
+
+    @property
+    def dropout_mask_bytes(self) -> int:
+        """Bytes per element of a dropout mask: a bool on CUDA, a scaled float noise tensor on the CPU."""
+        return 1 if self.device == "cuda" else 4
+
+
+@dataclass(frozen=True)
+class LinearShape:
+    name: str  # the leaf name, e.g. "q_proj"
+    in_features: int
+    out_features: int
+    input_group: str  # linears that read the same tensor share a group (q/k/v; gate/up)
+
+
+@dataclass
+class ModelShape:
+    """A model as `estimate` and strategy hooks see it: config numbers and a weightless skeleton."""
+
+    name: str
+    config: Any
+    task: str
+    meta_model: torch.nn.Module  # on the meta device: shapes and module names, no data
+    family: str | None  # "llama" when the decoder's activations are modelled, else None
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    num_labels: int
+    attention: str  # "sdpa", "eager", "flash_attention_2", ...
+    layer_linears: list[LinearShape] = field(default_factory=list)  # one decoder layer's linear layers
+    weights_cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def q_width(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_width(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+
+@dataclass
+class StrategyMemory:
+    """A strategy's own part of a step's memory: what its ``estimate_memory`` hook returns.
+
+    - ``trainable_parameters``/``trainable_bytes``: what it trains, and their size as trained
+      (LoRA keeps fp32 adapters over a bf16 base; full fine-tuning trains the base's own dtype).
+    - ``largest_trainable_tensor_bytes``: the CPU's AdamW makes two temporaries of each tensor in turn.
+    - ``gradient_flow``: "inputs" when gradients flow back through the frozen base's layers (LoRA,
+      prefix tuning), "weights" when the base's own weights train (full fine-tuning), "head" when only
+      a head on the final hidden state trains (a probe).
+    - ``base_parameters_trained``: how many of the base's own parameters it makes trainable; they
+      count as trainable, not as base weights.
+    - ``layer_activation_bytes``: what its own modules save for backward in one decoder layer.
+    - ``extra_attention_tokens``: key/value positions it adds to every attention (prefix tuning).
+    - ``optimizer_state_bytes``: None means AdamW's two moments, twice ``trainable_bytes``.
+    """
+
+    trainable_parameters: int
+    trainable_bytes: int
+    largest_trainable_tensor_bytes: int
+    gradient_flow: str = "inputs"
+    base_parameters_trained: int = 0
+    layer_activation_bytes: int = 0
+    extra_attention_tokens: int = 0
+    optimizer_state_bytes: int | None = None
+
+
+COMPONENTS = {
+    "base_weights_quantized": "frozen weights stored quantized, with their scales and double-quant constants",
+    "base_weights_unquantized": "frozen weights kept in the compute dtype: embeddings, norms, output head",
+    "trainable_parameters": "the weights the strategy trains",
+    "optimizer_state": "AdamW's two moments",
+    "gradients": "gradients alive at the peak",
+    "activations": "tensors saved for backward, alive at the peak",
+    "logits_and_loss": "the [tokens x vocab] log-softmax and its gradient buffers",
+    "optimizer_step": "AdamW's temporaries during its update",
+    "runtime_overhead": "memory outside the step's tensors (cuBLAS workspace)",
+}
+# The components a bench measurement has, and which predicted components make each of them up.
+MEASURED_AS = {
+    "base_weights_quantized": ("base_weights_quantized",),
+    "base_weights_unquantized": ("base_weights_unquantized",),
+    "trainable_parameters": ("trainable_parameters",),
+    "optimizer_state": ("optimizer_state",),
+}
+
+
+@dataclass
+class Plan:
+    """The predicted peak of one strategy's training step, by component."""
+
+    strategy: str  # as asked, e.g. "lora@nf4"
+    name: str
+    quantization: str
+    status: str  # "ok", "no estimate", "refused"
+    message: str | None = None
+    components: dict[str, int] = field(default_factory=dict)  # sums to peak_bytes
+    peak_bytes: int | None = None
+    peak_phase: str | None = None  # "loss backward", "layer backward", "optimizer step"
+    trainable_parameters: int | None = None
+    gradient_bytes: int = 0  # every gradient, whether or not alive at the peak
+    budget_bytes: int | None = None
+    fits: bool | None = None
+    max_batch_size: int | None = None  # at the asked sequence length
+    max_seq_len: int | None = None  # at the asked batch size
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def measured_convention(self) -> dict[str, int]:
+        """The prediction split the way a bench measurement is: every gradient counted, the rest
+        of the peak beyond the static parts as activations and temporaries."""
+        c = self.components
+        static = {k: c[k] for k in MEASURED_AS}
+        static["gradients"] = self.gradient_bytes
+        static["activations_and_temporaries"] = self.peak_bytes - sum(static.values())
+        return static
+
+
+# ---------------------------------------------------------------------------------------- load
+
+
+def model_shape(name: str, task: str | None = None, device: str = "cuda", num_labels: int = 2) -> ModelShape:
+    """The shape of a model from its config, on the meta device: nothing is downloaded or allocated."""
+    from .models import _quiet_transformers, check_model_task, model_config, resolve_model
+
+    spec = resolve_model(name)
+    task = check_model_task(spec, task)
+    config = model_config(name)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    with torch.device("meta"), _quiet_transformers():
+        if task == "causal-lm":
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        else:
+            config.num_labels = num_labels
+            model = AutoModelForSequenceClassification.from_config(config, dtype=dtype)
+    c = model.config
+    heads = getattr(c, "num_attention_heads", 0)
+    head_dim = getattr(c, "head_dim", None) or (c.hidden_size // heads if heads else 0)
+    layer = _first_layer(model)
+    linears = _layer_linears(layer) if layer is not None else []
+    family = "llama" if layer is not None and _is_llama_block(layer) else None
+    return ModelShape(
+        name=name, config=c, task=task, meta_model=model, family=family, hidden_size=c.hidden_size,
+        num_layers=getattr(c, "num_hidden_layers", 0), num_heads=heads,
+        num_kv_heads=getattr(c, "num_key_value_heads", None) or heads, head_dim=head_dim,
+        intermediate_size=getattr(c, "intermediate_size", 0), vocab_size=c.vocab_size,
+        num_labels=num_labels, attention=getattr(c, "_attn_implementation", None) or "sdpa",
+        layer_linears=linears,
+    )
+
+
+def _first_layer(model: torch.nn.Module) -> torch.nn.Module | None:
+    for name, module in model.named_modules():
+        if re.search(r"\.layers?\.0$", name):
+            return module
+    return None
+
+
+def _is_llama_block(layer: torch.nn.Module) -> bool:
+    names = {n for n, _ in layer.named_modules()}
+    norms = [m for n, m in layer.named_modules() if n.endswith("layernorm")]
+    return all(p in names for p in _DECODER_PARTS) and len(norms) == 2 and \
+        all("RMSNorm" in type(m).__name__ for m in norms)
+
+
+def _layer_linears(layer: torch.nn.Module) -> list[LinearShape]:
+    out = []
+    for name, module in layer.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            leaf = name.rsplit(".", 1)[-1]
+            group = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in",
+                     "gate_proj": "mlp_in", "up_proj": "mlp_in"}.get(leaf, leaf)
+            out.append(LinearShape(leaf, module.in_features, module.out_features, group))
+    return out
+
+
+# ---------------------------------------------------------------------------------------- parts
+
+
+def _quantized_linear_bytes(numel: int, out_features: int, quantization: str) -> int:
+    """A bitsandbytes-quantized weight with its constants."""
+    if quantization in ("nf4", "fp4"):
+        blocks = math.ceil(numel / 64)  # 4-bit blocks of 64 weights
+        nested = math.ceil(blocks / 256)  # double quantization: absmax in uint8, 256 per fp32 scale
+        return math.ceil(numel / 2) + blocks + nested * 4 + 256 * 4 + 16 * 4 + 4
+    return numel + out_features * 4  # int8: one byte per weight and an fp32 scale per row
+
+
+def base_weights(shape: ModelShape, run: RunShape, trained: int = 0) -> dict[str, int]:
+    """Bytes of the frozen base: linear layers quantized (all but the output head), the rest in the
+    compute dtype; ``trained`` parameters that the strategy makes trainable are left out."""
+    key = (run.quantization, run.compute_bytes)
+    if key not in shape.weights_cache:
+        shape.weights_cache[key] = _base_weights(shape, run)
+    quantized, plain = shape.weights_cache[key]
+    return {"base_weights_quantized": quantized,
+            "base_weights_unquantized": max(plain - trained * run.compute_bytes, 0)}
+
+
+def _base_weights(shape: ModelShape, run: RunShape) -> tuple[int, int]:
+    from .models import _HEADS
+
+    quantized = 0
+    quantized_params: set[int] = set()
+    if run.quantization != "none":
+        for name, module in shape.meta_model.named_modules():
+            if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] not in _HEADS \
+                    and module is not shape.meta_model.get_output_embeddings():
+                quantized += _quantized_linear_bytes(module.weight.numel(), module.out_features, run.quantization)
+                quantized_params.add(id(module.weight))
+    plain = sum(p.numel() * run.compute_bytes for p in shape.meta_model.parameters()
+                if id(p) not in quantized_params)
+    plain += sum(b.numel() * b.element_size() for b in shape.meta_model.buffers())
+    return quantized, plain
+
+
+def layer_activations(shape: ModelShape, run: RunShape, flow: str, extra_tokens: int = 0) -> int:
+    """Bytes one Llama-style decoder layer saves for backward, under a gradient flow."""
+    if flow == "head":
+        return 0
+    n, e = run.tokens, run.compute_bytes
+    h, i = shape.hidden_size, shape.intermediate_size
+    b, t = run.batch_size, run.seq_len
+    s = t + extra_tokens  # key/value length
+    masked = extra_tokens > 0 or run.task == "sequence-classification"  # padding masks in classification
+    norms = 2 * (n * h * 4 + n * 4)  # RMSNorm keeps its fp32 input and the inverse RMS
+    q_and_out = 2 * n * shape.q_width * e
+    kv_heads = shape.num_heads if masked or shape.attention == "eager" else shape.num_kv_heads
+    kv = 2 * b * s * kv_heads * shape.head_dim * e  # GQA runs natively in SDPA unless a mask is given
+    if shape.attention == "eager":
+        attention = q_and_out + kv + b * shape.num_heads * t * s * (4 + e)  # fp32 softmax and its cast
+    else:
+        attention = q_and_out + kv + b * shape.num_heads * t * 4  # the log-sum-exp
+        if extra_tokens:
+            attention += b * t * s * (4 if run.device == "cpu" else e)  # the prefix's explicit mask
+    mlp = 3 * n * i * e  # gate (for SiLU's backward), SiLU's output and up (for the product's)
+    saved = norms + attention + mlp
+    if flow == "weights":  # linear inputs for weight gradients, and the norms' normalized input
+        saved += 2 * n * h * e + 2 * n * h * e + n * i * e
+    return saved
+
+
+def _outside_layers(shape: ModelShape, run: RunShape, flow: str) -> int:
+    """Saved by the final norm and the output head (not the loss)."""
+    n, h, e = run.tokens, shape.hidden_size, run.compute_bytes
+    if flow == "head":
+        return n * h * e  # the trainable head's input
+    saved = n * h * 4 + n * 4  # the final RMSNorm
+    if flow == "weights":
+        saved += n * h * e * 2  # its normalized input and the head's input
+    return saved
+
+
+def _loss(shape: ModelShape, run: RunShape) -> tuple[int, int]:
+    """(saved, transient) bytes of the loss: causal-lm's fp32 log-softmax over the vocabulary is
+    saved; its backward briefly holds two more buffers of that size."""
+    if run.task != "causal-lm":
+        return run.batch_size * shape.num_labels * 4, run.batch_size * shape.num_labels * 8
+    logits = run.tokens * shape.vocab_size * 4
+    return logits, 2 * logits
+
+
+# ---------------------------------------------------------------------------------------- estimate
+
+
+def strategy_memory(strategy, shape: ModelShape, config: Any, run: RunShape) -> StrategyMemory | None:
+    """The strategy's own estimate, or None when it has no ``estimate_memory`` hook."""
+    hook = getattr(strategy, "estimate_memory", None)
+    if not callable(hook):
+        return None
+    part = hook(shape, config, run)
+    if part is not None and part.gradient_flow not in GRADIENT_FLOWS:
+        raise AdaptersError(
+            f"strategy {strategy.name!r}: estimate_memory returned gradient_flow={part.gradient_flow!r}; "
+            f"use one of {', '.join(GRADIENT_FLOWS)}."
+        )
+    return part
+
+
+def peak(shape: ModelShape, run: RunShape, part: StrategyMemory) -> tuple[dict[str, int], str]:
+    """The components at the step's predicted peak (they sum to it), and which phase it is in."""
+    weights = base_weights(shape, run, part.base_parameters_trained)
+    static = {**weights, "trainable_parameters": part.trainable_bytes,
+              "optimizer_state": 2 * part.trainable_bytes if part.optimizer_state_bytes is None
+              else part.optimizer_state_bytes}
+    flow = part.gradient_flow
+    layer = layer_activations(shape, run, flow, part.extra_attention_tokens)
+    layer += part.layer_activation_bytes if flow != "head" else 0
+    outside = _outside_layers(shape, run, flow)
+    loss_saved, loss_transient = _loss(shape, run)
+    checkpointed = run.gradient_checkpointing and flow != "head"
+    kept = shape.num_layers * (run.tokens * shape.hidden_size * run.compute_bytes if checkpointed else layer)
+    phases: dict[str, dict[str, int]] = {
+        "loss backward": {"activations": kept + outside, "logits_and_loss": loss_saved + loss_transient},
+    }
+    if flow != "head":
+        # A layer's backward: its saved tensors (recomputed under checkpointing) plus the gradients
+        # in flight through its MLP.
+        working = 3 * run.tokens * shape.intermediate_size * run.compute_bytes
+        phases["layer backward"] = {"activations": kept + outside + (layer if checkpointed else 0) + working}
+        if flow == "weights":  # the first layer's backward, with every other gradient already made
+            first = (kept if checkpointed else 0) + layer + working
+            phases["end of backward"] = {"gradients": part.trainable_bytes, "activations": first}
+    if run.device == "cuda":  # foreach AdamW: one temporary the size of every trainable tensor at once
+        optimizer_step = part.trainable_bytes
+    else:  # the CPU's per-tensor AdamW: sqrt and a division of the largest tensor at once
+        optimizer_step = 2 * part.largest_trainable_tensor_bytes
+    phases["optimizer step"] = {"gradients": part.trainable_bytes, "optimizer_step": optimizer_step}
+    phase = max(phases, key=lambda p: sum(phases[p].values()))
+    components = {k: 0 for k in COMPONENTS}
+    components.update(static)
+    components.update(phases[phase])
+    components["runtime_overhead"] = RUNTIME_OVERHEAD[run.device]
+    return components, phase
+
+
+def estimate(shape: ModelShape, strategy, config: Any, run: RunShape, spec: str | None = None) -> Plan:
+    """The plan for one strategy: its components and peak, or "no estimate" with the reason."""
+    name = strategy.name
+    spec = spec or (name if run.quantization == "none" else f"{name}@{run.quantization}")
+    if shape.family is None:
+        return Plan(spec, name, run.quantization, "no estimate",
+                    f"the activations of {shape.config.model_type!r} models are not modelled")
+    part = strategy_memory(strategy, shape, config, run)
+    if part is None:
+        return Plan(spec, name, run.quantization, "no estimate", "the strategy provides no estimate_memory hook")
+    components, phase = peak(shape, run, part)
+    return Plan(spec, name, run.quantization, "ok", components=components, peak_bytes=sum(components.values()),
+                peak_phase=phase, trainable_parameters=part.trainable_parameters,
+                gradient_bytes=part.trainable_bytes)
+
+
+# ---------------------------------------------------------------------------------------- budget
+
+
+def _largest(fits, upper: int) -> int | None:
+    """The largest n in [1, upper] with fits(n), for a monotone fits; None if not even 1 fits."""
+    if not fits(1):
+        return None
+    lo, hi = 1, 2
+    while hi <= upper and fits(hi):
+        lo, hi = hi, hi * 2
+    hi = min(hi, upper + 1)
+    while hi - lo > 1:  # fits(lo) and (hi > upper or not fits(hi))
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+def with_budget(plan: Plan, shape: ModelShape, strategy, config: Any, run: RunShape, budget: int) -> Plan:
+    """Add the fit verdict and the largest batch size and sequence length under ``budget``."""
+    if plan.status != "ok":
+        return plan
+    plan.budget_bytes = budget
+    plan.fits = plan.peak_bytes <= budget
+
+    def total(r: RunShape) -> int:
+        return sum(peak(shape, r, strategy_memory(strategy, shape, config, r))[0].values())
+
+    max_positions = getattr(shape.config, "max_position_embeddings", None) or 2**20
+    plan.max_batch_size = _largest(lambda b: total(dataclasses.replace(run, batch_size=b)) <= budget, 2**16)
+    plan.max_seq_len = _largest(lambda t: total(dataclasses.replace(run, seq_len=t)) <= budget, max_positions)
+    return plan
+
+
+def parse_size(text: str) -> int:
+    """'24GiB', '24GB', '512MiB', '1.5T' or a byte count -> bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(i?B?)\s*", text, re.IGNORECASE)
+    if not m or not m.group(0).strip():
+        raise AdaptersError(f"cannot read the size {text!r}. Write it like 24GiB, 80GB or 512MiB.")
+    number, prefix, suffix = float(m.group(1)), m.group(2).upper(), m.group(3).lower()
+    power = "KMGT".find(prefix) + 1
+    base = 1000 if suffix == "b" and prefix else 1024
+    return int(number * base**power)
+
+
+def format_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    return f"{n / GiB:.2f} GiB" if abs(n) >= GiB else f"{n / MiB:.0f} MiB"
+
+
+# ---------------------------------------------------------------------------------------- plans
+
+
+@dataclass
+class PlanSettings:
+    """What `adapters plan` accepts."""
+
+    model: str = "smollm2-135m"
+    strategies: list[str] = field(default_factory=lambda: ["lora"])  # names, NAME@QUANT, or ["all"]
+    batch_size: int = 4
+    seq_len: int = 512
+    task: str | None = None
+    gradient_checkpointing: bool = False
+    device: str = "cuda"
+    options: dict[str, Any] = field(default_factory=dict)
+    budget: str | None = None
+
+
+def _specs(settings: PlanSettings, registry) -> list[str]:
+    """Strategy specs to plan: "all" expands to every strategy on every quantization it supports."""
+    from .strategy import QUANTIZATIONS
+
+    if settings.strategies == ["all"]:
+        return [e.strategy.name if q == "none" else f"{e.strategy.name}@{q}"
+                for e in registry.entries() for q in QUANTIZATIONS if q in e.strategy.supported_quantization
+                if e.strategy.name != "qlora"]  # qlora is lora@nf4 under another name
+    return list(settings.strategies)
+
+
+def make_plans(settings: PlanSettings) -> dict[str, Any]:
+    """Plan every strategy in ``settings``: the library function behind `adapters plan`."""
+    from .options import build_config
+    from .plugins import get_registry
+    from .strategy import option
+    from .train import check_quantization, split_strategy
+
+    started = time.perf_counter()
+    if settings.device not in RUNTIME_OVERHEAD:
+        raise AdaptersError(f"--device {settings.device}: use cuda or cpu.")
+    for flag, value in (("--batch-size", settings.batch_size), ("--seq-len", settings.seq_len)):
+        if value < 1:
+            raise AdaptersError(f"{flag} must be at least 1, not {value}.")
+    budget = parse_size(settings.budget) if settings.budget else None
+    registry = get_registry()
+    specs = _specs(settings, registry)
+    if not specs:
+        raise AdaptersError("--strategy is empty. Name one, e.g. --strategy lora, or --strategies all.")
+    resolved = []
+    for spec in specs:  # every name and option checked before any model is built
+        name, quantization = split_strategy(spec, None)
+        strategy = registry.get(name)
+        quantization = quantization or option(strategy, "default_quantization")
+        options = settings.options if len(specs) == 1 else _accepted(strategy, settings.options)
+        resolved.append((spec, strategy, quantization, build_config(strategy.config_class, options, strategy.name)))
+    shape = model_shape(settings.model, settings.task, settings.device)
+    plans = []
+    for spec, strategy, quantization, config in resolved:
+        run = RunShape(settings.batch_size, settings.seq_len, shape.task, quantization,
+                       settings.gradient_checkpointing, settings.device)
+        refusal = _refusal(strategy, run, registry, check_quantization)
+        if refusal:
+            plans.append(Plan(spec, strategy.name, quantization, "refused", refusal))
+            continue
+        plan = estimate(shape, strategy, config, run, spec)
+        if budget is not None:
+            plan = with_budget(plan, shape, strategy, config, run, budget)
+        plans.append(plan)
+    return {
+        "model": settings.model, "task": shape.task, "device": settings.device,
+        "dtype": "bfloat16 (autocast)" if settings.device == "cuda" else "float32",
+        "batch_size": settings.batch_size, "seq_len": settings.seq_len,
+        "gradient_checkpointing": settings.gradient_checkpointing, "budget_bytes": budget,
+        "plans": [p.to_dict() for p in plans], "seconds": round(time.perf_counter() - started, 3),
+    }
+
+
+def _accepted(strategy, options: dict[str, Any]) -> dict[str, Any]:
+    """With several strategies, each takes the --set options its config has."""
+    names = {f.name for f in dataclasses.fields(strategy.config_class)}
+    return {k: v for k, v in options.items() if k.replace("-", "_") in names}
+
+
+def _refusal(strategy, run: RunShape, registry, check_quantization) -> str | None:
+    from .strategy import option
+
+    try:
+        check_quantization(strategy, run.quantization, registry)
+    except AdaptersError as exc:
+        return str(exc)
+    if run.task not in strategy.supported_tasks:
+        return f"does not support the task {run.task}"
+    if run.gradient_checkpointing and not option(strategy, "supports_gradient_checkpointing"):
+        return "cannot be combined with gradient checkpointing"
+    return None
+
+
+def plan_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Headers and rows of the plan table."""
+    budget = result["budget_bytes"]
+    headers = ["strategy", "peak", "weights", "train+grad+opt", "activations", "logits+loss", "peak at"]
+    if budget is not None:
+        headers += ["verdict", "max batch", "max seq"]
+    headers.append("notes")
+    rows = []
+    for p in result["plans"]:
+        if p["status"] != "ok":
+            rows.append([p["strategy"], p["status"]] + [""] * (len(headers) - 3) + [p["message"] or ""])
+            continue
+        c = p["components"]
+        row = [p["strategy"], format_bytes(p["peak_bytes"]),
+               format_bytes(c["base_weights_quantized"] + c["base_weights_unquantized"]),
+               format_bytes(c["trainable_parameters"] + c["gradients"] + c["optimizer_state"] + c["optimizer_step"]),
+               format_bytes(c["activations"]), format_bytes(c["logits_and_loss"]), p["peak_phase"]]
+        if budget is not None:
+            verdict = "fits" if p["fits"] else "does not fit"
+            if p["fits"] and p["peak_bytes"] > 0.9 * budget:
+                verdict = "fits (tight)"
+            row += [verdict, _opt(p["max_batch_size"]), _opt(p["max_seq_len"])]
+        rows.append(row + [""])
+    return headers, rows
+
+
+def _opt(n: int | None) -> str:
+    return "none fits" if n is None else f"{n:,}"
