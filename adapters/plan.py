@@ -362,6 +362,8 @@ def peak(shape: ModelShape, run: RunShape, part: StrategyMemory) -> tuple[dict[s
     loss_saved, loss_transient = _loss(shape, run)
     checkpointed = run.gradient_checkpointing and flow != "head"
     kept = shape.num_layers * (run.tokens * shape.hidden_size * run.compute_bytes if checkpointed else layer)
+    if flow == "inputs" and not checkpointed:  # the embeddings' output needs no gradient: layer 0's first
+        kept -= run.tokens * (shape.hidden_size + 1) * 4  # norm keeps nothing
     phases: dict[str, dict[str, int]] = {
         "loss backward": {"activations": kept + outside, "logits_and_loss": loss_saved + loss_transient},
     }

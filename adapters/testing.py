@@ -55,6 +55,8 @@ LABELS = ["a", "b"]  # the labels of the tiny sequence-classification model
 STEPS = 2  # optimizer steps per training run: LoRA's A matrices get their first gradient at step 2
 
 PASS, FAIL, SKIP = "pass", "fail", "skip"
+MEMORY_BATCH = (4, 128)  # the memory-estimate check's batch: large enough for activations to matter
+MEMORY_TOLERANCE = 0.15  # the CPU target of the planner
 
 # Every check, in the order a report lists them, with what it verifies.
 CHECKS: dict[str, str] = {
@@ -72,7 +74,8 @@ CHECKS: dict[str, str] = {
     "gradient-checkpointing": "with checkpointing the loss and gradients equal those without it, or "
                               "--gradient-checkpointing is refused up front",
     "pipeline": "adapters train runs it by name for one step, saves, and adapters.load restores it",
-    "memory-estimate": "a provided memory estimate is close to a measurement",
+    "memory-estimate": "estimate_memory (if defined) declares as many trainable parameters as apply leaves, and "
+                       "the plan's peak is within 15% of the CPU's measured peak",
 }
 # The checks that run for each declared (task, quantization); the capability matrix is made of them.
 CELL_CHECKS = ("apply", "train-step", "param-count", "determinism", "save-load")
@@ -395,7 +398,54 @@ class _Runner:
         return " ".join(f"{k}={v}" for k, v in values.items()) or "no options"
 
     def memory_estimate(self) -> str:
-        raise _Skip("no estimate hook")
+        from .bench import cpu_peak_tensor_bytes
+        from .plan import RunShape, StrategyMemory, estimate, model_shape, strategy_memory
+
+        if not callable(getattr(self.strategy, "estimate_memory", None)):
+            raise _Skip("no estimate_memory hook")
+        if self.device.type != "cpu":
+            raise _Skip("measured on the CPU only")
+        task = next((t for t in self.tasks if t in self.strategy.supported_tasks), None)
+        quantization = self.preferred_quantization(task) if task else None
+        if quantization is None:
+            raise _Skip("no declared task and quantization among those checked")
+        shape = model_shape(self.model, task, "cpu", num_labels=len(LABELS))
+        run = RunShape(MEMORY_BATCH[0], MEMORY_BATCH[1], task, quantization, False, "cpu")
+        config = self.strategy.config_class()
+        part = strategy_memory(self.strategy, shape, config, run)
+        if part is None:
+            raise _Skip("estimate_memory gives no estimate for the default options")
+        if not isinstance(part, StrategyMemory):
+            raise AssertionError(f"estimate_memory returned {type(part).__name__}, not adapters.StrategyMemory")
+        plan = estimate(shape, self.strategy, config, run)
+
+        _seed(self.seed)
+        base = self.load_base(task, quantization)
+        model = self.strategy.apply(base.model, config)
+        trainable = count_parameters(model).trainable
+        if part.trainable_parameters != trainable:
+            raise AssertionError(f"estimate_memory says {part.trainable_parameters:,} trainable parameters, "
+                                 f"apply left {trainable:,}")
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        generator = torch.Generator().manual_seed(1234)
+        ids = torch.randint(3, min(base.model.config.vocab_size, 259), MEMORY_BATCH, generator=generator)
+        batch = {"input_ids": ids, "labels": ids} if task == "causal-lm" else \
+            {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([0, 1] * 2)}
+        model.train()
+
+        def step() -> None:
+            model(**batch).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        step()  # the optimizer's state exists from the first step on
+        measured = cpu_peak_tensor_bytes(step)
+        error = (plan.peak_bytes - measured) / measured
+        detail = (f"{task}, {quantization}, batch {MEMORY_BATCH[0]} x {MEMORY_BATCH[1]}: predicted "
+                  f"{plan.peak_bytes / 2**20:.2f} MiB, measured {measured / 2**20:.2f} MiB ({100 * error:+.1f}%)")
+        if abs(error) > MEMORY_TOLERANCE:
+            raise AssertionError(f"{detail}, beyond ±{100 * MEMORY_TOLERANCE:.0f}%")
+        return detail
 
     # -- checks for each declared (task, quantization) --
 
