@@ -443,7 +443,7 @@ def parse_size(text: str) -> int:
     if not m or not m.group(0).strip():
         raise AdaptersError(f"cannot read the size {text!r}. Write it like 24GiB, 80GB or 512MiB.")
     number, prefix, suffix = float(m.group(1)), m.group(2).upper(), m.group(3).lower()
-    power = "KMGT".find(prefix) + 1
+    power = "KMGT".index(prefix) + 1 if prefix else 0
     base = 1000 if suffix == "b" and prefix else 1024
     return int(number * base**power)
 

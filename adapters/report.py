@@ -195,8 +195,9 @@ def _results_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """Headers and rows of a report's results table (text, not yet escaped)."""
     mfu, energy = _any(report, "mfu"), _any(report, "energy_per_token")
     quality = any(_dict(r.get("quality")) for r in _results(report))
+    planned = any(_dict(r.get("prediction")) for r in _results(report))
     headers = ["strategy", "status", "trainable params", "step time (median ±½ spread)", "tokens/s",
-               "peak memory", "memory components"]
+               "peak memory"] + ["plan's prediction (error)"] * planned + ["memory components"]
     headers += ["MFU"] * mfu + ["energy/token"] * energy + ["held-out quality"] * quality + ["flags / message"]
     rows = []
     for r in _results(report):
@@ -207,12 +208,22 @@ def _results_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         m = _num(METRICS["mfu"].get(r))
         e = _num(METRICS["energy_per_token"].get(r))
         cells = [_strategy(r), "ok", _trainable(r), _step_time(r), _rate(METRICS["tokens_per_s"].get(r)),
-                 _bytes(METRICS["peak_memory"].get(r)), _components(r)]
+                 _bytes(METRICS["peak_memory"].get(r))] + [_prediction(r)] * planned + [_components(r)]
         cells += ([f"{100 * m:.1f}%" if m is not None else _DASH] if mfu else [])
         cells += ([f"{e:.3g} J" if e is not None else _DASH] if energy else [])
         cells += ([_quality(r)] if quality else []) + [_notes(r)]
         rows.append(cells)
     return headers, rows
+
+
+def _prediction(result: dict[str, Any]) -> str:
+    prediction = _dict(result.get("prediction"))
+    if not prediction:
+        return _DASH
+    if prediction.get("status") != "ok":
+        return _str(prediction.get("status"))
+    error = _num(_dict(prediction.get("error_pct")).get("total"))
+    return _bytes(prediction.get("peak_bytes")) + (f" ({error:+.1f}%)" if error is not None else "")
 
 
 def _settings_text(settings: dict[str, Any]) -> str:
@@ -431,6 +442,12 @@ def _chart_memory(charts: _Charts, groups, labels) -> str | None:
                 left = [a + b for a, b in zip(left, widths)]
         for y, (peak, stacked) in enumerate(zip(peaks, left)):
             ax.text(max(peak / scale, stacked), y, f" {peak / scale:,.3g}", va="center", ha="left", fontsize=9)
+        predicted = [(y, _num(_dict(r.get("prediction")).get("peak_bytes"))) for y, r in enumerate(results)]
+        predicted = [(y, v / scale) for y, v in predicted if v is not None]
+        if predicted:  # the plan's prediction, as a tick across each bar
+            ax.scatter([v for _, v in predicted], [y for y, _ in predicted], marker="|", s=400, color="black",
+                       linewidths=2, zorder=3, label=None if "plan" in drawn else "adapters plan's prediction")
+            drawn.add("plan")
         ends = [max(p / scale, s) for p, s in zip(peaks, left)]
         if not shared or n == 0:
             top = max(max(p for p in (all_peaks if shared else peaks)) / scale, max(ends))
@@ -441,7 +458,8 @@ def _chart_memory(charts: _Charts, groups, labels) -> str | None:
     for ax, _, _, _ in panels:
         for handle, label in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(label, handle)
-    order = [label for _, label, _ in COMPONENTS if label in handles]
+    order = [label for _, label, _ in COMPONENTS if label in handles] + \
+        [label for label in handles if label == "adapters plan's prediction"]
     fig.legend([handles[label] for label in order], order, loc="outside lower center", ncols=3)
     fig.suptitle("Peak memory by component", x=0.01, ha="left", fontsize=12, fontweight="bold")
     return charts.svg(fig, "Peak memory per strategy, stacked by component")
@@ -561,7 +579,7 @@ def _charts(reports: Sequence[dict[str, Any]], labels: list[str]) -> list[tuple[
         svg = _chart_memory(charts, groups, labels)
         if svg:
             out.append(("Peak memory", "Peak memory of a training step, split into what holds it; the number "
-                        "is the measured peak.", svg))
+                        "is the measured peak; a black tick marks adapters plan's prediction.", svg))
         svg = _scatter(charts, groups, labels, "tokens_per_s", "Speed against memory", "tokens/s (higher is better)",
                        "Pareto chart of peak memory against tokens per second", True)
         if svg:
