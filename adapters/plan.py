@@ -145,13 +145,10 @@ COMPONENTS = {
     "optimizer_step": "AdamW's temporaries during its update",
     "runtime_overhead": "memory outside the step's tensors (cuBLAS workspace)",
 }
-# The components a bench measurement has, and which predicted components make each of them up.
-MEASURED_AS = {
-    "base_weights_quantized": ("base_weights_quantized",),
-    "base_weights_unquantized": ("base_weights_unquantized",),
-    "trainable_parameters": ("trainable_parameters",),
-    "optimizer_state": ("optimizer_state",),
-}
+# The components a bench measurement reports as they are; it counts every gradient and calls the
+# rest of its peak "activations_and_temporaries".
+STATIC_COMPONENTS = ("base_weights_quantized", "base_weights_unquantized", "trainable_parameters",
+                     "optimizer_state")
 
 
 @dataclass
@@ -180,7 +177,7 @@ class Plan:
         """The prediction split the way a bench measurement is: every gradient counted, the rest
         of the peak beyond the static parts as activations and temporaries."""
         c = self.components
-        static = {k: c[k] for k in MEASURED_AS}
+        static = {k: c[k] for k in STATIC_COMPONENTS}
         static["gradients"] = self.gradient_bytes
         static["activations_and_temporaries"] = self.peak_bytes - sum(static.values())
         return static
@@ -501,6 +498,13 @@ def make_plans(settings: PlanSettings) -> dict[str, Any]:
     specs = _specs(settings, registry)
     if not specs:
         raise AdaptersError("--strategy is empty. Name one, e.g. --strategy lora, or --strategies all.")
+    if len(specs) > 1:  # each strategy takes the options it has; one that none has is a typo
+        known = {f.name for spec in specs
+                 for f in dataclasses.fields(registry.get(split_strategy(spec, None)[0]).config_class)}
+        unknown = sorted(k for k in settings.options if k.replace("-", "_") not in known)
+        if unknown:
+            raise AdaptersError(f"--set {unknown[0]}: none of the planned strategies has that option. "
+                                f"Options they have: {', '.join(sorted(known)) or 'none'}.")
     resolved = []
     for spec in specs:  # every name and option checked before any model is built
         name, quantization = split_strategy(spec, None)

@@ -108,10 +108,22 @@ def test_bench_runs_it_by_name(installed, tmp_path):
     assert result["strategy"] == "ia3" and result["status"] == "ok", result
 
 
+def test_plan_all_includes_it_with_its_own_estimate(installed):
+    done = _adapters("plan", "--model", "random:llama-1b", "--strategies", "all", "--budget", "24GiB", "--json",
+                     env=installed)
+    assert done.returncode == 0, done.stderr
+    plans = {p["strategy"]: p for p in json.loads(done.stdout)["plans"]}
+    assert plans["ia3"]["status"] == plans["ia3@nf4"]["status"] == "ok"
+    # k_proj and v_proj scale their 512 outputs, down_proj its 8192 inputs, in each of 16 layers
+    assert plans["ia3"]["trainable_parameters"] == 16 * (512 + 512 + 8192)
+    assert plans["ia3"]["peak_bytes"] < plans["lora"]["peak_bytes"]
+
+
 def test_check_passes_it(installed):
     done = _adapters("check", "ia3", env=installed)
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.splitlines()[-1].startswith("ia3: PASSED")
+    assert re.search(r"^memory-estimate .* pass .*measured", done.stdout, re.M)
     for task in ("causal-lm", "sequence-classification"):
         for quantization in ("none", "nf4", "fp4", "int8"):
             assert re.search(rf"^save-load +{task} +{quantization} +pass", done.stdout, re.M), (task, quantization)

@@ -8,13 +8,12 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from test_cli import assert_user_error, run_cli, run_in_process
 
 import adapters
 from adapters.bench import BenchSettings, run_bench
 from adapters.plan import PlanSettings, RunShape, estimate, make_plans, model_shape, parse_size, peak
 from adapters.testing import run_checks
-
-from test_cli import assert_user_error, run_cli, run_in_process
 
 DEFAULT_SUITE = ["lora", "lora@nf4", "prefix-tuning", "linear-probe", "full-finetune"]
 CPU_TARGET_PCT = 15.0
@@ -189,6 +188,7 @@ def test_refusals_are_rows_not_errors():
     (["--strategy", "lorra"], ["'lorra'", "lora"]),
     (["--model", "no-such-model"], ["'no-such-model'"]),
     (["--strategy", "lora", "--set", "r=zero"], ["r"]),
+    (["--strategies", "lora,prefix-tuning", "--set", "rr=8"], ["rr", "num_virtual_tokens"]),
 ])
 def test_user_errors_exit_2_with_one_line(capsys, args, needles):
     code, out, err = run_in_process(capsys, "plan", "--model", "random:tiny", *args)

@@ -69,6 +69,35 @@ class IA3:
 
         return get_peft_model(model, self._peft_config(model, config))
 
+    def estimate_memory(self, model, config: IA3Options, run):
+        """Lets `adapters plan` predict IA3's memory: fp32 vectors, and what their products keep."""
+        from peft.utils import TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING as AUTO_FEEDFORWARD
+        from peft.utils import TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING as AUTO_TARGETS
+
+        peft_config = self._peft_config(model.meta_model, config)  # the same checks as apply
+        kind = model.config.model_type
+        targets = set(peft_config.target_modules or AUTO_TARGETS[kind])
+        feedforward = set(peft_config.feedforward_modules or AUTO_FEEDFORWARD.get(kind, []))
+        leaf = {t.rsplit(".", 1)[-1] for t in targets}
+        trainable = largest = saved = 0
+        for name, module in model.meta_model.named_modules():
+            if hasattr(module, "in_features") and any(name == t or name.endswith("." + t) for t in targets):
+                ff = any(name == t or name.endswith("." + t) for t in feedforward)
+                width = module.in_features if ff else module.out_features
+                trainable += width
+                largest = max(largest, width)
+        for lin in model.layer_linears:
+            if lin.name in leaf:
+                if lin.name in {f.rsplit(".", 1)[-1] for f in feedforward}:  # scales the input, cast to fp32
+                    saved += run.tokens * lin.in_features * 4
+                else:  # scales the output, which the product keeps
+                    saved += run.tokens * lin.out_features * run.compute_bytes
+        if run.task == "sequence-classification":  # PEFT trains a copy of the new head
+            head = model.meta_model.get_submodule(adapters.output_head_name(model.meta_model))
+            trainable += sum(p.numel() for p in head.parameters())
+        return adapters.StrategyMemory(trainable, 4 * trainable, 4 * largest, gradient_flow="inputs",
+                                       layer_activation_bytes=saved)
+
     # Saved in PEFT's own format: plain `PeftModel.from_pretrained(base, directory)` loads it too.
     def save(self, model, directory, config: IA3Options):
         adapters.save_peft(model, directory)
