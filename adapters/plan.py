@@ -3,17 +3,20 @@
 The pipeline mirrors a real step: ``model_shape`` builds the model's skeleton on the meta device
 (no weights, no allocation, seconds even for 70B); each strategy's ``estimate_memory`` hook says
 what it trains and what its own modules keep for backward (`StrategyMemory`); `estimate` adds the
-base's part and takes the largest of the step's three peaks:
+base's part and takes the largest of the step's phases:
 
+- the forward: every activation saved so far, plus the last layer's working tensors;
 - the loss backward: every activation saved for backward, plus the ``[tokens x vocab]`` log-softmax
   and its two gradient buffers;
-- the backward of one layer's recomputation, under gradient checkpointing;
+- a layer's backward (with its recomputation under gradient checkpointing), and for full
+  fine-tuning the end of backward, when every gradient exists;
 - the optimizer step: every gradient plus AdamW's temporaries.
 
-The activation model follows the tensors PyTorch saves in a Llama-style decoder (RMSNorm, rotary
-attention with GQA through SDPA, a gated MLP); it was checked tensor by tensor against
-``torch.autograd.graph.saved_tensors_hooks`` on SmolLM2, and its CPU totals against profiler peaks
-(tests/test_plan.py). Architectures it does not model get no estimate, never a guess.
+The activation model follows the tensors PyTorch saves in two layer families: Llama-style decoders
+(RMSNorm, rotary attention with GQA through SDPA, a gated MLP) and BERT-style encoders (LayerNorm,
+attention with dropout, GELU). It was checked tensor by tensor against
+``torch.autograd.graph.saved_tensors_hooks`` on SmolLM2 and MiniLM, and its CPU totals against
+profiler peaks (tests/test_plan.py). Architectures it does not model get no estimate, never a guess.
 """
 from __future__ import annotations
 
@@ -38,9 +41,17 @@ GRADIENT_FLOWS = ("inputs", "weights", "head")
 # cuBLAS keeps its workspace in the caching allocator (32 MiB on Hopper with the default config).
 RUNTIME_OVERHEAD = {"cpu": 0, "cuda": 32 * MiB}
 
-# Decoder families whose activations `estimate` models: a Llama-style block.
-_DECODER_PARTS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                  "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+# The layer families whose activations `estimate` models, by the modules a layer must have.
+_FAMILY_PARTS = {
+    "llama": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+              "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
+    "bert": ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
+             "attention.output.LayerNorm", "intermediate.dense", "output.dense", "output.LayerNorm"),
+}
+# Linear layers that read one tensor, and those whose input the base already keeps for backward.
+_SHARED_INPUTS = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "gate_proj": "mlp_in",
+                  "up_proj": "mlp_in", "query": "attn_in", "key": "attn_in", "value": "attn_in"}
+_INPUT_KEPT = {"self_attn.o_proj"}  # SDPA keeps its output, which o_proj reads
 
 
 @dataclass(frozen=True)
@@ -75,6 +86,7 @@ class LinearShape:
     in_features: int
     out_features: int
     input_group: str  # linears that read the same tensor share a group (q/k/v; gate/up)
+    input_kept: bool = False  # whether the frozen base already keeps its input for backward
 
 
 @dataclass
@@ -85,7 +97,7 @@ class ModelShape:
     config: Any
     task: str
     meta_model: torch.nn.Module  # on the meta device: shapes and module names, no data
-    family: str | None  # "llama" when the decoder's activations are modelled, else None
+    family: str | None  # "llama" (Llama-style decoders) or "bert" (BERT-style encoders); None: not modelled
     hidden_size: int
     num_layers: int
     num_heads: int
@@ -162,7 +174,7 @@ class Plan:
     message: str | None = None
     components: dict[str, int] = field(default_factory=dict)  # sums to peak_bytes
     peak_bytes: int | None = None
-    peak_phase: str | None = None  # "loss backward", "layer backward", "optimizer step"
+    peak_phase: str | None = None  # "forward", "loss backward", "layer backward", "end of backward", "optimizer step"
     trainable_parameters: int | None = None
     gradient_bytes: int = 0  # every gradient, whether or not alive at the peak
     budget_bytes: int | None = None
@@ -207,7 +219,7 @@ def model_shape(name: str, task: str | None = None, device: str = "cuda", num_la
     head_dim = getattr(c, "head_dim", None) or (c.hidden_size // heads if heads else 0)
     layer = _first_layer(model)
     linears = _layer_linears(layer) if layer is not None else []
-    family = "llama" if layer is not None and _is_llama_block(layer) else None
+    family = _family(layer) if layer is not None else None
     return ModelShape(
         name=name, config=c, task=task, meta_model=model, family=family, hidden_size=c.hidden_size,
         num_layers=getattr(c, "num_hidden_layers", 0), num_heads=heads,
@@ -225,11 +237,15 @@ def _first_layer(model: torch.nn.Module) -> torch.nn.Module | None:
     return None
 
 
-def _is_llama_block(layer: torch.nn.Module) -> bool:
+def _family(layer: torch.nn.Module) -> str | None:
     names = {n for n, _ in layer.named_modules()}
-    norms = [m for n, m in layer.named_modules() if n.endswith("layernorm")]
-    return all(p in names for p in _DECODER_PARTS) and len(norms) == 2 and \
-        all("RMSNorm" in type(m).__name__ for m in norms)
+    for family, parts in _FAMILY_PARTS.items():
+        if all(p in names for p in parts):
+            norms = [m for n, m in layer.named_modules() if n.endswith(("layernorm", "LayerNorm"))]
+            kind = "RMSNorm" if family == "llama" else "LayerNorm"
+            if len(norms) == 2 and all(kind in type(m).__name__ for m in norms):
+                return family
+    return None
 
 
 def _layer_linears(layer: torch.nn.Module) -> list[LinearShape]:
@@ -237,9 +253,8 @@ def _layer_linears(layer: torch.nn.Module) -> list[LinearShape]:
     for name, module in layer.named_modules():
         if isinstance(module, torch.nn.Linear):
             leaf = name.rsplit(".", 1)[-1]
-            group = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in",
-                     "gate_proj": "mlp_in", "up_proj": "mlp_in"}.get(leaf, leaf)
-            out.append(LinearShape(leaf, module.in_features, module.out_features, group))
+            out.append(LinearShape(leaf, module.in_features, module.out_features,
+                                   _SHARED_INPUTS.get(leaf, name), name in _INPUT_KEPT))
     return out
 
 
@@ -284,9 +299,13 @@ def _base_weights(shape: ModelShape, run: RunShape) -> tuple[int, int]:
 
 
 def layer_activations(shape: ModelShape, run: RunShape, flow: str, extra_tokens: int = 0) -> int:
-    """Bytes one Llama-style decoder layer saves for backward, under a gradient flow."""
+    """Bytes one layer of the base saves for backward, under a gradient flow."""
     if flow == "head":
         return 0
+    return (_llama_layer if shape.family == "llama" else _bert_layer)(shape, run, flow, extra_tokens)
+
+
+def _llama_layer(shape: ModelShape, run: RunShape, flow: str, extra_tokens: int) -> int:
     n, e = run.tokens, run.compute_bytes
     h, i = shape.hidden_size, shape.intermediate_size
     b, t = run.batch_size, run.seq_len
@@ -309,15 +328,53 @@ def layer_activations(shape: ModelShape, run: RunShape, flow: str, extra_tokens:
     return saved
 
 
+def _bert_attention_math(shape: ModelShape, run: RunShape) -> bool:
+    """Whether SDPA takes its math path (scores materialized): on the CPU with attention dropout."""
+    dropout = getattr(shape.config, "attention_probs_dropout_prob", 0.0) or 0.0
+    return shape.attention == "eager" or (run.device == "cpu" and dropout > 0)
+
+
+def _bert_layer(shape: ModelShape, run: RunShape, flow: str, extra_tokens: int) -> int:
+    n, e, m = run.tokens, run.compute_bytes, run.dropout_mask_bytes
+    h, i = shape.hidden_size, shape.intermediate_size
+    scores = run.batch_size * shape.num_heads * run.seq_len * (run.seq_len + extra_tokens)
+    if _bert_attention_math(shape, run):  # q, k, v; softmax output, dropout mask and output
+        attention = 3 * n * h * e + scores * (2 * e + m)
+    else:  # q, k, v, output and the log-sum-exp
+        attention = 4 * n * h * e + run.batch_size * shape.num_heads * run.seq_len * 4
+    dropout = m if (getattr(shape.config, "hidden_dropout_prob", 0.0) or 0.0) > 0 else 0
+    # Each residual block: its dropout's mask, then LayerNorm's fp32 input with mean and inverse std.
+    blocks = 2 * (n * h * dropout + n * h * 4 + 2 * n * 4)
+    saved = attention + blocks + n * i * e  # GELU keeps its input
+    if flow == "weights":  # inputs of query/key/value, the attention output, intermediate and output
+        saved += 3 * n * h * e + n * i * e
+    return saved
+
+
 def _outside_layers(shape: ModelShape, run: RunShape, flow: str) -> int:
-    """Saved by the final norm and the output head (not the loss)."""
+    """Saved outside the layers, before the loss: the final norm, the head, BERT's embeddings and pooler."""
     n, h, e = run.tokens, shape.hidden_size, run.compute_bytes
+    if shape.family == "bert":
+        saved = 3 * run.batch_size * h * 4  # the pooler's and the classifier's small inputs
+        if flow == "weights":  # the embeddings' LayerNorm and dropout, and the pooler's view of the last layer
+            saved += n * h * 4 + 2 * n * 4 + n * h * run.dropout_mask_bytes + n * h * e
+        return saved
     if flow == "head":
         return n * h * e  # the trainable head's input
     saved = n * h * 4 + n * 4  # the final RMSNorm
     if flow == "weights":
         saved += n * h * e * 2  # its normalized input and the head's input
     return saved
+
+
+def _transients(shape: ModelShape, run: RunShape) -> tuple[int, int]:
+    """(forward, backward) working sets of one layer: what exists only while it runs."""
+    n, e, h, i = run.tokens, run.compute_bytes, shape.hidden_size, shape.intermediate_size
+    if shape.family == "llama":  # the MLP: gate or its gradient, up, SiLU's output and the product
+        return 3 * n * i * e + 3 * n * h * e, 3 * n * i * e
+    scores = run.batch_size * shape.num_heads * run.seq_len * run.seq_len * e
+    attention = 3 * scores if _bert_attention_math(shape, run) else 4 * n * h * e
+    return max(attention, 2 * n * i * e) + 2 * n * h * e, max(attention, 2 * n * i * e)
 
 
 def _loss(shape: ModelShape, run: RunShape) -> tuple[int, int]:
@@ -359,15 +416,16 @@ def peak(shape: ModelShape, run: RunShape, part: StrategyMemory) -> tuple[dict[s
     loss_saved, loss_transient = _loss(shape, run)
     checkpointed = run.gradient_checkpointing and flow != "head"
     kept = shape.num_layers * (run.tokens * shape.hidden_size * run.compute_bytes if checkpointed else layer)
-    if flow == "inputs" and not checkpointed:  # the embeddings' output needs no gradient: layer 0's first
-        kept -= run.tokens * (shape.hidden_size + 1) * 4  # norm keeps nothing
+    if flow == "inputs" and not checkpointed and shape.family == "llama":  # the embeddings' output needs
+        kept -= run.tokens * (shape.hidden_size + 1) * 4  # no gradient: layer 0's first norm keeps nothing
+    forward, working = _transients(shape, run)
     phases: dict[str, dict[str, int]] = {
+        "forward": {"activations": kept + forward},
         "loss backward": {"activations": kept + outside, "logits_and_loss": loss_saved + loss_transient},
     }
     if flow != "head":
         # A layer's backward: its saved tensors (recomputed under checkpointing) plus the gradients
-        # in flight through its MLP.
-        working = 3 * run.tokens * shape.intermediate_size * run.compute_bytes
+        # in flight through it.
         phases["layer backward"] = {"activations": kept + outside + (layer if checkpointed else 0) + working}
         if flow == "weights":  # the first layer's backward, with every other gradient already made
             first = (kept if checkpointed else 0) + layer + working

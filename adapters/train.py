@@ -247,6 +247,9 @@ def build(run: Run, device: torch.device) -> tuple[BaseModel, torch.nn.Module, i
     s = run.settings
     set_seed(s.seed)
     base = load_base_model(s.model, run.quantization, run.task, run.dataset.labels or None, device)
+    # Training never decodes: without this, every forward also fills a key/value cache that holds
+    # each layer's keys and values (all of them when nothing else keeps them: a probe, a padded batch).
+    base.model.config.use_cache = False
     if s.gradient_checkpointing:
         enable_gradient_checkpointing(base.model)
     declared = declared_trainable(run.strategy, base.model, run.config)

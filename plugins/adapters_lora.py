@@ -100,8 +100,8 @@ class Lora:
                 saved += n * lin.in_features * (run.dropout_mask_bytes + (2 if cuda else 4))
         elif cuda:  # each adapter casts its input to fp32, and autocast casts it back: a bf16 copy each
             saved += sum(n * lin.in_features * 2 for lin in per_layer)
-        else:  # lora_A keeps the layer's own tensor, once per distinct input; attention already keeps o_proj's
-            inputs = {lin.input_group: lin.in_features for lin in per_layer if lin.name != "o_proj"}
+        else:  # lora_A keeps the layer's own tensor, once per distinct input the base does not keep already
+            inputs = {lin.input_group: lin.in_features for lin in per_layer if not lin.input_kept}
             saved += sum(n * width * 4 for width in inputs.values())
         saved += len(per_layer) * n * config.r * (2 if cuda else 4)  # lora_A's output, kept by lora_B
         return adapters.StrategyMemory(trainable, 4 * trainable, 4 * largest, gradient_flow="inputs",

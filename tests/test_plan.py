@@ -167,11 +167,22 @@ def test_strategies_all_is_one_table_of_every_strategy_and_quantization(capsys):
     assert "fits" in out and "max batch" in out
 
 
-def test_an_unmodelled_architecture_gets_no_estimate_not_a_guess():
-    result = make_plans(PlanSettings(model="minilm-l6", strategies=["lora"], batch_size=2, seq_len=64))
+def test_an_unmodelled_architecture_gets_no_estimate_not_a_guess(tmp_path):
+    gpt2 = {"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4, "vocab_size": 512, "n_positions": 256}
+    (tmp_path / "config.json").write_text(json.dumps(gpt2))
+    result = make_plans(PlanSettings(model=str(tmp_path), strategies=["lora"], batch_size=2, seq_len=64))
     (plan,) = result["plans"]
-    assert plan["status"] == "no estimate" and "'bert'" in plan["message"]
+    assert plan["status"] == "no estimate" and "'gpt2'" in plan["message"]
     assert plan["peak_bytes"] is None
+
+
+def test_bert_predictions_match_measurement_on_the_real_minilm(tmp_path):
+    report = run_bench(BenchSettings(model="minilm-l6", strategies=["lora", "linear-probe", "full-finetune"],
+                                     batch_size=8, seq_len=64, steps=1, warmup=1, output=str(tmp_path / "b.json")),
+                       progress=False)
+    for result in report["results"]:
+        assert result["status"] == "ok", result.get("message")
+        assert abs(result["prediction"]["error_pct"]["total"]) <= CPU_TARGET_PCT, result["strategy"]
 
 
 def test_refusals_are_rows_not_errors():
