@@ -463,7 +463,9 @@ def estimate(shape: ModelShape, strategy, config: Any, run: RunShape, spec: str 
 
 
 def _largest(fits, upper: int) -> int | None:
-    """The largest n in [1, upper] with fits(n), for a monotone fits; None if not even 1 fits."""
+    """The largest n in [1, upper] with fits(n), for a monotone fits; None if not even 1 fits.
+
+    Doubles from 1 to the first n that does not fit, then bisects."""
     if not fits(1):
         return None
     lo, hi = 1, 2

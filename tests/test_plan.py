@@ -318,10 +318,15 @@ def test_find_max_batch_searches_by_real_runs_under_a_cpu_memory_limit(tmp_path)
     assert result["prediction"]["status"] == "ok"
 
 
-def test_find_max_on_the_cpu_needs_a_memory_limit(capsys):
-    code, out, err = run_in_process(capsys, "bench", "--model", "random:tiny", "--strategies", "lora",
-                                    "--find-max-batch")
-    assert_user_error(code, out, err, "--memory-limit")
+@pytest.mark.parametrize("args, needles", [
+    (["--find-max-batch"], ["--memory-limit"]),  # on the CPU nothing else would stop the search
+    (["--find-max-batch", "--find-max-seq-len", "--memory-limit", "1GiB"], ["one of"]),
+    (["--memory-limit", "1GiB"], ["--find-max-batch"]),
+    (["--find-max-seq-len", "--memory-limit", "lots"], ["lots", "GiB"]),
+])
+def test_capacity_search_user_errors(capsys, args, needles):
+    code, out, err = run_in_process(capsys, "bench", "--model", "random:tiny", "--strategies", "lora", *args)
+    assert_user_error(code, out, err, *needles)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -335,3 +340,21 @@ def test_gpu_llama_1b_predictions_are_within_10_percent(tmp_path):
         for result in report["results"]:
             assert result["status"] == "ok", result.get("message")
             assert abs(result["prediction"]["error_pct"]["total"]) <= 10, (checkpointing, result["strategy"])
+
+
+def test_find_max_seq_len_doubles_then_bisects_in_multiples_of_8(monkeypatch):
+    import adapters.bench as bench
+
+    peak_per_token = 2**20
+    tried = []
+
+    def fake_case(settings, spec):  # stands in for a worker: a peak proportional to the sequence length
+        tried.append(settings.seq_len)
+        return {"strategy": spec, "status": "ok", "memory": {"peak_bytes": settings.seq_len * peak_per_token}}
+
+    monkeypatch.setattr(bench, "_run_case", fake_case)
+    settings = BenchSettings(model="random:tiny", strategies=["lora"], find_max="seq_len", memory_limit="300MiB")
+    result, search = bench.find_capacity(settings, "lora", 300 * 2**20)
+    assert search["largest"] == 296 and result["memory"]["peak_bytes"] == 296 * peak_per_token
+    assert tried[:7] == [8, 16, 32, 64, 128, 256, 512] and all(t % 8 == 0 for t in tried)
+    assert len(tried) <= 7 + 5  # a bisection over the 32 multiples of 8 between 256 and 512
