@@ -421,6 +421,7 @@ class _Runner:
 
         _seed(self.seed)
         base = self.load_base(task, quantization)
+        base.model.config.use_cache = False  # as adapters train and bench run it
         model = self.strategy.apply(base.model, config)
         trainable = count_parameters(model).trainable
         if part.trainable_parameters != trainable:
