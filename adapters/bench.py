@@ -206,7 +206,10 @@ def measure(settings: BenchSettings, strategy: str) -> dict[str, Any]:
     load_s = time.perf_counter() - start
     params = count_parameters(model)
     data = make_batches(run.dataset.train, base, settings.seq_len, "train")
-    batch = {k: v[: settings.batch_size] for k, v in data.tensors.items()}
+    # The asked batch shape, whatever the data's size: short data repeats its rows (memory and
+    # speed do not depend on the values; a silently smaller batch would be measured wrongly).
+    rows = torch.arange(settings.batch_size) % len(data)
+    batch = {k: v[rows] for k, v in data.tensors.items()}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=run.learning_rate)
     model, optimizer = accelerator.prepare(model, optimizer)
     batch = {k: v.to(accelerator.device) for k, v in batch.items()}

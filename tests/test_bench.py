@@ -211,3 +211,18 @@ def test_a_trainable_count_that_disagrees_with_the_declaration_is_flagged(regist
     result = measure(BenchSettings(**TINY), "lora-undercount")
     assert result["declared_trainable_parameters"] == result["trainable_parameters"] - 1
     assert any("disagrees with the strategy's declared" in f for f in result["flags"])
+
+
+def test_short_data_still_gives_the_asked_batch_shape(monkeypatch):
+    import importlib
+
+    pipeline = importlib.import_module("adapters.train")  # the module; adapters.train is the function
+    real = pipeline.make_batches
+
+    def one_row(*args, **kwargs):  # data with a single sequence of seq_len tokens
+        data = real(*args, **kwargs)
+        return pipeline._Tensors(**{k: v[:1] for k, v in data.tensors.items()})
+
+    monkeypatch.setattr(pipeline, "make_batches", one_row)
+    result = measure(BenchSettings(**{**TINY, "batch_size": 4}), "lora")
+    assert result["tokens_per_step"] == 4 * TINY["seq_len"]  # rows repeated, never a smaller batch
