@@ -426,9 +426,14 @@ def _random_names() -> set[str]:
 
 def _load_tokenizer(checkpoint: Path, auto_tokenizer: Any) -> Any:
     try:
-        return auto_tokenizer.from_pretrained(checkpoint)
+        tokenizer = auto_tokenizer.from_pretrained(checkpoint)
     except (OSError, ValueError):
         return ByteTokenizer()
+    # A checkpoint without tokenizer files can still yield a tokenizer with an empty vocabulary
+    # (transformers 5 builds one from the config), which turns any text into no tokens at all.
+    if not tokenizer.encode("The capital of France is Paris.", add_special_tokens=False):
+        return ByteTokenizer()
+    return tokenizer
 
 
 def fingerprint(model: torch.nn.Module) -> str:

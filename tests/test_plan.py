@@ -358,3 +358,22 @@ def test_find_max_seq_len_doubles_then_bisects_in_multiples_of_8(monkeypatch):
     assert search["largest"] == 296 and result["memory"]["peak_bytes"] == 296 * peak_per_token
     assert tried[:7] == [8, 16, 32, 64, 128, 256, 512] and all(t % 8 == 0 for t in tried)
     assert len(tried) <= 7 + 5  # a bisection over the 32 multiples of 8 between 256 and 512
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "gemma"])
+def test_other_llama_style_decoders_are_planned_within_the_target(tmp_path, model_type):
+    """Local checkpoints of other families (Qwen2 has q/k/v biases, Gemma a GeGLU MLP), without tokenizer files."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(model_type, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, head_dim=32, vocab_size=512,
+                                  max_position_embeddings=1024, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "model")
+    report = run_bench(BenchSettings(model=str(tmp_path / "model"), strategies=["lora", "full-finetune"],
+                                     batch_size=4, seq_len=128, steps=1, warmup=1, output=str(tmp_path / "r.json")),
+                       progress=False)
+    for result in report["results"]:
+        assert result["status"] == "ok", result.get("message")
+        assert result["tokens_per_step"] == 4 * 128
+        assert abs(result["prediction"]["error_pct"]["total"]) <= CPU_TARGET_PCT, result["strategy"]
