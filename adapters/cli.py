@@ -139,13 +139,15 @@ def train(
     given = {k: v for k, v in flags.items() if ctx.get_parameter_source(k) == ParameterSource.COMMANDLINE}
     settings = settings_from(config_file, given, parse_assignments(assignments))
     result = run_training(settings, progress=True)
+    if not result.main_process:  # in data-parallel runs, one process reports for all
+        return
     summary = {
         "strategy": result.strategy, "model": result.model, "quantization": result.quantization,
         "task": result.task, "steps": result.steps,
         "trainable_parameters": result.parameters.trainable, "total_parameters": result.parameters.total,
         "heldout_before": result.before, "heldout_after": result.after,
         "tokens_per_s": round(result.tokens_per_s, 1), "seconds": round(result.seconds, 2),
-        "output": str(result.output) if result.output else None,
+        "processes": result.processes, "output": str(result.output) if result.output else None,
     }
     if as_json:
         _echo_json(summary)

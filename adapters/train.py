@@ -1,8 +1,9 @@
 """The training pipeline: resolve settings -> load base -> apply strategy -> train -> evaluate -> save.
 
 `resolve` performs every check a user can fail before any model is loaded; `train` then runs an
-Accelerate loop (prepare, accumulate, backward, gather), so ``accelerate launch -m adapters train``
-runs it data-parallel unchanged.
+Accelerate loop (prepare, accumulate, backward, gather), so ``accelerate launch --multi_gpu -m
+adapters train`` on GPUs, or ``torchrun --nproc_per_node N -m adapters train`` on the CPU, runs it
+data-parallel unchanged: one process saves and reports.
 """
 from __future__ import annotations
 
@@ -76,6 +77,8 @@ class TrainResult:
     tokens_per_s: float
     seconds: float
     output: Path | None
+    processes: int = 1  # data-parallel processes (torchrun or accelerate launch)
+    main_process: bool = True  # False in the other processes of a data-parallel run
 
 
 def settings_from(config_file: str | None, given: dict[str, Any], options: dict[str, Any]) -> TrainSettings:
@@ -230,9 +233,11 @@ def make_accelerator(gradient_accumulation_steps: int = 1):
     """bf16 mixed precision on GPU, full precision on the CPU."""
     from accelerate import Accelerator
 
+    cuda = torch.cuda.is_available()
     return Accelerator(
-        mixed_precision="bf16" if torch.cuda.is_available() else "no",
+        mixed_precision="bf16" if cuda else "no",
         gradient_accumulation_steps=gradient_accumulation_steps,
+        cpu=not cuda,  # without it, processes started by torchrun on a CPU machine would not join one group
     )
 
 
@@ -329,7 +334,8 @@ def train(settings: TrainSettings, progress: bool = True) -> TrainResult:
                                     "learning_rate": run.learning_rate}},
             )
     return TrainResult(run.strategy.name, s.model, run.quantization, run.task, s.max_steps, params, before, after,
-                       losses, tokens / seconds if seconds else 0.0, seconds, output)
+                       losses, tokens / seconds if seconds else 0.0, seconds, output,
+                       accelerator.num_processes, accelerator.is_main_process)
 
 
 def _forever(loader):

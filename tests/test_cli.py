@@ -294,3 +294,18 @@ def test_done_when_qlora_on_real_smollm2_loads_in_plain_peft(tmp_path):
     plain.eval()
     with torch.no_grad():
         assert torch.equal(plain(input_ids=ids).logits, restored.model(input_ids=ids).logits)
+
+
+def test_data_parallel_training_on_the_cpu_with_torchrun(tmp_path):
+    """Two processes join one group (gloo on the CPU), one of them saves and reports."""
+    out = tmp_path / "ddp"
+    env = {**os.environ, "ADAPTERS_LOAD_PLUGINS": ""}
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "adapters", "train", *TINY,
+         *QUICK, "--output", str(out), "--json"],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads(done.stdout)  # exactly one JSON document: only the main process reports
+    assert summary["processes"] == 2 and summary["output"] == str(out)
+    restored = adapters.load(out)
+    assert restored.strategy.name == "lora"
