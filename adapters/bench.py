@@ -419,19 +419,25 @@ def _error_pct(predicted: int, measured: int) -> float | None:
     return round(100 * (predicted - measured) / measured, 2)
 
 
-def predict(settings: BenchSettings, result: dict[str, Any], shape=None) -> dict[str, Any]:
-    """The plan's prediction for a measured result, split as the measurement is, with errors in percent."""
+def predict(settings: BenchSettings, result: dict[str, Any], shapes: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The plan's prediction for a measured result, split as the measurement is, with errors in percent.
+
+    ``shapes`` caches the model's skeleton per task across calls.
+    """
     from .options import build_config
     from .plan import RunShape, estimate, model_shape
     from .plugins import get_registry
 
+    shapes = {} if shapes is None else shapes
+    task = result["task"]
     try:
-        shape = shape or model_shape(settings.model, result["task"], _device())
+        if task not in shapes:
+            shapes[task] = model_shape(settings.model, task, _device())
         strategy = get_registry().get(result["name"])
         config = build_config(strategy.config_class, {}, strategy.name)
-        run = RunShape(settings.batch_size, settings.seq_len, result["task"], result["quantization"],
+        run = RunShape(settings.batch_size, settings.seq_len, task, result["quantization"],
                        settings.gradient_checkpointing, _device())
-        plan = estimate(shape, strategy, config, run, result["strategy"])
+        plan = estimate(shapes[task], strategy, config, run, result["strategy"])
     except Exception as exc:  # the measurement stands; a failing plan is recorded, not fatal
         return {"status": "no estimate", "message": f"planning failed: {type(exc).__name__}: {exc}"}
     if plan.status != "ok":
@@ -442,22 +448,6 @@ def predict(settings: BenchSettings, result: dict[str, Any], shape=None) -> dict
     errors["total"] = _error_pct(plan.peak_bytes, result["memory"]["peak_bytes"])
     return {"status": "ok", "message": None, "peak_bytes": plan.peak_bytes, "phase": plan.peak_phase,
             "components": predicted, "error_pct": errors}
-
-
-def _attach_predictions(settings: BenchSettings, results: list[dict[str, Any]]) -> None:
-    shapes: dict[str, Any] = {}
-    for result in results:
-        if result["status"] == "ok":
-            from .plan import model_shape
-
-            task = result["task"]
-            try:
-                if task not in shapes:
-                    shapes[task] = model_shape(settings.model, task, _device())
-            except Exception as exc:  # recorded beside the measurement, which stands
-                result["prediction"] = {"status": "no estimate", "message": f"planning failed: {exc}"}
-                continue
-            result["prediction"] = predict(settings, result, shapes[task])
 
 
 def run_bench(settings: BenchSettings, progress: bool = True) -> dict[str, Any]:
@@ -501,13 +491,14 @@ def run_bench(settings: BenchSettings, progress: bool = True) -> dict[str, Any]:
                        for spec in settings.strategies if spec not in done)
     finally:
         bar.close()
-    if settings.find_max:  # each result's prediction is for the batch it ran
-        for result, search in zip(results, capacity):
-            if result["status"] == "ok":
-                run_settings = BenchSettings(**{**asdict(settings), settings.find_max: search["largest"]})
-                result["prediction"] = predict(run_settings, result)
-    else:
-        _attach_predictions(settings, results)
+    searches = {c["strategy"]: c for c in capacity}
+    shapes: dict[str, Any] = {}
+    for result in results:
+        if result["status"] == "ok":  # predicted for the shape it ran: the largest found, in a search
+            search = searches.get(result["strategy"])
+            ran = settings if search is None else BenchSettings(**{**asdict(settings),
+                                                                   settings.find_max: search["largest"]})
+            result["prediction"] = predict(ran, result, shapes)
     cuda = torch.cuda.is_available()
     report = {
         "schema_version": SCHEMA_VERSION,
@@ -575,11 +566,11 @@ def find_capacity(settings: BenchSettings, spec: str, limit: int | None, bar=Non
         results[value] = result
         return status == "ok"
 
-    from .plan import _largest
+    from .plan import largest_that_fits
 
     # Sequence lengths are searched in multiples of 8: what kernels like, and fewer tries.
     step = 1 if param == "batch_size" else 8
-    largest = _largest(lambda k: works(k * step), upper // step)
+    largest = largest_that_fits(lambda k: works(k * step), upper // step)
     largest = None if largest is None else largest * step
     search = {"strategy": spec, "parameter": param, "limit_bytes": limit, "largest": largest, "tries": tries,
               "predicted_largest": _predicted_largest(settings, spec, limit)}
@@ -594,27 +585,19 @@ def find_capacity(settings: BenchSettings, spec: str, limit: int | None, bar=Non
 
 def _predicted_largest(settings: BenchSettings, spec: str, limit: int | None) -> int | None:
     """What `adapters plan` predicts for the same search, or None without a limit or an estimate."""
-    from .options import build_config
-    from .plan import RunShape, estimate, model_shape, with_budget
-    from .plugins import get_registry
-    from .strategy import option
-    from .train import split_strategy
+    import torch
 
-    if limit is None:
-        import torch
+    from .plan import PlanSettings, make_plans
 
-        limit = torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
+    if limit is None and torch.cuda.is_available():
+        limit = torch.cuda.get_device_properties(0).total_memory
     if limit is None:
         return None
-    name, quantization = split_strategy(spec, None)
-    strategy = get_registry().get(name)
-    quantization = quantization or option(strategy, "default_quantization")
-    shape = model_shape(settings.model, settings.task, _device())
-    run = RunShape(settings.batch_size, settings.seq_len, shape.task, quantization,
-                   settings.gradient_checkpointing, _device())
-    config = build_config(strategy.config_class, {}, strategy.name)
-    plan = with_budget(estimate(shape, strategy, config, run, spec), shape, strategy, config, run, limit)
-    return plan.max_batch_size if settings.find_max == "batch_size" else plan.max_seq_len
+    (plan,) = make_plans(PlanSettings(
+        model=settings.model, strategies=[spec], batch_size=settings.batch_size, seq_len=settings.seq_len,
+        task=settings.task, gradient_checkpointing=settings.gradient_checkpointing, device=_device(),
+        budget=str(limit)))["plans"]
+    return plan["max_batch_size"] if settings.find_max == "batch_size" else plan["max_seq_len"]
 
 
 def summary_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:

@@ -176,7 +176,6 @@ class Plan:
     peak_bytes: int | None = None
     peak_phase: str | None = None  # "forward", "loss backward", "layer backward", "end of backward", "optimizer step"
     trainable_parameters: int | None = None
-    gradient_bytes: int = 0  # every gradient, whether or not alive at the peak
     budget_bytes: int | None = None
     fits: bool | None = None
     max_batch_size: int | None = None  # at the asked sequence length
@@ -190,7 +189,7 @@ class Plan:
         of the peak beyond the static parts as activations and temporaries."""
         c = self.components
         static = {k: c[k] for k in STATIC_COMPONENTS}
-        static["gradients"] = self.gradient_bytes
+        static["gradients"] = c["trainable_parameters"]  # a gradient per trainable weight, in its dtype
         static["activations_and_temporaries"] = self.peak_bytes - sum(static.values())
         return static
 
@@ -455,14 +454,13 @@ def estimate(shape: ModelShape, strategy, config: Any, run: RunShape, spec: str 
         return Plan(spec, name, run.quantization, "no estimate", "the strategy provides no estimate_memory hook")
     components, phase = peak(shape, run, part)
     return Plan(spec, name, run.quantization, "ok", components=components, peak_bytes=sum(components.values()),
-                peak_phase=phase, trainable_parameters=part.trainable_parameters,
-                gradient_bytes=part.trainable_bytes)
+                peak_phase=phase, trainable_parameters=part.trainable_parameters)
 
 
 # ---------------------------------------------------------------------------------------- budget
 
 
-def _largest(fits, upper: int) -> int | None:
+def largest_that_fits(fits, upper: int) -> int | None:
     """The largest n in [1, upper] with fits(n), for a monotone fits; None if not even 1 fits.
 
     Doubles from 1 to the first n that does not fit, then bisects."""
@@ -489,8 +487,8 @@ def with_budget(plan: Plan, shape: ModelShape, strategy, config: Any, run: RunSh
         return sum(peak(shape, r, strategy_memory(strategy, shape, config, r))[0].values())
 
     max_positions = getattr(shape.config, "max_position_embeddings", None) or 2**20
-    plan.max_batch_size = _largest(lambda b: total(dataclasses.replace(run, batch_size=b)) <= budget, 2**16)
-    plan.max_seq_len = _largest(lambda t: total(dataclasses.replace(run, seq_len=t)) <= budget, max_positions)
+    plan.max_batch_size = largest_that_fits(lambda b: total(dataclasses.replace(run, batch_size=b)) <= budget, 2**16)
+    plan.max_seq_len = largest_that_fits(lambda t: total(dataclasses.replace(run, seq_len=t)) <= budget, max_positions)
     return plan
 
 

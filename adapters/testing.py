@@ -295,14 +295,14 @@ class _Runner:
 
         return load_base_model(self.model, quantization, task, self.labels(task), self.device)
 
-    def batch(self, base) -> dict[str, torch.Tensor]:
+    def batch(self, base, shape: tuple[int, int] = (2, 16)) -> dict[str, torch.Tensor]:
         vocab = base.model.config.vocab_size
         generator = torch.Generator().manual_seed(1234)
-        ids = torch.randint(3, min(vocab, 259), (2, 16), generator=generator).to(self.device)
+        ids = torch.randint(3, min(vocab, 259), shape, generator=generator).to(self.device)
         if base.task == "causal-lm":
             return {"input_ids": ids, "labels": ids}
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-                "labels": torch.tensor([0, 1], device=self.device)}
+                "labels": torch.arange(shape[0], device=self.device) % len(LABELS)}
 
     def train(self, task: str, quantization: str, checkpointing: bool = False) -> _Trained:
         from .train import enable_gradient_checkpointing
@@ -428,10 +428,7 @@ class _Runner:
             raise AssertionError(f"estimate_memory says {part.trainable_parameters:,} trainable parameters, "
                                  f"apply left {trainable:,}")
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-        generator = torch.Generator().manual_seed(1234)
-        ids = torch.randint(3, min(base.model.config.vocab_size, 259), MEMORY_BATCH, generator=generator)
-        batch = {"input_ids": ids, "labels": ids} if task == "causal-lm" else \
-            {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([0, 1] * 2)}
+        batch = self.batch(base, MEMORY_BATCH)
         model.train()
 
         def step() -> None:

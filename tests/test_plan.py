@@ -4,11 +4,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from dataclasses import dataclass
 
 import pytest
 import torch
 from test_cli import assert_user_error, run_cli, run_in_process
+from test_plugin_kit import Norms
 
 import adapters
 from adapters.bench import BenchSettings, run_bench
@@ -218,30 +218,13 @@ def test_sizes_read_as_users_write_them(text, expected):
 # Third-party strategies: with the hook they are planned; without it they show "no estimate"
 
 
-@dataclass
-class NormOptions:
-    pass
-
-
-class NormTuning:
-    """Trains only the RMSNorm weights: a strategy as a third party would write it."""
-
-    description = "trains the norm weights"
-    config_class = NormOptions
-    supported_quantization = frozenset(adapters.QUANTIZATIONS)
-    supported_tasks = frozenset({"causal-lm"})
+class NormTuning(Norms):
+    """Trains only the norm weights (the kit's own test strategy), with or without an estimate hook."""
 
     def __init__(self, name: str, with_estimate: bool) -> None:
         self.name = name
         if with_estimate:
             self.estimate_memory = self._estimate
-
-    def apply(self, model, config):
-        adapters.freeze(model)
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.requires_grad_(True)
-        return model
 
     def _estimate(self, model, config, run):
         n = sum(p.numel() for name, p in model.meta_model.named_parameters() if "norm" in name)
