@@ -6,41 +6,90 @@ The public API::
 
     base = adapters.load_base_model("smollm2-135m", quantization="nf4")
     strategy = adapters.get_strategy("lora")
-    result = adapters.train(adapters.TrainSettings(strategy="qlora", max_steps=10, output="out"))
+    result = adapters.train(adapters.RunSpec(strategy="qlora", max_steps=10, output="out"))
     restored = adapters.load("out")
 
-Plugins implement hooks from `adapters.hookspecs` with the `adapters.hookimpl` marker.
-"""
-from .errors import AdaptersError, TrainingFailed, UnknownStrategyError
-from .hookspecs import hookimpl
-from .models import BaseModel, fingerprint, load_base_model
-from .peft_io import load_peft, save_peft
-from .plan import ModelShape, RunShape, StrategyMemory
-from .plugins import get_plugin_manager, get_registry
-from .store import Loaded, load, read_safetensors, save
-from .strategy import (
-    QUANTIZATIONS,
-    TASKS,
-    ParameterCount,
-    Strategy,
-    count_parameters,
-    freeze,
-    linear_module_names,
-    output_head_name,
-    task_of,
-    trainable_parameters,
-)
-from .train import TrainResult, TrainSettings, train
+Plugins implement hooks from `adapters.host.hookspecs` with the `adapters.hookimpl` marker, and write
+strategies against `adapters.contract` (docs/plugins.md).
 
-__all__ = [
-    "AdaptersError", "TrainingFailed", "UnknownStrategyError", "hookimpl", "BaseModel", "fingerprint",
-    "load_base_model", "load_peft", "save_peft", "get_plugin_manager", "get_registry", "get_strategy", "Loaded",
-    "load", "read_safetensors", "save", "QUANTIZATIONS", "TASKS", "ParameterCount", "Strategy",
-    "count_parameters", "freeze", "linear_module_names", "output_head_name", "task_of", "trainable_parameters",
-    "TrainResult", "TrainSettings", "train", "ModelShape", "RunShape", "StrategyMemory",
-]
+Every name here is imported on first use: ``import adapters`` imports neither torch nor
+transformers, so commands that need no model start fast.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# name -> the module that defines it
+_EXPORTS = {
+    "errors": ("AdaptersError", "TrainingFailed", "UnknownStrategyError"),
+    "host": ("hookimpl", "get_plugin_manager", "get_registry"),
+    "contract": ("QUANTIZATIONS", "TASKS", "Strategy", "StrategyBase", "Traits", "traits", "SavesOwnFormat",
+                 "DeclaresTrainable", "EstimatesMemory", "ModelShape", "LinearShape", "RunShape", "StrategyMemory"),
+    "nn": ("ParameterCount", "count_parameters", "freeze", "linear_module_names", "output_head_name", "task_of",
+           "trainable_parameters", "match_targets", "targeted_linears", "head_parameters"),
+    "peft": ("PeftStrategy", "load_peft", "save_peft", "peft_task_type"),
+    "runspec": ("RunSpec", "TrainSettings", "resolve"),
+    "models": ("BaseModel", "fingerprint", "load_base_model"),
+    "store": ("Loaded", "load", "read_safetensors", "save"),
+    "train": ("TrainResult", "train"),
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted([*_WHERE, "get_strategy"])
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'adapters' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_WHERE])
 
 
 def get_strategy(name: str) -> Strategy:
     """The registered strategy called ``name``; raises `UnknownStrategyError` with suggestions."""
+    from .host import get_registry
+
     return get_registry().get(name)
+
+
+if TYPE_CHECKING:  # for type checkers and editors: the names above, imported eagerly
+    from .contract import (  # noqa: F401
+        QUANTIZATIONS,
+        TASKS,
+        DeclaresTrainable,
+        EstimatesMemory,
+        LinearShape,
+        ModelShape,
+        RunShape,
+        SavesOwnFormat,
+        Strategy,
+        StrategyBase,
+        StrategyMemory,
+        Traits,
+        traits,
+    )
+    from .errors import AdaptersError, TrainingFailed, UnknownStrategyError  # noqa: F401
+    from .host import get_plugin_manager, get_registry, hookimpl  # noqa: F401
+    from .models import BaseModel, fingerprint, load_base_model  # noqa: F401
+    from .nn import (  # noqa: F401
+        ParameterCount,
+        count_parameters,
+        freeze,
+        head_parameters,
+        linear_module_names,
+        match_targets,
+        output_head_name,
+        targeted_linears,
+        task_of,
+        trainable_parameters,
+    )
+    from .peft import PeftStrategy, load_peft, peft_task_type, save_peft  # noqa: F401
+    from .runspec import RunSpec, TrainSettings, resolve  # noqa: F401
+    from .store import Loaded, load, read_safetensors, save  # noqa: F401
+    from .train import TrainResult, train  # noqa: F401

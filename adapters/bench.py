@@ -25,7 +25,8 @@ from typing import Any
 from .errors import AdaptersError, TrainingFailed
 from .options import read_toml, settings_values
 from .reports import SCHEMA_VERSION
-from .store import package_versions, write_json
+from .files import write_json
+from .store import package_versions
 from .text import aligned_table
 
 
@@ -73,9 +74,9 @@ def settings_from(suite: str | None, given: dict[str, Any]) -> BenchSettings:
 
 
 def _train_settings(settings: BenchSettings, strategy: str):
-    from .train import TrainSettings
+    from .runspec import RunSpec
 
-    return TrainSettings(model=settings.model, strategy=strategy, task=settings.task,
+    return RunSpec(model=settings.model, strategy=strategy, task=settings.task,
                          batch_size=settings.batch_size, seq_len=settings.seq_len,
                          gradient_checkpointing=settings.gradient_checkpointing, seed=settings.seed)
 
@@ -94,7 +95,7 @@ def peak_bf16_flops(device_name: str) -> float | None:
 
 
 def _checksums(model) -> dict[str, tuple[float, float]]:
-    from .strategy import trainable_parameters
+    from .nn import trainable_parameters
 
     return {n: (float(p.detach().double().sum()), float(p.detach().double().abs().sum()))
             for n, p in trainable_parameters(model)}
@@ -187,8 +188,10 @@ def measure(settings: BenchSettings, strategy: str) -> dict[str, Any]:
     """Load, apply, time and measure one strategy in this process (the worker's job)."""
     import torch
 
-    from .strategy import count_parameters, option
-    from .train import build, make_accelerator, make_batches, resolve, training_step
+    from .contract import traits
+    from .nn import count_parameters
+    from .runspec import resolve
+    from .train import build, make_accelerator, make_batches, training_step
 
     run = resolve(_train_settings(settings, strategy))
     cuda = torch.cuda.is_available()
@@ -285,7 +288,7 @@ def measure(settings: BenchSettings, strategy: str) -> dict[str, Any]:
         flops = peak_bf16_flops(torch.cuda.get_device_name())
         if flops:
             base_params = params.total - params.trainable if params.trainable < params.total else params.total
-            factor = option(run.strategy, "flops_per_token_factor")
+            factor = traits(run.strategy).flops_per_token_factor
             result["mfu"] = factor * base_params * result["tokens_per_s"] / flops
         if energy_start is not None and energy_end is not None:
             timed_tokens = tokens * settings.steps * settings.repeats
@@ -354,7 +357,7 @@ def provenance() -> dict[str, Any]:
     root = Path(__file__).resolve().parent.parent
     commit = _git(root, "rev-parse", "HEAD")
     status = _git(root, "status", "--porcelain")
-    from .plugins import distribution_of, get_registry
+    from .host import distribution_of, get_registry
 
     plugins = {}
     for entry in get_registry().entries():
@@ -397,8 +400,8 @@ def _cpu_model() -> str:
 
 def _check_strategies(settings: BenchSettings) -> None:
     """Unknown strategy names are typos: refuse them before any work starts."""
-    from .plugins import get_registry
-    from .train import split_strategy
+    from .host import get_registry
+    from .runspec import split_strategy
 
     registry = get_registry()
     if not settings.strategies:
@@ -426,7 +429,7 @@ def predict(settings: BenchSettings, result: dict[str, Any], shapes: dict[str, A
     """
     from .options import build_config
     from .plan import RunShape, estimate, model_shape
-    from .plugins import get_registry
+    from .host import get_registry
 
     shapes = {} if shapes is None else shapes
     task = result["task"]
@@ -460,7 +463,7 @@ def run_bench(settings: BenchSettings, progress: bool = True) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     from .models import resolve_model
-    from .train import resolve
+    from .runspec import resolve
 
     _check_strategies(settings)
     resolve_model(settings.model)

@@ -35,7 +35,7 @@ def _echo_json(data: Any) -> None:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="adapters")
+@click.version_option(package_name="adapters-lab")
 def cli() -> None:
     """Fine-tune quantized pre-trained models with pluggable strategies, and compare them."""
 
@@ -45,8 +45,8 @@ def cli() -> None:
 def strategies(as_json: bool) -> None:
     """List the registered strategies, their plugins, quantizations, tasks and options."""
     from .options import describe_options
-    from .plugins import get_registry
-    from .strategy import option
+    from .host import get_registry
+    from .contract import traits
 
     rows = []
     for entry in get_registry().entries():
@@ -57,8 +57,8 @@ def strategies(as_json: bool) -> None:
             "plugin": entry.plugin,
             "supported_quantization": sorted(s.supported_quantization),
             "supported_tasks": sorted(s.supported_tasks),
-            "default_quantization": option(s, "default_quantization"),
-            "supports_gradient_checkpointing": option(s, "supports_gradient_checkpointing"),
+            "default_quantization": traits(s).default_quantization,
+            "supports_gradient_checkpointing": traits(s).supports_gradient_checkpointing,
             "options": describe_options(s.config_class),
         })
     if as_json:
@@ -75,7 +75,7 @@ def strategies(as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def plugins(as_json: bool) -> None:
     """List the loaded plugins, with their distributions, hooks and strategies."""
-    from .plugins import list_plugins
+    from .host import list_plugins
 
     rows = list_plugins()
     if as_json:
@@ -133,11 +133,11 @@ def train(
 ) -> None:
     """Train a strategy on a base model, evaluate it before and after, and save it."""
     from .options import parse_assignments
-    from .train import settings_from
+    from .runspec import spec_from
     from .train import train as run_training
 
     given = {k: v for k, v in flags.items() if ctx.get_parameter_source(k) == ParameterSource.COMMANDLINE}
-    settings = settings_from(config_file, given, parse_assignments(assignments))
+    settings = spec_from(config_file, given, parse_assignments(assignments))
     result = run_training(settings, progress=True)
     if not result.main_process:  # in data-parallel runs, one process reports for all
         return
@@ -233,7 +233,7 @@ def plan(strategies: str, quantization: str | None, assignments: tuple[str, ...]
     """Predict each strategy's peak memory from the model's config alone, without loading weights."""
     from .options import parse_assignments
     from .plan import PlanSettings, make_plans, plan_rows
-    from .train import split_strategy
+    from .runspec import split_strategy
 
     specs = [s.strip() for s in strategies.split(",") if s.strip()]
     if quantization and specs != ["all"]:
@@ -337,7 +337,7 @@ def matrix(fmt: str, strategies: str | None, readme: str | None) -> None:
 
 def _format_warning(message, category, filename, lineno, line=None) -> str:
     """A skipped plugin is reported on one line, without the source location of the warning."""
-    from .plugins import PluginWarning
+    from .host import PluginWarning
 
     if isinstance(category, type) and issubclass(category, PluginWarning):
         return f"Warning: {message}\n"

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import AdaptersError
-from .strategy import QUANTIZATIONS, TASKS
+from .contract import QUANTIZATIONS, TASKS
 from .testing import FAIL, PASS, TINY_MODEL, CheckReport, run_checks
 
 START, END = "<!-- matrix:start -->", "<!-- matrix:end -->"
@@ -24,7 +24,7 @@ START, END = "<!-- matrix:start -->", "<!-- matrix:end -->"
 def probe(strategies: Iterable[str] | None = None, progress: Callable[[str], None] | None = None,
           **kwargs: Any) -> list[CheckReport]:
     """Run the checks on every registered strategy (or those named), in name order."""
-    from .plugins import get_registry
+    from .host import get_registry
 
     names = list(strategies) if strategies is not None else get_registry().names()
     reports = []
@@ -72,7 +72,7 @@ def _check_order(name: str) -> int:
 
 
 def _plugin_label(report: CheckReport) -> str:
-    from .plugins import DEFAULT_PLUGINS, distribution_of
+    from .host import DEFAULT_PLUGINS, distribution_of
 
     if report.plugin in DEFAULT_PLUGINS:
         return "built-in"
@@ -82,7 +82,7 @@ def _plugin_label(report: CheckReport) -> str:
 
 def to_json(reports: list[CheckReport], model: str = TINY_MODEL) -> dict[str, Any]:
     """The matrix as JSON: one entry per strategy, with one cell per task and quantization."""
-    from .plugins import distribution_of
+    from .host import distribution_of
 
     strategies = []
     for report in reports:

@@ -25,7 +25,8 @@ from typing import Any
 import torch
 
 from .errors import AdaptersError
-from .strategy import QUANTIZATIONS, TASKS
+from .contract import QUANTIZATIONS, TASKS
+from .runspec import DEFAULT_MODEL
 
 # Output heads stay in the compute dtype under quantization: they are what the probe and
 # classification heads train, and quantizing them saves little.
@@ -208,8 +209,6 @@ for _shape in RANDOM_SHAPES:
         ("causal-lm", "sequence-classification"), lambda s=_shape: _random_dir(s), lambda: True,
         cache_name=f"random-{_shape}",
     )
-
-DEFAULT_MODEL = "smollm2-135m"
 
 
 def resolve_model(name: str) -> ModelSpec:
@@ -451,8 +450,8 @@ def fingerprint(model: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-def model_shape(model: torch.nn.Module) -> dict[str, Any]:
-    """The config values that decide whether weights fit a model."""
+def architecture(model: torch.nn.Module) -> dict[str, Any]:
+    """The config values that decide whether weights fit a model (a manifest's ``shape``)."""
     config = model.config
     keys = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
             "num_key_value_heads", "vocab_size")

@@ -29,12 +29,12 @@ from typing import Any
 
 import torch
 
+from .contract import GRADIENT_FLOWS, EstimatesMemory, LinearShape, ModelShape, RunShape, StrategyMemory  # noqa: F401
 from .errors import AdaptersError
 
 GiB = 2**30
 MiB = 2**20
 
-GRADIENT_FLOWS = ("inputs", "weights", "head")
 
 # Memory that is not tensors the step creates. The CPU peak is read from the profiler's tensor
 # allocations, which the model accounts for exactly (measured: within 1 MiB on SmolLM2). On CUDA,
@@ -52,98 +52,6 @@ _FAMILY_PARTS = {
 _SHARED_INPUTS = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "gate_proj": "mlp_in",
                   "up_proj": "mlp_in", "query": "attn_in", "key": "attn_in", "value": "attn_in"}
 _INPUT_KEPT = {"self_attn.o_proj"}  # SDPA keeps its output, which o_proj reads
-
-
-@dataclass(frozen=True)
-class RunShape:
-    """The run a plan is for: what the batch looks like and where it runs."""
-
-    batch_size: int
-    seq_len: int
-    task: str = "causal-lm"
-    quantization: str = "none"
-    gradient_checkpointing: bool = False
-    device: str = "cuda"  # "cuda": bf16 weights under bf16 autocast; "cpu": fp32, as adapters train runs
-
-    @property
-    def tokens(self) -> int:
-        return self.batch_size * self.seq_len
-
-    @property
-    def compute_bytes(self) -> int:
-        """Bytes per element of weights and activations in the compute dtype (bf16 on CUDA, fp32 on CPU)."""
-        return 2 if self.device == "cuda" else 4
-
-    @property
-    def dropout_mask_bytes(self) -> int:
-        """Bytes per element of a dropout mask: a bool on CUDA, a scaled float noise tensor on the CPU."""
-        return 1 if self.device == "cuda" else 4
-
-
-@dataclass(frozen=True)
-class LinearShape:
-    name: str  # the leaf name, e.g. "q_proj"
-    in_features: int
-    out_features: int
-    input_group: str  # linears that read the same tensor share a group (q/k/v; gate/up)
-    input_kept: bool = False  # whether the frozen base already keeps its input for backward
-
-
-@dataclass
-class ModelShape:
-    """A model as `estimate` and strategy hooks see it: config numbers and a weightless skeleton."""
-
-    name: str
-    config: Any
-    task: str
-    meta_model: torch.nn.Module  # on the meta device: shapes and module names, no data
-    family: str | None  # "llama" (Llama-style decoders) or "bert" (BERT-style encoders); None: not modelled
-    hidden_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    intermediate_size: int
-    vocab_size: int
-    num_labels: int
-    attention: str  # "sdpa", "eager", "flash_attention_2", ...
-    layer_linears: list[LinearShape] = field(default_factory=list)  # one decoder layer's linear layers
-    weights_cache: dict = field(default_factory=dict, repr=False)
-
-    @property
-    def q_width(self) -> int:
-        return self.num_heads * self.head_dim
-
-    @property
-    def kv_width(self) -> int:
-        return self.num_kv_heads * self.head_dim
-
-
-@dataclass
-class StrategyMemory:
-    """A strategy's own part of a step's memory: what its ``estimate_memory`` hook returns.
-
-    - ``trainable_parameters``/``trainable_bytes``: what it trains, and their size as trained
-      (LoRA keeps fp32 adapters over a bf16 base; full fine-tuning trains the base's own dtype).
-    - ``largest_trainable_tensor_bytes``: the CPU's AdamW makes two temporaries of each tensor in turn.
-    - ``gradient_flow``: "inputs" when gradients flow back through the frozen base's layers (LoRA,
-      prefix tuning), "weights" when the base's own weights train (full fine-tuning), "head" when only
-      a head on the final hidden state trains (a probe).
-    - ``base_parameters_trained``: how many of the base's own parameters it makes trainable; they
-      count as trainable, not as base weights.
-    - ``layer_activation_bytes``: what its own modules save for backward in one decoder layer.
-    - ``extra_attention_tokens``: key/value positions it adds to every attention (prefix tuning).
-    - ``optimizer_state_bytes``: None means AdamW's two moments, twice ``trainable_bytes``.
-    """
-
-    trainable_parameters: int
-    trainable_bytes: int
-    largest_trainable_tensor_bytes: int
-    gradient_flow: str = "inputs"
-    base_parameters_trained: int = 0
-    layer_activation_bytes: int = 0
-    extra_attention_tokens: int = 0
-    optimizer_state_bytes: int | None = None
 
 
 COMPONENTS = {
@@ -390,10 +298,9 @@ def _loss(shape: ModelShape, run: RunShape) -> tuple[int, int]:
 
 def strategy_memory(strategy, shape: ModelShape, config: Any, run: RunShape) -> StrategyMemory | None:
     """The strategy's own estimate, or None when it has no ``estimate_memory`` hook."""
-    hook = getattr(strategy, "estimate_memory", None)
-    if not callable(hook):
+    if not isinstance(strategy, EstimatesMemory):
         return None
-    part = hook(shape, config, run)
+    part = strategy.estimate_memory(shape, config, run)
     if part is not None and part.gradient_flow not in GRADIENT_FLOWS:
         raise AdaptersError(
             f"strategy {strategy.name!r}: estimate_memory returned gradient_flow={part.gradient_flow!r}; "
@@ -529,21 +436,20 @@ class PlanSettings:
 
 def _specs(settings: PlanSettings, registry) -> list[str]:
     """Strategy specs to plan: "all" expands to every strategy on every quantization it supports."""
-    from .strategy import QUANTIZATIONS
+    from .contract import QUANTIZATIONS
 
     if settings.strategies == ["all"]:
         return [e.strategy.name if q == "none" else f"{e.strategy.name}@{q}"
-                for e in registry.entries() for q in QUANTIZATIONS if q in e.strategy.supported_quantization
-                if e.strategy.name != "qlora"]  # qlora is lora@nf4 under another name
+                for e in registry.entries(aliases=False) for q in QUANTIZATIONS if q in e.strategy.supported_quantization]
     return list(settings.strategies)
 
 
 def make_plans(settings: PlanSettings) -> dict[str, Any]:
     """Plan every strategy in ``settings``: the library function behind `adapters plan`."""
     from .options import build_config
-    from .plugins import get_registry
-    from .strategy import option
-    from .train import check_quantization, split_strategy
+    from .host import get_registry
+    from .contract import traits
+    from .runspec import check_quantization, split_strategy
 
     started = time.perf_counter()
     if settings.device not in RUNTIME_OVERHEAD:
@@ -567,7 +473,7 @@ def make_plans(settings: PlanSettings) -> dict[str, Any]:
     for spec in specs:  # every name and option checked before any model is built
         name, quantization = split_strategy(spec, None)
         strategy = registry.get(name)
-        quantization = quantization or option(strategy, "default_quantization")
+        quantization = quantization or traits(strategy).default_quantization
         options = settings.options if len(specs) == 1 else _accepted(strategy, settings.options)
         resolved.append((spec, strategy, quantization, build_config(strategy.config_class, options, strategy.name)))
     shape = model_shape(settings.model, settings.task, settings.device)
@@ -599,7 +505,7 @@ def _accepted(strategy, options: dict[str, Any]) -> dict[str, Any]:
 
 
 def _refusal(strategy, run: RunShape, registry, check_quantization) -> str | None:
-    from .strategy import option
+    from .contract import traits
 
     try:
         check_quantization(strategy, run.quantization, registry)
@@ -607,7 +513,7 @@ def _refusal(strategy, run: RunShape, registry, check_quantization) -> str | Non
         return str(exc)
     if run.task not in strategy.supported_tasks:
         return f"does not support the task {run.task}"
-    if run.gradient_checkpointing and not option(strategy, "supports_gradient_checkpointing"):
+    if run.gradient_checkpointing and not traits(strategy).supports_gradient_checkpointing:
         return "cannot be combined with gradient checkpointing"
     return None
 

@@ -20,8 +20,10 @@ from typing import Any
 
 import torch
 
+from .contract import SavesOwnFormat, Strategy
 from .errors import AdaptersError
-from .strategy import Strategy, has_override, trainable_parameters
+from .files import write_json
+from .nn import trainable_parameters
 
 MANIFEST = "adapters.json"
 WEIGHTS = "weights.safetensors"
@@ -31,24 +33,18 @@ _SECRET_KEYS = ("trust_remote_code", "auto_map")
 
 
 def package_versions(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Versions of the packages a result depends on; ours under the key "adapters"."""
+    from .host.manager import DISTRIBUTION
+
     versions = {}
-    for dist in ("adapters", "torch", "transformers", "peft", "accelerate", "bitsandbytes", "safetensors", "pluggy"):
+    for key, dist in (("adapters", DISTRIBUTION), *((d, d) for d in ("torch", "transformers", "peft", "accelerate",
+                                                                        "bitsandbytes", "safetensors", "pluggy"))):
         try:
-            versions[dist] = importlib.metadata.version(dist)
+            versions[key] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
             pass
     versions.update(extra or {})
     return versions
-
-
-def write_json(path: Path, data: Any) -> None:
-    """Strict JSON (no NaN/inf), written to a temp file and renamed into place."""
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        tmp.write_text(json.dumps(data, indent=2, allow_nan=False, sort_keys=False) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def check_output_dir(directory: str | Path, overwrite: bool) -> Path:
@@ -142,14 +138,14 @@ def save(
     Nothing saved is ever lost: without ``overwrite`` an existing non-empty directory is refused,
     and with it the old directory is replaced only once the new one is complete.
     """
-    from .models import model_shape
+    from .models import architecture
 
     directory = check_output_dir(directory, overwrite)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = directory.parent / f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        if has_override(strategy, "save"):
+        if isinstance(strategy, SavesOwnFormat):
             strategy.save(model, tmp, config)
         else:
             save_trainable(model, tmp)
@@ -162,7 +158,7 @@ def save(
             "task": base.task,
             "labels": base.labels,
             "fingerprint": base.fingerprint,
-            "shape": model_shape(base.model),
+            "shape": architecture(base.model),
             "files": sorted(p.name for p in tmp.iterdir()),
             "versions": package_versions(plugin_versions),
             **(extra or {}),
@@ -245,9 +241,9 @@ def load(directory: str | Path, base: Any = None, *, device: Any = None) -> Load
     ``base`` is a model name, a `BaseModel` from `load_base_model`, or None for the base named in the
     manifest. A base whose shapes or weights fingerprint differ from the saved one is refused.
     """
-    from .models import BaseModel, load_base_model, model_shape
+    from .models import BaseModel, architecture, load_base_model
     from .options import build_config
-    from .plugins import get_registry
+    from .host import get_registry
 
     directory = Path(directory)
     manifest = read_manifest(directory)
@@ -267,7 +263,7 @@ def load(directory: str | Path, base: Any = None, *, device: Any = None) -> Load
             f"{directory}: strategy {strategy.name!r} cannot load onto a {base.quantization}-quantized base "
             f"(it supports: {', '.join(sorted(strategy.supported_quantization))}). Load the base unquantized."
         )
-    shape = model_shape(base.model)
+    shape = architecture(base.model)
     for key, saved in manifest["shape"].items():
         if shape.get(key) != saved:
             raise AdaptersError(
@@ -280,7 +276,7 @@ def load(directory: str | Path, base: Any = None, *, device: Any = None) -> Load
             f"but {base.name!r} has other weights (fingerprint {base.fingerprint}). Load it onto the base it was "
             "trained on."
         )
-    if has_override(strategy, "load"):
+    if isinstance(strategy, SavesOwnFormat):
         model = strategy.load(base.model, directory, config)
     else:
         model = strategy.apply(base.model, config)

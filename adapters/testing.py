@@ -38,16 +38,8 @@ import torch
 
 from .errors import AdaptersError
 from .models import _quiet_transformers
-from .strategy import (
-    QUANTIZATIONS,
-    TASKS,
-    ParameterCount,
-    Strategy,
-    count_parameters,
-    declared_trainable,
-    option,
-    validate_strategy,
-)
+from .contract import QUANTIZATIONS, TASKS, Strategy, declared_trainable, traits, validate_strategy
+from .nn import ParameterCount, count_parameters
 from .text import aligned_table
 
 TINY_MODEL = "random:tiny"
@@ -152,7 +144,7 @@ def _shorten(text: str, width: int) -> str:
 
 def plugin_for(*strategies: Strategy) -> object:
     """A plugin object whose ``register_strategies`` hook registers ``strategies``."""
-    from .hookspecs import hookimpl
+    from .host import hookimpl
 
     class StrategiesPlugin:
         @hookimpl
@@ -175,7 +167,7 @@ def registered(plugin: object, name: str | None = None, *, strict: bool = True) 
     ``register_strategies`` raises, as under ADAPTERS_STRICT_PLUGINS=1, instead of being skipped
     with a warning; pass ``strict=False`` to test the isolation of a broken plugin.
     """
-    from . import plugins
+    from .host import manager as plugins
 
     pm = plugins.get_plugin_manager()
     plugin_name = plugins.register_checked(pm, plugin, name=name)
@@ -324,7 +316,7 @@ class _Runner:
         losses: list[float] = []
         grads: dict[str, torch.Tensor | None] = {}
         if trainable:
-            lr = option(self.strategy, "default_learning_rate")
+            lr = traits(self.strategy).default_learning_rate
             optimizer = torch.optim.AdamW(list(trainable.values()), lr=lr, weight_decay=0.0)
             batch = self.batch(base)
             model.train()
@@ -359,13 +351,14 @@ class _Runner:
 
     def preferred_quantization(self, task: str) -> str | None:
         declared = [q for q in self.quantizations if q in self.strategy.supported_quantization]
-        for q in ("none", option(self.strategy, "default_quantization")):
+        for q in ("none", traits(self.strategy).default_quantization):
             if q in declared:
                 return q
         return declared[0] if declared else None
 
     def resolve(self, **settings: Any):
-        from .train import TrainSettings, resolve
+        from .runspec import RunSpec as TrainSettings
+        from .runspec import resolve
 
         return resolve(TrainSettings(model=self.model, strategy=self.name, max_steps=1, **settings))
 
@@ -586,7 +579,7 @@ class _Runner:
     # -- checks for each declared task --
 
     def gradient_checkpointing(self, task: str, quantization: str) -> str:
-        if not option(self.strategy, "supports_gradient_checkpointing"):
+        if not traits(self.strategy).supports_gradient_checkpointing:
             try:
                 self.resolve(quantization=quantization, task=task, gradient_checkpointing=True)
             except AdaptersError as exc:
@@ -611,7 +604,8 @@ class _Runner:
 
     def pipeline(self, task: str, quantization: str) -> str:
         from .store import load
-        from .train import TrainSettings, train
+        from .runspec import RunSpec as TrainSettings
+        from .train import train
 
         out = self.workdir / f"pipeline-{task}"
         result = train(TrainSettings(model=self.model, strategy=self.name, quantization=quantization, task=task,
@@ -671,7 +665,7 @@ def _one_thread() -> Iterator[None]:
 
 def _resolve_strategy(strategy: str | Strategy) -> tuple[Strategy, str, bool]:
     """(strategy object, plugin name, whether it must be registered for the run)."""
-    from .plugins import get_registry
+    from .host import get_registry
 
     registry = get_registry()
     if isinstance(strategy, str):
@@ -727,7 +721,7 @@ def run_checks(
     obj, plugin, needs_registering = _resolve_strategy(strategy)
     report = CheckReport(
         obj.name, plugin, sorted(obj.supported_quantization), sorted(obj.supported_tasks),
-        bool(option(obj, "supports_gradient_checkpointing")), _options(obj), obj.description,
+        bool(traits(obj).supports_gradient_checkpointing), _options(obj), obj.description,
     )
     with contextlib.ExitStack() as stack:
         if needs_registering:
@@ -753,7 +747,7 @@ def assert_conforms(strategy: str | Strategy, **kwargs: Any) -> CheckReport:
 def cases(strategy: str | Strategy) -> list[tuple[str, str]]:
     """Every (task, quantization) the strategy declares, for ``pytest.mark.parametrize``."""
     if isinstance(strategy, str):
-        from .plugins import get_registry
+        from .host import get_registry
 
         strategy = get_registry().get(strategy)
     return [(t, q) for t in TASKS if t in strategy.supported_tasks

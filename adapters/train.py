@@ -1,6 +1,6 @@
-"""The training pipeline: resolve settings -> load base -> apply strategy -> train -> evaluate -> save.
+"""The training pipeline: resolve the run spec -> load base -> apply strategy -> train -> evaluate -> save.
 
-`resolve` performs every check a user can fail before any model is loaded; `train` then runs an
+`adapters.runspec.resolve` checks everything a user can get wrong first; `train` then runs an
 Accelerate loop (prepare, accumulate, backward, gather), so ``accelerate launch --multi_gpu -m
 adapters train`` on GPUs, or ``torchrun --nproc_per_node N -m adapters train`` on the CPU, runs it
 data-parallel unchanged: one process saves and reports.
@@ -17,50 +17,13 @@ from typing import Any
 import torch
 
 from . import data as datasets
+from .contract import declared_trainable
 from .errors import AdaptersError, TrainingFailed
-from .models import DEFAULT_MODEL, BaseModel, ModelSpec, check_model_task, load_base_model, resolve_model
-from .options import build_config, read_toml, settings_values
-from .plugins import distribution_of, get_registry
-from .registry import Registry
-from .store import check_output_dir, save
-from .strategy import QUANTIZATIONS, ParameterCount, Strategy, count_parameters, declared_trainable, option
-
-
-@dataclass
-class TrainSettings:
-    """Everything `adapters train` accepts; CLI flags and TOML config keys use these names."""
-
-    model: str = DEFAULT_MODEL
-    strategy: str = "lora"  # a name, or NAME@QUANT
-    quantization: str | None = None  # None: the strategy's default (nf4 for qlora, else none)
-    task: str | None = None  # None: the model's default task
-    data: str | None = None  # None: the built-in real-text dataset for the task
-    max_steps: int = 20  # optimizer steps
-    batch_size: int = 4  # per device, per micro-step
-    gradient_accumulation_steps: int = 1
-    seq_len: int = 128
-    learning_rate: float | None = None  # None: the strategy's default
-    gradient_checkpointing: bool = False
-    seed: int = 0
-    eval_batches: int = 8  # held-out batches evaluated before and after training
-    output: str | None = None
-    overwrite: bool = False
-    options: dict[str, Any] = field(default_factory=dict)  # strategy options, checked against its config
-
-
-@dataclass
-class Run:
-    """Settings resolved and validated against the registry, the model and the data."""
-
-    settings: TrainSettings
-    strategy: Strategy
-    plugin: str
-    config: Any
-    quantization: str
-    task: str
-    model: ModelSpec
-    dataset: datasets.Dataset
-    learning_rate: float
+from .host import distribution_of
+from .models import BaseModel, load_base_model
+from .nn import ParameterCount, count_parameters
+from .runspec import Run, RunSpec, resolve
+from .store import save
 
 
 @dataclass
@@ -79,80 +42,6 @@ class TrainResult:
     output: Path | None
     processes: int = 1  # data-parallel processes (torchrun or accelerate launch)
     main_process: bool = True  # False in the other processes of a data-parallel run
-
-
-def settings_from(config_file: str | None, given: dict[str, Any], options: dict[str, Any]) -> TrainSettings:
-    """Settings from a TOML file (optional), overridden by ``given`` values and ``options``.
-
-    The file's keys are `TrainSettings` field names (hyphens or underscores); strategy options go
-    in an ``[options]`` table.
-    """
-    values: dict[str, Any] = {}
-    file_options: dict[str, Any] = {}
-    if config_file:
-        table = read_toml(config_file)
-        file_options = table.pop("options", {})
-        if not isinstance(file_options, dict):
-            raise AdaptersError(f"--config {config_file}: `options` must be a table, e.g. [options] r = 8.")
-        values = settings_values(table, TrainSettings, f"--config {config_file}", nested=("options",))
-    values.update(given)
-    return TrainSettings(**values, options={**file_options, **options})
-
-
-def split_strategy(spec: str, quantization: str | None) -> tuple[str, str | None]:
-    """``"lora@nf4"`` -> ``("lora", "nf4")``; a conflicting --quantization is an error."""
-    name, at, quant = spec.partition("@")
-    if not at:
-        return name, quantization
-    if quantization is not None and quantization != quant:
-        raise AdaptersError(
-            f"--strategy {spec} asks for {quant} but --quantization says {quantization}. Give only one of them."
-        )
-    return name, quant
-
-
-def check_quantization(strategy: Strategy, quantization: str, registry: Registry) -> None:
-    if quantization not in QUANTIZATIONS:
-        raise AdaptersError(f"unknown quantization {quantization!r}. Use one of: {', '.join(QUANTIZATIONS)}.")
-    if quantization not in strategy.supported_quantization:
-        others = [e.strategy.name for e in registry.entries() if quantization in e.strategy.supported_quantization]
-        raise AdaptersError(
-            f"strategy {strategy.name!r} cannot train on a {quantization}-quantized base "
-            f"(it supports: {', '.join(sorted(strategy.supported_quantization))}). "
-            f"Use --quantization none, or a strategy that can: {', '.join(others) or 'none installed'}."
-        )
-
-
-def resolve(settings: TrainSettings) -> Run:
-    """Check everything a user can get wrong, before any model is loaded."""
-    registry = get_registry()
-    name, quantization = split_strategy(settings.strategy, settings.quantization)
-    entry = registry.entry(name)
-    strategy = entry.strategy
-    quantization = quantization or option(strategy, "default_quantization")
-    check_quantization(strategy, quantization, registry)
-    spec = resolve_model(settings.model)
-    task = check_model_task(spec, settings.task)
-    if task not in strategy.supported_tasks:
-        raise AdaptersError(
-            f"strategy {strategy.name!r} does not support --task {task} "
-            f"(it supports: {', '.join(sorted(strategy.supported_tasks))}). Choose another strategy or task."
-        )
-    if settings.gradient_checkpointing and not option(strategy, "supports_gradient_checkpointing"):
-        raise AdaptersError(
-            f"strategy {strategy.name!r} cannot be combined with --gradient-checkpointing. Drop that flag."
-        )
-    for flag, value in (("--max-steps", settings.max_steps), ("--batch-size", settings.batch_size),
-                        ("--seq-len", settings.seq_len),
-                        ("--gradient-accumulation-steps", settings.gradient_accumulation_steps)):
-        if value < 1:
-            raise AdaptersError(f"{flag} must be at least 1, not {value}.")
-    config = build_config(strategy.config_class, settings.options, strategy.name)
-    if settings.output:
-        check_output_dir(settings.output, settings.overwrite)
-    dataset = datasets.load_dataset(settings.data, task)
-    lr = settings.learning_rate or option(strategy, "default_learning_rate")
-    return Run(settings, strategy, entry.plugin, config, quantization, task, spec, dataset, lr)
 
 
 def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
@@ -249,7 +138,7 @@ def build(run: Run, device: torch.device) -> tuple[BaseModel, torch.nn.Module, i
     """
     from accelerate.utils import set_seed
 
-    s = run.settings
+    s = run.spec
     set_seed(s.seed)
     base = load_base_model(s.model, run.quantization, run.task, run.dataset.labels or None, device)
     # Training never decodes: without this, every forward also fills a key/value cache that holds
@@ -279,12 +168,12 @@ def training_step(model, batch, optimizer, accelerator, step: int) -> torch.Tens
     return loss.detach()
 
 
-def train(settings: TrainSettings, progress: bool = True) -> TrainResult:
+def train(spec: RunSpec, progress: bool = True) -> TrainResult:
     """Train a strategy on a base model and data, evaluate it before and after, and save it."""
     from tqdm.auto import tqdm
 
-    run = resolve(settings)
-    s = run.settings
+    run = resolve(spec)
+    s = run.spec
     accelerator = make_accelerator(s.gradient_accumulation_steps)
     base, model, _ = build(run, accelerator.device)
     params = count_parameters(model)

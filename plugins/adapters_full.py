@@ -11,7 +11,7 @@ class FullOptions:
     pass  # nothing to choose: every parameter trains
 
 
-class FullFinetune:
+class FullFinetune(adapters.StrategyBase):
     name = "full-finetune"
     description = "trains every weight of an unquantized base"
     config_class = FullOptions
@@ -23,7 +23,7 @@ class FullFinetune:
     def expected_trainable_parameters(self, model, config: FullOptions) -> int:
         return adapters.count_parameters(model).total
 
-    def estimate_memory(self, model, config: FullOptions, run):
+    def estimate_memory(self, model: adapters.ModelShape, config: FullOptions, run: adapters.RunShape):
         """Every base weight trains, in the compute dtype."""
         sizes = [p.numel() for p in model.meta_model.parameters()]
         return adapters.StrategyMemory(sum(sizes), sum(sizes) * run.compute_bytes, max(sizes) * run.compute_bytes,

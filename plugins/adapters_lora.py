@@ -8,11 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 import adapters
-
-_PEFT_TASK = {"causal-lm": "CAUSAL_LM", "sequence-classification": "SEQ_CLS"}
 
 
 @dataclass
@@ -31,65 +27,33 @@ class LoraOptions:
             raise ValueError(f"dropout must be in [0, 1), not {self.dropout}")
 
 
-def resolve_targets(model, target_modules: str | list[str]) -> list[str]:
-    """Module names for PEFT; names that match no linear layer are an error, raised before any change."""
-    head = adapters.output_head_name(model)
-    linear = [n for n in adapters.linear_module_names(model) if n != head]
-    leaves = sorted({n.rsplit(".", 1)[-1] for n in linear})
-    if target_modules == "all-linear":
-        return leaves
-    wanted = target_modules.split(",") if isinstance(target_modules, str) else list(target_modules)
-    wanted = [w.strip() for w in wanted if w.strip()]
-    unmatched = [w for w in wanted if not any(n == w or n.endswith("." + w) for n in linear)]
-    if unmatched or not wanted:
-        raise adapters.AdaptersError(
-            f"target_modules {', '.join(unmatched) or '(empty)'} match no linear layer of this model. "
-            f"Use names from: {', '.join(leaves)} (e.g. --set target_modules={','.join(leaves[:2])})."
-        )
-    return wanted
-
-
-class Lora:
+class Lora(adapters.PeftStrategy):
+    name = "lora"
+    description = "PEFT LoRA: low-rank adapters on linear layers"
     config_class = LoraOptions
     supported_quantization = frozenset(adapters.QUANTIZATIONS)
     supported_tasks = frozenset(adapters.TASKS)
     default_learning_rate = 2e-4
 
-    def __init__(self, name: str = "lora", default_quantization: str = "none") -> None:
-        self.name = name
-        self.default_quantization = default_quantization
-        self.description = (
-            "PEFT LoRA: low-rank adapters on linear layers"
-            if default_quantization == "none"
-            else f"alias for lora on a {default_quantization}-quantized base (QLoRA)"
-        )
+    def peft_config(self, model, config: LoraOptions, loading: bool = False):
+        from peft import LoraConfig
 
-    def apply(self, model, config: LoraOptions):
-        from peft import LoraConfig, get_peft_model
-
-        targets = resolve_targets(model, config.target_modules)
-        peft_config = LoraConfig(
-            r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=targets,
-            task_type=_PEFT_TASK[adapters.task_of(model)],
-        )
-        return get_peft_model(model, peft_config)
+        return LoraConfig(r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout,
+                          target_modules=adapters.match_targets(model, config.target_modules),
+                          task_type=adapters.peft_task_type(model))
 
     def expected_trainable_parameters(self, model, config: LoraOptions) -> int:
-        targets = resolve_targets(model, config.target_modules)
-        count = 0
-        for name, module in model.named_modules():
-            if isinstance(module, torch.nn.Linear) and any(name == t or name.endswith("." + t) for t in targets):
-                count += config.r * (module.in_features + module.out_features)
+        targets = adapters.match_targets(model, config.target_modules)
+        count = sum(config.r * (m.in_features + m.out_features) for _, m in adapters.targeted_linears(model, targets))
         if adapters.task_of(model) == "sequence-classification":  # PEFT trains a copy of the new head
-            count += sum(p.numel() for p in model.get_submodule(adapters.output_head_name(model)).parameters())
+            count += adapters.head_parameters(model)
         return count
 
-    def estimate_memory(self, model, config: LoraOptions, run):
+    def estimate_memory(self, model: adapters.ModelShape, config: LoraOptions, run: adapters.RunShape):
         """Fp32 adapters (PEFT keeps them fp32 over a bf16 base) and what they save for backward."""
-        targets = resolve_targets(model.meta_model, config.target_modules)
+        targets = adapters.match_targets(model.meta_model, config.target_modules)
         trainable = self.expected_trainable_parameters(model.meta_model, config)
-        matched = [m for n, m in model.meta_model.named_modules() if isinstance(m, torch.nn.Linear)
-                   and any(n == t or n.endswith("." + t) for t in targets)]
+        matched = [m for _, m in adapters.targeted_linears(model.meta_model, targets)]
         largest = max([config.r * max(m.in_features, m.out_features) for m in matched], default=0)
         leaves = {t.rsplit(".", 1)[-1] for t in targets}
         per_layer = [lin for lin in model.layer_linears if lin.name in leaves]
@@ -107,14 +71,7 @@ class Lora:
         return adapters.StrategyMemory(trainable, 4 * trainable, 4 * largest, gradient_flow="inputs",
                                        layer_activation_bytes=saved)
 
-    def save(self, model, directory, config):
-        adapters.save_peft(model, directory)
-
-    def load(self, model, directory, config):
-        return adapters.load_peft(self.apply(model, config), directory)
-
 
 @adapters.hookimpl
 def register_strategies(register):
-    register(Lora())
-    register(Lora("qlora", "nf4"))
+    register(Lora(), aliases={"qlora": "nf4"})  # QLoRA: LoRA on an nf4-quantized base

@@ -20,7 +20,7 @@ class PrefixOptions:
             raise ValueError(f"num_virtual_tokens must be at least 1, not {self.num_virtual_tokens}")
 
 
-class PrefixTuning:
+class PrefixTuning(adapters.PeftStrategy):
     name = "prefix-tuning"
     description = "PEFT prefix tuning: trained key/value prefixes in every attention layer"
     config_class = PrefixOptions
@@ -31,14 +31,13 @@ class PrefixTuning:
     supports_gradient_checkpointing = False
     default_learning_rate = 1e-2
 
-    def apply(self, model, config: PrefixOptions, inference: bool = False):
-        from peft import PrefixTuningConfig, get_peft_model
+    def peft_config(self, model, config: PrefixOptions, loading: bool = False):
+        from peft import PrefixTuningConfig
 
-        peft_config = PrefixTuningConfig(
-            num_virtual_tokens=config.num_virtual_tokens, prefix_projection=config.projection,
-            task_type="CAUSAL_LM", inference_mode=inference,
-        )
-        return get_peft_model(model, peft_config)
+        # With projection, PEFT saves the MLP's output, the prefix as used at inference; only an
+        # inference-mode model has that layout.
+        return PrefixTuningConfig(num_virtual_tokens=config.num_virtual_tokens, prefix_projection=config.projection,
+                                  task_type="CAUSAL_LM", inference_mode=loading and config.projection)
 
     def expected_trainable_parameters(self, model, config: PrefixOptions) -> int | None:
         if config.projection:
@@ -47,21 +46,13 @@ class PrefixTuning:
         kv_width = c.num_key_value_heads * getattr(c, "head_dim", c.hidden_size // c.num_attention_heads)
         return config.num_virtual_tokens * c.num_hidden_layers * 2 * kv_width  # a key and a value per layer
 
-    def estimate_memory(self, model, config: PrefixOptions, run):
+    def estimate_memory(self, model: adapters.ModelShape, config: PrefixOptions, run: adapters.RunShape):
         """The prefix itself (fp32); the base's attention then runs over the virtual tokens too."""
         trainable = self.expected_trainable_parameters(model.meta_model, config)
         if trainable is None:
             return None  # with projection, the MLP's width is PEFT's choice: no estimate rather than a guess
         return adapters.StrategyMemory(trainable, 4 * trainable, 4 * trainable, gradient_flow="inputs",
                                        extra_attention_tokens=config.num_virtual_tokens)
-
-    def save(self, model, directory, config):
-        adapters.save_peft(model, directory)
-
-    def load(self, model, directory, config):
-        # With projection, PEFT saves the MLP's output, the prefix as used at inference; only an
-        # inference-mode model has that layout.
-        return adapters.load_peft(self.apply(model, config, inference=config.projection), directory)
 
 
 @adapters.hookimpl

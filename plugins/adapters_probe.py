@@ -9,8 +9,6 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 
-import torch
-
 import adapters
 
 
@@ -27,7 +25,7 @@ def _checkpointing(model) -> bool:
     return False
 
 
-class LinearProbe:
+class LinearProbe(adapters.StrategyBase):
     name = "linear-probe"
     description = "frozen base; trains only a linear head on the final hidden state"
     config_class = ProbeOptions
@@ -37,11 +35,9 @@ class LinearProbe:
     flops_per_token_factor = 2  # the base runs forward only; the head's backward is negligible
 
     def expected_trainable_parameters(self, model, config: ProbeOptions) -> int:
-        head = model.get_output_embeddings() if adapters.task_of(model) == "causal-lm" \
-            else model.get_submodule(adapters.output_head_name(model))
-        return sum(p.numel() for p in head.parameters())
+        return adapters.head_parameters(model)
 
-    def estimate_memory(self, model, config: ProbeOptions, run):
+    def estimate_memory(self, model: adapters.ModelShape, config: ProbeOptions, run: adapters.RunShape):
         """The head in the compute dtype; for causal-lm a new untied copy, for classification the base's own."""
         trainable = self.expected_trainable_parameters(model.meta_model, config)
         size = trainable * run.compute_bytes
@@ -52,6 +48,8 @@ class LinearProbe:
         return adapters.StrategyMemory(trainable, size, size, gradient_flow="head", base_parameters_trained=own)
 
     def apply(self, model, config: ProbeOptions):
+        import torch
+
         adapters.freeze(model)
         # Checkpointing would only re-run a base that records no graph; input gradients would make one.
         if model.supports_gradient_checkpointing and _checkpointing(model):

@@ -20,13 +20,13 @@ import torch
 from safetensors.torch import save_file
 
 import adapters
-import adapters.hookspecs
+import adapters.host.hookspecs
 import adapters.matrix
-import adapters.plugins
+import adapters.host.manager
 import adapters.testing
 from adapters.cli import main as cli_main
-from adapters.plugins import PluginWarning
-from adapters.strategy import OPTIONAL_DEFAULTS
+from adapters.host.manager import PluginWarning
+from adapters.contract import Traits
 from adapters.testing import CHECKS, plugin_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -375,7 +375,7 @@ def test_the_readme_plugin_passes_the_kit(monkeypatch):
 
 
 def hookspecs() -> dict[str, inspect.Signature]:
-    return {name: inspect.signature(fn) for name, fn in vars(adapters.hookspecs).items()
+    return {name: inspect.signature(fn) for name, fn in vars(adapters.host.hookspecs).items()
             if callable(fn) and hasattr(fn, "adapters_spec")}
 
 
@@ -395,7 +395,7 @@ def test_every_hook_is_implemented_by_a_test():
 
 def test_the_guide_documents_every_optional_member_and_every_check():
     docs = DOCS.read_text()
-    for member in OPTIONAL_DEFAULTS:
+    for member in (f.name for f in dataclasses.fields(Traits)):
         assert f"| `{member}` |" in docs, member
     assert set(re.findall(r"^\| `([a-z-]+)` \| (?:once|each)", docs, re.M)) == set(CHECKS)
     assert "(docs/plugins.md)" in README.read_text()
@@ -481,7 +481,7 @@ class Raising:
         raise ValueError("registration exploded")
 
 
-@pytest.mark.filterwarnings("ignore::adapters.plugins.PluginWarning")  # after the first
+@pytest.mark.filterwarnings("ignore::adapters.host.manager.PluginWarning")  # after the first
 def test_a_plugin_raising_in_its_hook_is_skipped_with_a_warning(register_plugin, capsys):
     register_plugin(Raising(), name="kit_raising_plugin", strict=False)
     with pytest.warns(PluginWarning, match="kit_raising_plugin.*ValueError: registration exploded"):
@@ -489,7 +489,7 @@ def test_a_plugin_raising_in_its_hook_is_skipped_with_a_warning(register_plugin,
     assert registry.names() == BUILTINS  # what it registered before raising is dropped too
     assert registry.failures[0].entry_point == "kit_raising_plugin"
     assert registry.failures[0].stage == "registration"
-    rows = {r["name"]: r for r in adapters.plugins.list_plugins()}
+    rows = {r["name"]: r for r in adapters.host.manager.list_plugins()}
     assert rows["kit_raising_plugin"]["error"] == "ValueError: registration exploded"
     code, out, _ = run_in_process(capsys, "strategies")  # the rest of the tool works
     assert code == 0 and "lora" in out
@@ -514,7 +514,7 @@ def test_an_invalid_third_party_strategy_skips_its_plugin(register_plugin):
     assert names == BUILTINS
 
 
-@pytest.mark.filterwarnings("ignore::adapters.plugins.PluginWarning")  # after the first
+@pytest.mark.filterwarnings("ignore::adapters.host.manager.PluginWarning")  # after the first
 def test_a_builtin_name_collision_is_reported_and_the_builtin_wins(register_plugin, capsys):
     class FakeLora(Norms):
         name = "lora"
@@ -525,7 +525,7 @@ def test_a_builtin_name_collision_is_reported_and_the_builtin_wins(register_plug
     assert registry.entry("lora").plugin == "adapters_lora"
     assert registry.entry("kit-norms").plugin == "kit_colliding_plugin"  # its other strategy is kept
     assert [(c.strategy, c.plugin) for c in registry.collisions] == [("lora", "kit_colliding_plugin")]
-    rows = {r["name"]: r for r in adapters.plugins.list_plugins()}
+    rows = {r["name"]: r for r in adapters.host.manager.list_plugins()}
     assert rows["kit_colliding_plugin"]["strategies"] == ["kit-norms"]
     assert "built-in wins" in rows["kit_colliding_plugin"]["collisions"][0]
     code, out, _ = run_in_process(capsys, "plugins")
@@ -601,9 +601,9 @@ def site(tmp_path, monkeypatch):
     path = tmp_path / "site"
     path.mkdir()
     monkeypatch.syspath_prepend(str(path))
-    monkeypatch.setattr(adapters.plugins, "_pm", None)
-    monkeypatch.setattr(adapters.plugins, "_failures", [])
-    monkeypatch.setattr(adapters.plugins, "_distributions", {})
+    monkeypatch.setattr(adapters.host.manager, "_pm", None)
+    monkeypatch.setattr(adapters.host.manager, "_failures", [])
+    monkeypatch.setattr(adapters.host.manager, "_distributions", {})
     for variable in ("ADAPTERS_DISABLE_PLUGINS", "ADAPTERS_STRICT_PLUGINS"):
         monkeypatch.delenv(variable, raising=False)
     before = set(sys.modules)
@@ -624,7 +624,7 @@ def test_a_plugin_raising_on_import_is_skipped_and_listed(site, monkeypatch):
     for needle in ("'kit-broken'", "'adapters-kit-broken'", "RuntimeError: boom at import"):
         assert needle in message
     assert names == sorted(BUILTINS + ["kit-good"])  # the rest still loads
-    rows = {r["name"]: r for r in adapters.plugins.list_plugins()}
+    rows = {r["name"]: r for r in adapters.host.manager.list_plugins()}
     assert rows["kit-broken"]["distribution"] == "adapters-kit-broken"
     assert rows["kit-broken"]["error"] == "RuntimeError: boom at import" and rows["kit-broken"]["stage"] == "import"
     assert rows["kit-good"]["distribution"] == "adapters-kit-good" and rows["kit-good"]["version"] == "0.1"
@@ -639,7 +639,7 @@ def test_strict_mode_makes_an_import_failure_fatal(site, monkeypatch):
         adapters.get_registry()
     for needle in ("'kit-broken'", "'adapters-kit-broken'", "RuntimeError: boom at import", "ADAPTERS_STRICT_PLUGINS"):
         assert needle in str(info.value)
-    assert adapters.plugins._pm is None  # never cached half-loaded
+    assert adapters.host.manager._pm is None  # never cached half-loaded
 
 
 @pytest.mark.parametrize(
@@ -660,7 +660,7 @@ def test_a_misspelled_hook_in_an_entry_point_is_skipped_naming_it(site, monkeypa
     with pytest.warns(PluginWarning, match="kit-misspelled.*register_strategy.*did you mean 'register_strategies'"):
         pm = adapters.get_plugin_manager()
     assert pm.get_plugin("kit-misspelled") is None
-    monkeypatch.setattr(adapters.plugins, "_pm", None)
+    monkeypatch.setattr(adapters.host.manager, "_pm", None)
     monkeypatch.setenv("ADAPTERS_STRICT_PLUGINS", "1")
     with pytest.raises(adapters.AdaptersError, match="kit-misspelled.*register_strategy"):
         adapters.get_plugin_manager()

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import adapters
-import adapters.plugins
+import adapters.host.manager
 from adapters.cli import main as cli_main
 
 # --------------------------------------------------------------------------------------------
@@ -92,7 +92,7 @@ def test_valid_names_register(register_plugin, good):
 
 def test_a_builtin_name_stays_the_builtins_and_the_collision_names_both_plugins(register_plugin):
     register_plugin(plugin_registering(Minimal("lora")), name="test_dup_plugin")
-    with pytest.warns(adapters.plugins.PluginWarning) as caught:
+    with pytest.warns(adapters.host.manager.PluginWarning) as caught:
         registry = adapters.get_registry()
     assert registry.entry("lora").plugin == "adapters_lora"  # the built-in wins
     message = str(caught[0].message)
@@ -402,16 +402,16 @@ def test_misspelled_hook_is_rejected_at_registration_naming_the_plugin(register_
 
 
 def test_plugin_manager_turns_a_misspelled_hook_into_a_user_error(monkeypatch):
-    monkeypatch.setattr(adapters.plugins, "_pm", None)
+    monkeypatch.setattr(adapters.host.manager, "_pm", None)
     monkeypatch.setitem(sys.modules, "adapters_misspelled_test", misspelled_plugin())
-    monkeypatch.setattr(adapters.plugins, "DEFAULT_PLUGINS",
-                        adapters.plugins.DEFAULT_PLUGINS + ("adapters_misspelled_test",))
+    monkeypatch.setattr(adapters.host.manager, "DEFAULT_PLUGINS",
+                        adapters.host.manager.DEFAULT_PLUGINS + ("adapters_misspelled_test",))
     with pytest.raises(adapters.AdaptersError) as info:
-        adapters.plugins.get_plugin_manager()
+        adapters.host.manager.get_plugin_manager()
     message = str(info.value)
     assert "adapters_misspelled_test" in message and "register_strategy" in message
-    assert "adapters.hookspecs" in message
-    assert adapters.plugins._pm is None  # a broken manager is never cached
+    assert "adapters.host.hookspecs" in message
+    assert adapters.host.manager._pm is None  # a broken manager is never cached
 
 
 # --------------------------------------------------------------------------------------------
@@ -427,9 +427,9 @@ def test_builtins_are_registered_by_module_name_through_pm_register(monkeypatch)
         return original(self, plugin, name)
 
     monkeypatch.setattr(pluggy.PluginManager, "register", spy)
-    monkeypatch.setattr(adapters.plugins, "_pm", None)
-    pm = adapters.plugins.get_plugin_manager()
-    assert [name for _, name in calls] == list(adapters.plugins.DEFAULT_PLUGINS)
+    monkeypatch.setattr(adapters.host.manager, "_pm", None)
+    pm = adapters.host.manager.get_plugin_manager()
+    assert [name for _, name in calls] == list(adapters.host.manager.DEFAULT_PLUGINS)
     for plugin, name in calls:
         assert plugin is importlib.import_module(name)
         assert pm.get_plugin(name) is plugin
@@ -438,18 +438,18 @@ def test_builtins_are_registered_by_module_name_through_pm_register(monkeypatch)
 
 def test_builtins_come_from_default_plugins():
     pm = adapters.get_plugin_manager()
-    assert set(adapters.plugins.DEFAULT_PLUGINS) == {"adapters_lora", "adapters_prefix", "adapters_probe",
+    assert set(adapters.host.manager.DEFAULT_PLUGINS) == {"adapters_lora", "adapters_prefix", "adapters_probe",
                                                      "adapters_full"}
-    for name in adapters.plugins.DEFAULT_PLUGINS:
+    for name in adapters.host.manager.DEFAULT_PLUGINS:
         module = sys.modules[name]
         assert pm.get_plugin(name) is module
         assert pm.hook.register_strategies in pm.get_hookcallers(module)
     # Every strategy comes from one of them (no test plugins are loaded here).
-    assert {e.plugin for e in adapters.get_registry().entries()} == set(adapters.plugins.DEFAULT_PLUGINS)
-    rows = {r["name"]: r for r in adapters.plugins.list_plugins()}
-    for name in adapters.plugins.DEFAULT_PLUGINS:
+    assert {e.plugin for e in adapters.get_registry().entries()} == set(adapters.host.manager.DEFAULT_PLUGINS)
+    rows = {r["name"]: r for r in adapters.host.manager.list_plugins()}
+    for name in adapters.host.manager.DEFAULT_PLUGINS:
         assert rows[name]["builtin"] is True
-        assert rows[name]["distribution"] == "adapters"
+        assert rows[name]["distribution"] == "adapters-lab"
 
 
 def test_no_generic_top_level_plugins_package_is_installed(tmp_path):

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 import adapters
 from adapters import store
 from adapters.options import build_config
-from adapters.strategy import trainable_parameters
+from adapters.nn import trainable_parameters
 
 STRATEGIES = ("lora", "prefix-tuning", "linear-probe", "full-finetune")
 PEFT_STRATEGIES = ("lora", "prefix-tuning")
@@ -255,7 +255,7 @@ def test_manifest_content(name, tmp_path):
     import safetensors
     import transformers
 
-    from adapters.models import model_shape
+    from adapters.models import architecture
 
     base = tiny()
     strategy, config, model = apply(name, base)
@@ -270,7 +270,7 @@ def test_manifest_content(name, tmp_path):
     assert manifest["quantization"] == "none"
     assert manifest["task"] == "causal-lm"
     assert manifest["fingerprint"] == base.fingerprint == adapters.fingerprint(tiny().model)
-    assert manifest["shape"] == model_shape(tiny().model)
+    assert manifest["shape"] == architecture(tiny().model)
     assert manifest["shape"]["hidden_size"] == tiny().model.config.hidden_size
     assert set(manifest["files"]) | {store.MANIFEST} == {p.name for p in (tmp_path / "out").iterdir()}
     versions = manifest["versions"]

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import adapters
-from adapters.plugins import DEFAULT_PLUGINS
-from adapters.strategy import option
+from adapters.host.manager import DEFAULT_PLUGINS
+from adapters.contract import traits
 
 LABELS = ["asyncio", "email", "http", "logging", "unittest", "xml"]
 MODEL_FOR = {"causal-lm": "smollm2-135m", "sequence-classification": "minilm-l6"}
@@ -27,7 +27,7 @@ def _cases():
         if entry.plugin not in DEFAULT_PLUGINS:
             continue
         s = entry.strategy
-        default_q = option(s, "default_quantization")
+        default_q = traits(s).default_quantization
         # An alias such as qlora is lora with another default: test it at that default only.
         quants = [default_q] if default_q != "none" else sorted(s.supported_quantization)
         for task in sorted(s.supported_tasks):

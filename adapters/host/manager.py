@@ -28,12 +28,12 @@ from dataclasses import dataclass
 
 import pluggy
 
+from ..errors import AdaptersError
 from . import hookspecs
-from .errors import AdaptersError
 from .registry import Registry
-from .strategy import Strategy
 
 DEFAULT_PLUGINS = ("adapters_lora", "adapters_prefix", "adapters_probe", "adapters_full")
+DISTRIBUTION = "adapters-lab"  # our name on PyPI; `adapters` there is AdapterHub's library
 ENTRY_POINT_GROUP = "adapters"
 
 
@@ -105,7 +105,7 @@ def _warn(message: str) -> None:
 
 
 def known_hooks(pm: pluggy.PluginManager) -> list[str]:
-    """The names of the hooks that `adapters.hookspecs` declares."""
+    """The names of the hooks that `adapters.host.hookspecs` declares."""
     return sorted(n for n, caller in vars(pm.hook).items() if not n.startswith("_") and caller.has_spec())
 
 
@@ -134,7 +134,7 @@ def register_checked(pm: pluggy.PluginManager, plugin: object, name: str | None 
     except pluggy.PluginValidationError as exc:
         raise AdaptersError(
             f"plugin {label!r} implements a hook with the wrong signature: {' '.join(str(exc).split())}. "
-            "Check the hook's arguments against adapters.hookspecs (docs/plugins.md)."
+            "Check the hook's arguments against adapters.host.hookspecs (docs/plugins.md)."
         ) from exc
     except ValueError as exc:  # the name, or the same object, is already registered
         raise AdaptersError(f"plugin {label!r} cannot be registered: {' '.join(str(exc).split()[:12])}") from exc
@@ -150,7 +150,7 @@ def register_checked(pm: pluggy.PluginManager, plugin: object, name: str | None 
             hints.append(f"{hook!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
         raise AdaptersError(
             f"plugin {label!r} implements hooks that do not exist: {', '.join(hints)}. "
-            f"Known hooks: {', '.join(known)} (see adapters.hookspecs, docs/plugins.md)."
+            f"Known hooks: {', '.join(known)} (see adapters.host.hookspecs, docs/plugins.md)."
         )
     return registered
 
@@ -180,7 +180,7 @@ def _load_entry_points(pm: pluggy.PluginManager) -> None:
             continue
         try:
             if pm.has_plugin(ep.name):
-                owner = _distributions.get(ep.name, ("adapters", ""))[0]
+                owner = _distributions.get(ep.name, (DISTRIBUTION, ""))[0]
                 raise AdaptersError(f"the plugin name {ep.name!r} is already taken by distribution {owner!r}")
             register_checked(pm, ep.load(), name=ep.name)
         except Exception as exc:  # a broken plugin must not take the tool down with it
@@ -218,7 +218,7 @@ def get_plugin_manager() -> pluggy.PluginManager:
         except pluggy.PluginValidationError as exc:
             raise AdaptersError(
                 f"plugin {exc.plugin!r} implements a hook that does not exist: {exc}. "
-                "Check the hook name against adapters.hookspecs."
+                "Check the hook name against adapters.host.hookspecs."
             ) from exc
         _pm = pm
     return _pm
@@ -254,25 +254,26 @@ def _register_all(pm: pluggy.PluginManager, registry: Registry) -> None:
     for impl in impls:
         plugin = impl.plugin_name
         if plugin in DEFAULT_PLUGINS:
-            impl.function(register=lambda strategy, plugin=plugin: registry.register(strategy, plugin=plugin))
+            impl.function(register=lambda strategy, aliases=None, plugin=plugin:
+                          registry.register(strategy, plugin=plugin, aliases=aliases))
             continue
-        offered: list[Strategy] = []
         own = Registry()  # validates each strategy, and catches a name registered twice by this plugin
         try:
-            impl.function(register=offered.append)
-            for strategy in offered:
-                own.register(strategy, plugin=plugin)
+            impl.function(register=lambda strategy, aliases=None, plugin=plugin:
+                          own.register(strategy, plugin=plugin, aliases=aliases))
         except Exception as exc:  # the plugin's own code, or its invalid strategies
             _registration_failed(registry, plugin, exc)
             continue
-        for strategy in offered:
-            existing = registry.find(strategy.name)
-            if existing is not None and existing.plugin in DEFAULT_PLUGINS:
-                collision = Collision(strategy.name, plugin, distribution_of(plugin)[0], existing.plugin)
+        for entry in own.entries(aliases=False):
+            aliases = own.aliases(entry.strategy.name)
+            names = [entry.strategy.name, *aliases]
+            taken = [n for n in names if (e := registry.find(n)) is not None and e.plugin in DEFAULT_PLUGINS]
+            for name in taken:
+                collision = Collision(name, plugin, distribution_of(plugin)[0], registry.find(name).plugin)
                 registry.collisions.append(collision)
                 _warn(collision.message())
-                continue
-            registry.register(strategy, plugin=plugin)  # two third parties, one name: an error naming both
+            if not taken:  # two third parties registering one name: an error naming both
+                registry.register(entry.strategy, plugin=plugin, aliases=aliases)
 
 
 def _registration_failed(registry: Registry, plugin: str, exc: Exception) -> None:
@@ -295,7 +296,7 @@ def distribution_of(plugin_name: str) -> tuple[str, str]:
     if plugin_name in _distributions:
         return _distributions[plugin_name]
     if plugin_name in DEFAULT_PLUGINS:
-        return "adapters", _version("adapters")
+        return DISTRIBUTION, _version(DISTRIBUTION)
     return "unknown", "unknown"
 
 

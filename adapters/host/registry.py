@@ -1,0 +1,108 @@
+"""Name -> strategy, built from what the plugins register, aliases included."""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import Any
+
+from ..contract import QUANTIZATIONS, Strategy, validate_strategy
+from ..errors import AdaptersError, UnknownStrategyError
+
+
+class Alias:
+    """A strategy under another name, with another default quantization (``qlora`` is lora on nf4).
+
+    Everything but ``name``, ``description`` and ``default_quantization`` is the target's.
+    """
+
+    def __init__(self, name: str, target: Strategy, quantization: str) -> None:
+        self.name = name
+        self.target = target
+        self.default_quantization = quantization
+        self.description = f"alias for {target.name} on a {quantization}-quantized base"
+
+    def __getattr__(self, attribute: str) -> Any:
+        # Only reached for what the alias does not set itself: the target's members.
+        return getattr(self.target, attribute)
+
+    def __repr__(self) -> str:
+        return f"Alias({self.name!r} -> {self.target.name!r}@{self.default_quantization})"
+
+
+@dataclass(frozen=True)
+class Entry:
+    strategy: Strategy
+    plugin: str  # the plugin (module or entry point) that registered it
+    alias_of: str | None = None  # the strategy's own name, when this entry is an alias
+
+
+class Registry:
+    """The strategies registered by all loaded plugins, looked up by name."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, Entry] = {}
+        # Filled by `adapters.host.get_registry`: third-party plugins skipped because their
+        # registration failed, and strategies a third party offered under a built-in's name.
+        self.failures: list = []  # adapters.host.manager.PluginFailure
+        self.collisions: list = []  # adapters.host.manager.Collision
+
+    def register(self, strategy: Strategy, plugin: str, aliases: dict[str, str] | None = None) -> None:
+        """Add ``strategy``, and each alias (name -> default quantization), for ``plugin``."""
+        problems = validate_strategy(strategy)
+        for alias, quantization in (aliases or {}).items():
+            if quantization not in QUANTIZATIONS or quantization not in getattr(strategy, "supported_quantization", ()):
+                problems.append(f"alias {alias!r} names quantization {quantization!r}, which it does not support")
+        if problems:
+            label = getattr(strategy, "name", type(strategy).__name__)
+            raise AdaptersError(
+                f"plugin {plugin!r} registered an invalid strategy {label!r}: {'; '.join(problems)}. "
+                "Fix the strategy to follow the contract in docs/plugins.md."
+            )
+        entries = [Entry(strategy, plugin)]
+        entries += [Entry(Alias(a, strategy, q), plugin, strategy.name) for a, q in (aliases or {}).items()]
+        for entry in entries:
+            problems = validate_strategy(entry.strategy)
+            if problems:
+                raise AdaptersError(f"plugin {plugin!r} registered an invalid alias {entry.strategy.name!r}: "
+                                    f"{'; '.join(problems)}. Fix the alias's name.")
+            existing = self._entries.get(entry.strategy.name)
+            if existing is not None:
+                raise AdaptersError(
+                    f"strategy name {entry.strategy.name!r} is registered twice: by plugin {existing.plugin!r} "
+                    f"and by plugin {plugin!r}. Uninstall or disable one of them, or rename the strategy."
+                )
+        for entry in entries:
+            self._entries[entry.strategy.name] = entry
+
+    def get(self, name: str) -> Strategy:
+        return self.entry(name).strategy
+
+    def find(self, name: str) -> Entry | None:
+        """The entry registered under ``name``, or None."""
+        return self._entries.get(name)
+
+    def entry(self, name: str) -> Entry:
+        try:
+            return self._entries[name]
+        except KeyError:
+            pass
+        close = difflib.get_close_matches(name, self.names(), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise UnknownStrategyError(
+            f"unknown strategy {name!r}.{hint} Available: {', '.join(self.names())}. "
+            "Run `adapters strategies` to list them with their options."
+        )
+
+    def aliases(self, name: str) -> dict[str, str]:
+        """The aliases of the strategy called ``name``: alias -> its default quantization."""
+        return {e.strategy.name: e.strategy.default_quantization for e in self._entries.values() if e.alias_of == name}
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def entries(self, aliases: bool = True) -> list[Entry]:
+        """Every entry by name; ``aliases=False`` leaves out the strategies' other names."""
+        return [self._entries[n] for n in self.names() if aliases or self._entries[n].alias_of is None]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
