@@ -20,6 +20,10 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+# The distribution that ships this package (PyPI's `adapters` is AdapterHub's library); the
+# `adapters` command checks it to tell the two apart.
+__distribution__ = "adapters-lab"
+
 # name -> the module that defines it
 _EXPORTS = {
     "errors": ("AdaptersError", "TrainingFailed", "UnknownStrategyError"),

@@ -24,9 +24,8 @@ from typing import Any
 
 import torch
 
-from .errors import AdaptersError
 from .contract import QUANTIZATIONS, TASKS
-from .runspec import DEFAULT_MODEL
+from .errors import AdaptersError
 
 # Output heads stay in the compute dtype under quantization: they are what the probe and
 # classification heads train, and quantizing them saves little.

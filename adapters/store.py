@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
-import json
 import os
 import shutil
 import struct
 import uuid
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +21,10 @@ import torch
 from .contract import SavesOwnFormat, Strategy
 from .errors import AdaptersError
 from .files import write_json
+from .manifest import FORMAT_VERSION, MANIFEST, Manifest, read_manifest
 from .nn import trainable_parameters
 
-MANIFEST = "adapters.json"
 WEIGHTS = "weights.safetensors"
-FORMAT_VERSION = 1
-_REQUIRED = ("format_version", "strategy", "config", "base_model", "quantization", "task", "fingerprint", "shape")
-_SECRET_KEYS = ("trust_remote_code", "auto_map")
 
 
 def package_versions(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -130,7 +125,7 @@ def save(
     config: Any,
     base: Any,
     overwrite: bool = False,
-    extra: dict[str, Any] | None = None,
+    training: dict[str, Any] | None = None,
     plugin_versions: dict[str, str] | None = None,
 ) -> Path:
     """Save a trained strategy to ``directory`` atomically; ``base`` is the `BaseModel` it was applied to.
@@ -149,21 +144,13 @@ def save(
             strategy.save(model, tmp, config)
         else:
             save_trainable(model, tmp)
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "strategy": strategy.name,
-            "config": dataclasses.asdict(config),
-            "base_model": base.name,
-            "quantization": base.quantization,
-            "task": base.task,
-            "labels": base.labels,
-            "fingerprint": base.fingerprint,
-            "shape": architecture(base.model),
-            "files": sorted(p.name for p in tmp.iterdir()),
-            "versions": package_versions(plugin_versions),
-            **(extra or {}),
-        }
-        write_json(tmp / MANIFEST, manifest)
+        manifest = Manifest(
+            format_version=FORMAT_VERSION, strategy=strategy.name, config=dataclasses.asdict(config),
+            base_model=base.name, quantization=base.quantization, task=base.task, labels=base.labels,
+            fingerprint=base.fingerprint, shape=architecture(base.model),
+            files=sorted(p.name for p in tmp.iterdir()), versions=package_versions(plugin_versions), training=training,
+        )
+        write_json(tmp / MANIFEST, manifest.to_dict())
         _replace_dir(tmp, directory)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -184,46 +171,6 @@ def _replace_dir(new: Path, target: Path) -> None:
         os.replace(new, target)
 
 
-def read_manifest(directory: str | Path) -> dict[str, Any]:
-    """The manifest of a saved directory, validated; unknown keys from newer versions are warned about."""
-    directory = Path(directory)
-    path = directory / MANIFEST
-    if not directory.is_dir():
-        raise AdaptersError(f"{directory}: not a directory. Give the --output directory of a training run.")
-    if not path.exists():
-        raise AdaptersError(
-            f"{directory}: no {MANIFEST}; it is not a complete adapters save (an interrupted save never "
-            "writes one). Train and save again."
-        )
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AdaptersError(f"{path}: not valid JSON ({exc}). Re-save the directory.") from None
-    if not isinstance(manifest, dict):
-        raise AdaptersError(f"{path}: expected a JSON object. Re-save the directory.")
-    missing = [k for k in _REQUIRED if k not in manifest]
-    if missing:
-        raise AdaptersError(f"{path}: missing required key(s) {', '.join(missing)}. Re-save the directory.")
-    if not isinstance(manifest["format_version"], int) or isinstance(manifest["format_version"], bool):
-        raise AdaptersError(f"{path}: format_version must be an integer. Re-save the directory.")
-    if manifest["format_version"] > FORMAT_VERSION:
-        raise AdaptersError(
-            f"{path}: format_version {manifest['format_version']} is newer than this adapters supports "
-            f"({FORMAT_VERSION}). Upgrade adapters."
-        )
-    for key in ("config", "shape"):
-        if not isinstance(manifest[key], dict):
-            raise AdaptersError(f"{path}: {key} must be a JSON object, not {manifest[key]!r}. Re-save the directory.")
-    for key in _SECRET_KEYS:
-        if key in manifest or key in manifest["config"]:
-            raise AdaptersError(f"{path}: contains {key!r}, which adapters never honours. Remove it from the file.")
-    known = set(_REQUIRED) | {"labels", "files", "versions", "training"}
-    extra = sorted(set(manifest) - known)
-    if extra:
-        warnings.warn(f"{path}: ignoring unknown key(s) {', '.join(extra)} (saved by a newer adapters?)", stacklevel=2)
-    return manifest
-
-
 @dataclasses.dataclass
 class Loaded:
     """A saved strategy restored onto its base model."""
@@ -232,7 +179,7 @@ class Loaded:
     base: Any  # the BaseModel it was applied to
     strategy: Strategy
     config: Any
-    manifest: dict[str, Any]
+    manifest: Manifest
 
 
 def load(directory: str | Path, base: Any = None, *, device: Any = None) -> Loaded:
@@ -241,38 +188,38 @@ def load(directory: str | Path, base: Any = None, *, device: Any = None) -> Load
     ``base`` is a model name, a `BaseModel` from `load_base_model`, or None for the base named in the
     manifest. A base whose shapes or weights fingerprint differ from the saved one is refused.
     """
+    from .host import get_registry
     from .models import BaseModel, architecture, load_base_model
     from .options import build_config
-    from .host import get_registry
 
     directory = Path(directory)
     manifest = read_manifest(directory)
-    strategy = get_registry().get(manifest["strategy"])
+    strategy = get_registry().get(manifest.strategy)
     try:
-        config = build_config(strategy.config_class, manifest["config"], strategy.name)
+        config = build_config(strategy.config_class, manifest.config, strategy.name)
     except AdaptersError as exc:
         raise AdaptersError(f"{directory / MANIFEST}: {exc}") from None
     if not isinstance(base, BaseModel):
-        base = load_base_model(base or manifest["base_model"], manifest["quantization"], manifest["task"],
-                               manifest.get("labels") or None, device)
-    if base.task != manifest["task"]:
-        raise AdaptersError(f"{directory}: saved for task {manifest['task']}, but {base.name!r} was loaded for "
-                            f"{base.task}. Load the base with task={manifest['task']!r}.")
+        base = load_base_model(base or manifest.base_model, manifest.quantization, manifest.task,
+                               manifest.labels or None, device)
+    if base.task != manifest.task:
+        raise AdaptersError(f"{directory}: saved for task {manifest.task}, but {base.name!r} was loaded for "
+                            f"{base.task}. Load the base with task={manifest.task!r}.")
     if base.quantization not in strategy.supported_quantization:
         raise AdaptersError(
             f"{directory}: strategy {strategy.name!r} cannot load onto a {base.quantization}-quantized base "
             f"(it supports: {', '.join(sorted(strategy.supported_quantization))}). Load the base unquantized."
         )
     shape = architecture(base.model)
-    for key, saved in manifest["shape"].items():
+    for key, saved in manifest.shape.items():
         if shape.get(key) != saved:
             raise AdaptersError(
                 f"{directory}: saved for a base with {key}={saved}, but {base.name!r} has {key}={shape.get(key)}. "
-                f"Load it onto {manifest['base_model']!r}."
+                f"Load it onto {manifest.base_model!r}."
             )
-    if base.fingerprint != manifest["fingerprint"]:
+    if base.fingerprint != manifest.fingerprint:
         raise AdaptersError(
-            f"{directory}: saved for base {manifest['base_model']!r} (fingerprint {manifest['fingerprint']}), "
+            f"{directory}: saved for base {manifest.base_model!r} (fingerprint {manifest.fingerprint}), "
             f"but {base.name!r} has other weights (fingerprint {base.fingerprint}). Load it onto the base it was "
             "trained on."
         )

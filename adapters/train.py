@@ -10,9 +10,8 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -218,9 +217,8 @@ def train(spec: RunSpec, progress: bool = True) -> TrainResult:
             output = save(
                 accelerator.unwrap_model(model), s.output, strategy=run.strategy, config=run.config,
                 base=base, overwrite=s.overwrite, plugin_versions={dist: version},
-                extra={"training": {**{k: v for k, v in asdict(s).items() if k not in ("output", "overwrite")},
-                                    "quantization": run.quantization, "task": run.task,
-                                    "learning_rate": run.learning_rate}},
+                training={**{k: v for k, v in asdict(s).items() if k not in ("output", "overwrite")},
+                          "quantization": run.quantization, "task": run.task, "learning_rate": run.learning_rate},
             )
     return TrainResult(run.strategy.name, s.model, run.quantization, run.task, s.max_steps, params, before, after,
                        losses, tokens / seconds if seconds else 0.0, seconds, output,

@@ -28,12 +28,12 @@ from dataclasses import dataclass
 
 import pluggy
 
+from .. import __distribution__ as DISTRIBUTION  # our name on PyPI, where `adapters` is AdapterHub's library
 from ..errors import AdaptersError
 from . import hookspecs
 from .registry import Registry
 
 DEFAULT_PLUGINS = ("adapters_lora", "adapters_prefix", "adapters_probe", "adapters_full")
-DISTRIBUTION = "adapters-lab"  # our name on PyPI; `adapters` there is AdapterHub's library
 ENTRY_POINT_GROUP = "adapters"
 
 
@@ -259,7 +259,7 @@ def _register_all(pm: pluggy.PluginManager, registry: Registry) -> None:
             continue
         own = Registry()  # validates each strategy, and catches a name registered twice by this plugin
         try:
-            impl.function(register=lambda strategy, aliases=None, plugin=plugin:
+            impl.function(register=lambda strategy, aliases=None, plugin=plugin, own=own:
                           own.register(strategy, plugin=plugin, aliases=aliases))
         except Exception as exc:  # the plugin's own code, or its invalid strategies
             _registration_failed(registry, plugin, exc)
