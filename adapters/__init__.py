@@ -18,6 +18,7 @@ transformers, so commands that need no model start fast.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import TYPE_CHECKING, Any
 
 # The distribution that ships this package (PyPI's `adapters` is AdapterHub's library); the
@@ -34,9 +35,9 @@ _EXPORTS = {
            "trainable_parameters", "match_targets", "targeted_linears", "head_parameters"),
     "peft": ("PeftStrategy", "load_peft", "save_peft", "peft_task_type"),
     "runspec": ("RunSpec", "TrainSettings", "resolve"),
-    "models": ("BaseModel", "fingerprint", "load_base_model"),
+    "loading": ("BaseModel", "fingerprint", "load_base_model"),
     "store": ("Loaded", "load", "read_safetensors", "save"),
-    "train": ("TrainResult", "train"),
+    "training": ("TrainResult", "train"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted([*_WHERE, "get_strategy"])
@@ -44,8 +45,10 @@ __all__ = sorted([*_WHERE, "get_strategy"])
 
 def __getattr__(name: str) -> Any:
     module = _WHERE.get(name)
-    if module is None:
-        raise AttributeError(f"module 'adapters' has no attribute {name!r}")
+    if module is None:  # a submodule, as `adapters.models` was reachable after `import adapters` in 0.1
+        if name.startswith("_") or importlib.util.find_spec(f"{__name__}.{name}") is None:
+            raise AttributeError(f"module 'adapters' has no attribute {name!r}")
+        return importlib.import_module(f".{name}", __name__)
     value = getattr(importlib.import_module(f".{module}", __name__), name)
     globals()[name] = value  # later lookups skip this function
     return value
@@ -80,7 +83,7 @@ if TYPE_CHECKING:  # for type checkers and editors: the names above, imported ea
     )
     from .errors import AdaptersError, TrainingFailed, UnknownStrategyError  # noqa: F401
     from .host import get_plugin_manager, get_registry, hookimpl  # noqa: F401
-    from .models import BaseModel, fingerprint, load_base_model  # noqa: F401
+    from .loading import BaseModel, fingerprint, load_base_model  # noqa: F401
     from .nn import (  # noqa: F401
         ParameterCount,
         count_parameters,
@@ -96,4 +99,4 @@ if TYPE_CHECKING:  # for type checkers and editors: the names above, imported ea
     from .peft import PeftStrategy, load_peft, peft_task_type, save_peft  # noqa: F401
     from .runspec import RunSpec, TrainSettings, resolve  # noqa: F401
     from .store import Loaded, load, read_safetensors, save  # noqa: F401
-    from .train import TrainResult, train  # noqa: F401
+    from .training import TrainResult, train  # noqa: F401

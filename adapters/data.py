@@ -1,47 +1,30 @@
-"""Datasets for training language models: built-in defaults, file readers, tokenization.
+"""Datasets for training language models: the entry point, file readers, splits, tokenization.
 
-Dependency-light on purpose: only the standard library and torch. The built-in
-datasets are real text shipped with every CPython install, so training works
-offline and gives the same examples on every run.
+Dependency-light on purpose: only the standard library and torch. The built-in datasets
+(`adapters.corpora`) are real text shipped with every CPython install, so training works offline
+and gives the same examples on every run.
 """
 
 from __future__ import annotations
 
 import csv
-import functools
 import hashlib
-import importlib
-import inspect
 import json
 import os
-import pkgutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 
+from .contract import TASKS
 from .errors import AdaptersError
-
-TASKS = ("causal-lm", "sequence-classification")
 
 SUPPORTED_EXTENSIONS = (".txt", ".jsonl", ".csv")
 
 # Fraction of examples kept out of training for evaluation.
 HELDOUT_FRACTION = 0.1
-
-# Standard-library packages whose docstrings make up the classification set.
-# All are pure Python, import without side effects on Linux, and exist on
-# Python 3.11 and 3.12; each yields 100+ distinct docstrings.
-DOCSTRING_PACKAGES = ("asyncio", "email", "http", "logging", "unittest", "xml")
-
-# Docstrings shorter than this are mostly "Return x." style and carry little signal.
-MIN_DOCSTRING_CHARS = 40
-
-# Per-label cap so no class dominates (the packages range from ~105 to ~210).
-MAX_PER_LABEL = 150
 
 
 class DataError(AdaptersError):
@@ -104,7 +87,7 @@ def load_dataset(source: str | os.PathLike[str] | None, task: str) -> Dataset:
         labels = []
         examples = [Example(r.example.text) for r in records]
     keys = [f"{i}\0{ex.text}" for i, ex in enumerate(examples)]
-    train, heldout = _split(examples, keys)
+    train, heldout = split(examples, keys)
     return Dataset(name=name, train=train, heldout=heldout, labels=labels)
 
 
@@ -118,8 +101,10 @@ def default_dataset(task: str) -> Dataset:
 
     Built once per process and cached.
     """
+    from .corpora import python_reference, stdlib_docstrings
+
     _check_task(task)
-    cached = _python_reference() if task == "causal-lm" else _stdlib_docstrings()
+    cached = python_reference() if task == "causal-lm" else stdlib_docstrings()
     # Fresh lists so a caller that shuffles or edits them cannot corrupt the cache.
     return Dataset(cached.name, list(cached.train), list(cached.heldout), list(cached.labels))
 
@@ -200,106 +185,6 @@ def classification_batch_tensors(
         attention_mask[row, : len(ids)] = 1
         label_ids[row] = label_index[ex.label]
     return input_ids, attention_mask, label_ids
-
-
-# ---------------------------------------------------------------------------
-# Built-in datasets
-
-
-@functools.cache
-def _python_reference() -> Dataset:
-    from pydoc_data.topics import topics
-
-    # Split by topic, not by paragraph, so held-out text never shares a topic
-    # with training text.
-    names = sorted(topics)
-    examples = [Example(topics[name].strip()) for name in names]
-    train, heldout = _split(examples, names)
-    return Dataset(name="python-reference", train=train, heldout=heldout, labels=[])
-
-
-@functools.cache
-def _stdlib_docstrings() -> Dataset:
-    docs_by_label = {pkg: _package_docstrings(pkg) for pkg in DOCSTRING_PACKAGES}
-
-    # A docstring shared between packages (e.g. copied from a base class)
-    # cannot be classified correctly, so drop it from every label.
-    seen: dict[str, int] = {}
-    for docs in docs_by_label.values():
-        for doc in docs:
-            seen[doc] = seen.get(doc, 0) + 1
-
-    examples: list[Example] = []
-    for pkg, docs in docs_by_label.items():
-        unique = [doc for doc in docs if seen[doc] == 1]
-        # Cap in stable-hash order rather than discovery order so the kept
-        # sample is spread over all submodules, not the alphabetically first.
-        unique.sort(key=_stable_hash)
-        examples.extend(Example(doc, pkg) for doc in unique[:MAX_PER_LABEL])
-
-    train, heldout = _split(examples, [ex.text for ex in examples])
-    return Dataset(
-        name="stdlib-docstrings",
-        train=train,
-        heldout=heldout,
-        labels=sorted({ex.label for ex in examples if ex.label is not None}),
-    )
-
-
-def _package_docstrings(package: str) -> list[str]:
-    """Distinct docstrings of public objects defined in `package`, in a stable order."""
-    docs: dict[str, None] = {}  # ordered set
-    for module in _walk_package(package):
-        for obj in _public_objects(module, package):
-            doc = inspect.getdoc(obj)
-            if doc and len(doc.strip()) >= MIN_DOCSTRING_CHARS:
-                docs[doc.strip()] = None
-    return list(docs)
-
-
-def _walk_package(name: str) -> Iterator[ModuleType]:
-    """Import `name` and its public submodules, depth first in sorted order.
-
-    Walks by hand instead of pkgutil.walk_packages so that private modules,
-    `__main__` (which runs code on import, e.g. unittest's test runner) and
-    test packages are skipped before they are imported.
-    """
-    try:
-        module = importlib.import_module(name)
-    except Exception:  # e.g. asyncio.windows_events on Linux
-        return
-    yield module
-    path = getattr(module, "__path__", None)
-    if path is None:
-        return
-    for info in sorted(pkgutil.iter_modules(path), key=lambda i: i.name):
-        if info.name.startswith("_") or info.name in ("test", "tests"):
-            continue
-        yield from _walk_package(f"{name}.{info.name}")
-
-
-def _public_objects(module: ModuleType, package: str) -> Iterator[Any]:
-    """Public classes and functions defined in `package`, plus their public methods."""
-    namespace = vars(module)
-    for attr in sorted(namespace):
-        obj = namespace[attr]
-        if attr.startswith("_") or not (inspect.isclass(obj) or inspect.isfunction(obj)):
-            continue
-        # Skip re-exports from other packages (e.g. `socket` names in http).
-        owner = getattr(obj, "__module__", None) or ""
-        if owner != package and not owner.startswith(package + "."):
-            continue
-        yield obj
-        if inspect.isclass(obj):
-            members = vars(obj)
-            for member_name in sorted(members):
-                member = members[member_name]
-                if member_name.startswith("_"):
-                    continue
-                if isinstance(member, (staticmethod, classmethod)):
-                    member = member.__func__
-                if inspect.isfunction(member) or isinstance(member, property):
-                    yield member
 
 
 # ---------------------------------------------------------------------------
@@ -440,18 +325,18 @@ def _check_labels(name: str, records: list[_Record]) -> None:
 # Splitting and validation
 
 
-def _stable_hash(key: str) -> int:
+def stable_hash(key: str) -> int:
     # hash() is salted per process; sha256 gives the same split on every run.
     return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big")
 
 
-def _split(examples: list[Example], keys: list[str]) -> tuple[list[Example], list[Example]]:
+def split(examples: list[Example], keys: list[str]) -> tuple[list[Example], list[Example]]:
     """Split into (train, heldout), holding out about HELDOUT_FRACTION by key hash.
 
     With at least two examples both parts are non-empty: the lowest-hash
     example is always held out and the highest-hash one always trained on.
     """
-    hashes = [_stable_hash(key) for key in keys]
+    hashes = [stable_hash(key) for key in keys]
     cutoff = int(HELDOUT_FRACTION * 2**64)
     held = [h < cutoff for h in hashes]
     if len(examples) >= 2:

@@ -133,7 +133,7 @@ def save(
     Nothing saved is ever lost: without ``overwrite`` an existing non-empty directory is refused,
     and with it the old directory is replaced only once the new one is complete.
     """
-    from .models import architecture
+    from .loading import architecture
 
     directory = check_output_dir(directory, overwrite)
     directory.parent.mkdir(parents=True, exist_ok=True)
@@ -189,7 +189,7 @@ def load(directory: str | Path, base: Any = None, *, device: Any = None) -> Load
     manifest. A base whose shapes or weights fingerprint differ from the saved one is refused.
     """
     from .host import get_registry
-    from .models import BaseModel, architecture, load_base_model
+    from .loading import BaseModel, architecture, load_base_model
     from .options import build_config
 
     directory = Path(directory)

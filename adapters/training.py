@@ -19,7 +19,7 @@ from . import data as datasets
 from .contract import declared_trainable
 from .errors import AdaptersError, TrainingFailed
 from .host import distribution_of
-from .models import BaseModel, load_base_model
+from .loading import BaseModel, load_base_model
 from .nn import ParameterCount, count_parameters
 from .runspec import Run, RunSpec, resolve
 from .store import save
@@ -129,12 +129,8 @@ def make_accelerator(gradient_accumulation_steps: int = 1):
     )
 
 
-def build(run: Run, device: torch.device) -> tuple[BaseModel, torch.nn.Module, int | None]:
-    """Load the base for ``run`` and apply its strategy, seeded.
-
-    Returns the base, the model to train, and the trainable count the strategy declared for this
-    base before applying (None when it declares none).
-    """
+def load_base(run: Run, device: torch.device) -> BaseModel:
+    """The base for ``run``, loaded under its seed and set up for training, before any strategy touches it."""
     from accelerate.utils import set_seed
 
     s = run.spec
@@ -145,6 +141,16 @@ def build(run: Run, device: torch.device) -> tuple[BaseModel, torch.nn.Module, i
     base.model.config.use_cache = False
     if s.gradient_checkpointing:
         enable_gradient_checkpointing(base.model)
+    return base
+
+
+def build(run: Run, device: torch.device) -> tuple[BaseModel, torch.nn.Module, int | None]:
+    """Load the base for ``run`` (`load_base`) and apply its strategy.
+
+    Returns the base, the model to train, and the trainable count the strategy declared for this
+    base before applying (None when it declares none).
+    """
+    base = load_base(run, device)
     declared = declared_trainable(run.strategy, base.model, run.config)
     model = run.strategy.apply(base.model, run.config)
     if count_parameters(model).trainable == 0:

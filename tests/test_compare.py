@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -11,9 +12,8 @@ import jsonschema
 import pytest
 
 from adapters.cli import main as cli_main
-from adapters.compare import compare_reports, relative_to
 from adapters.errors import AdaptersError
-from adapters.reports import METRICS, schema
+from adapters.reports import METRICS, compare_reports, relative_to, schema
 
 MiB = 2**20
 
@@ -355,6 +355,26 @@ def test_corrupt_file_subprocess(tmp_path):
     bad.write_text('{"schema_version": 1, "results": [NaN')
     done = run_cli(a, str(bad))
     assert_user_error(done.returncode, done.stdout, done.stderr, "bad.json", "not a valid JSON report")
+
+
+@pytest.mark.parametrize("field, value, where", [
+    ("results", "x", "$.results"),
+    ("step_s", "fast", "$.results[0].step_s"),
+    ("tokens_per_s", None, "$.results[0].tokens_per_s"),
+])
+def test_wrong_types_subprocess(tmp_path, field, value, where):
+    a = write(tmp_path, "a.json", report(result("lora")))
+    broken = report(result("lora"))
+    if field == "results":
+        broken["results"] = value
+    else:
+        broken["results"][0][field] = value
+    bad = write(tmp_path, "wrong.json", broken)
+    done = run_cli(a, bad)
+    assert_user_error(done.returncode, done.stdout, done.stderr, "wrong.json", f"invalid report at {where}: expected",
+                      "Re-run `adapters bench`")
+    with pytest.raises(AdaptersError, match=re.escape(f"new report: invalid report at {where}")):
+        compare_reports(report(result("lora")), broken)
 
 
 def test_subprocess_success_prints_strict_json(tmp_path):

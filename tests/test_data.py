@@ -117,10 +117,10 @@ def test_stdlib_docstrings_same_in_fresh_process() -> None:
 
 
 def test_defaults_build_quickly() -> None:
-    from adapters.data import _python_reference, _stdlib_docstrings
+    from adapters.corpora import python_reference, stdlib_docstrings
 
-    _python_reference.cache_clear()
-    _stdlib_docstrings.cache_clear()
+    python_reference.cache_clear()
+    stdlib_docstrings.cache_clear()
     start = time.perf_counter()
     default_dataset("causal-lm")
     default_dataset("sequence-classification")

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import adapters
-from adapters.models import MODELS, ByteTokenizer, model_status, random_config, resolve_model
+from adapters.loading import ByteTokenizer
+from adapters.models import MODELS, model_status, random_config, resolve_model
 
 
 def test_smollm2_is_the_real_model(smollm2):

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import jsonschema
@@ -12,10 +14,24 @@ import pytest
 
 from adapters.cli import main as cli_main
 from adapters.errors import AdaptersError
-from adapters.report import _pareto, format_for, render_html, render_markdown, write_report
-from adapters.reports import schema
+from adapters.reports import (
+    SCHEMA_DIR,
+    SCHEMA_VERSION,
+    OkResult,
+    format_for,
+    json_schema,
+    load_report,
+    read_report,
+    render_html,
+    render_markdown,
+    schema,
+    write_report,
+)
+from adapters.reports.charts import pareto
+from adapters.reports.model import schema_text
 
 SCRIPT = "<script>alert(1)</script>"
+SUITE_REPORT = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "cpu-2core-default-suite.json"
 MiB = 2**20
 
 
@@ -163,21 +179,76 @@ def test_nothing_to_chart_when_no_strategy_ran():
     assert svg_count(text) == 0 and "nothing to chart" in text and "boom" in text
 
 
-def test_malformed_fields_show_as_dashes_instead_of_failing():
+@pytest.mark.parametrize("path, break_it", [
+    ("$.results", lambda r: r.update(results="x")),
+    ("$.results[0].step_s", lambda r: r["results"][0].update(step_s="fast")),
+    ("$.results[0].step_s.median", lambda r: r["results"][0]["step_s"].update(median="fast")),
+    ("$.results[0].memory", lambda r: r["results"][0].update(memory="lots")),
+    ("$.results[0].tokens_per_s", lambda r: r["results"][0].update(tokens_per_s=True)),
+    ("$.results[0].flags", lambda r: r["results"][0].update(flags="x")),
+    ("$.results[6]", lambda r: r["results"].append("not a result")),
+    ("$.results[0].status", lambda r: r["results"][0].update(status="fine")),
+    ("$.results[0]", lambda r: r["results"][0].pop("step_s")),
+    ("$.provenance.command", lambda r: r["provenance"].update(command="adapters bench")),
+    ("$.settings.model", lambda r: r["settings"].update(model=["odd"])),
+])
+def test_malformed_fields_are_a_clean_error_naming_the_path(tmp_path, path, break_it):
     report = cpu_report()
-    broken = report["results"][0]
-    broken.update(step_s=0.5, memory="lots", tokens_per_s="fast", trainable_parameters=None, flags="x", quality=[])
-    report["results"].append("not a result")
-    report["provenance"].update(command="adapters bench", versions=None, cpu="?", gpu="?")
-    report["settings"] = {"model": ["odd"]}
+    break_it(report)
+    with pytest.raises(jsonschema.ValidationError):  # the shipped schema refuses it too
+        jsonschema.Draft202012Validator(schema()).validate(report)
     for render in (render_html, render_markdown):
-        assert "lora@nf4" in render([report])
+        with pytest.raises(AdaptersError, match=re.escape(f"report 1: invalid report at {path}: ")):
+            render([report])
+    src = tmp_path / "broken.json"
+    src.write_text(json.dumps(report))
+    with pytest.raises(AdaptersError) as info:
+        load_report(src)
+    message = str(info.value)
+    assert message.startswith(f"{src}: invalid report at {path}: ") and "\n" not in message
+    assert message.endswith("Re-run `adapters bench` to write a valid report.")
+
+
+def test_unknown_fields_are_tolerated_and_kept_in_the_raw_data(tmp_path):
+    report = cpu_report()
+    report["added_later"] = {"x": 1}
+    report["provenance"]["container"] = "ghcr.io/x"
+    report["results"][0]["memory"]["components"]["kv_cache"] = 12
+    report["results"][3]["retries"] = 2
+    src = tmp_path / "r.json"
+    src.write_text(json.dumps(report))
+    assert load_report(src).results[0].memory.components.gradients == report["results"][0]["memory"]["components"][
+        "gradients"]
+    assert read_report(src) == report
+    assert "lora@nf4" in render_markdown([load_report(src)])
+
+
+def test_the_checked_in_default_suite_report_loads_and_renders():
+    report = load_report(SUITE_REPORT)
+    jsonschema.Draft202012Validator(schema()).validate(json.loads(SUITE_REPORT.read_text()))
+    assert [r.strategy for r in report.results] == ["lora", "lora@nf4", "prefix-tuning", "linear-probe",
+                                                    "full-finetune"]
+    assert all(isinstance(r, OkResult) and r.prediction.status == "ok" for r in report.results)
+    assert report.provenance.gpu is None and report.settings.device == "cpu"
+    text = render_markdown([report], sources=[SUITE_REPORT.name])
+    assert "| lora | ok | 4,884,480 (3.5%) | 1.14 s ±7% | 224 | 1.19 GiB |" in text
+    page = render_html([report], sources=[SUITE_REPORT.name])
+    assert svg_count(page) == 4 and "AMD EPYC, 2 cores" in page
+
+
+def test_the_shipped_schema_is_generated_from_the_model():
+    shipped = (SCHEMA_DIR / f"report-v{SCHEMA_VERSION}.schema.json").read_text()
+    assert shipped == schema_text(), (
+        "adapters/schemas/report-v1.schema.json differs from the model; regenerate it with "
+        "`python -m adapters.reports.model > adapters/schemas/report-v1.schema.json`")
+    assert schema() == json_schema()
+    jsonschema.Draft202012Validator.check_schema(json_schema())
 
 
 def test_pareto_front():
     points = [(1.0, 10.0), (2.0, 30.0), (3.0, 20.0), (2.0, 5.0), (4.0, 40.0)]
-    assert _pareto(points, y_higher_better=True) == [0, 1, 4]
-    assert _pareto(points, y_higher_better=False) == [0, 3]  # lower is better: least memory, lowest value
+    assert pareto(points, y_higher_better=True) == [0, 1, 4]
+    assert pareto(points, y_higher_better=False) == [0, 3]  # lower is better: least memory, lowest value
 
 
 # --------------------------------------------------------------------------------------------
@@ -301,6 +372,80 @@ def test_cli_errors(tmp_path, capsys, report_files):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corrupt.json", "cpu.json", "gpu.json"]
 
 
+def test_cli_malformed_report_is_one_line_exit_2(tmp_path, capsys):
+    for name, break_it, where in (("results.json", lambda r: r.update(results="x"), "$.results"),
+                                  ("step.json", lambda r: r["results"][0].update(step_s="fast"),
+                                   "$.results[0].step_s")):
+        report = cpu_report()
+        break_it(report)
+        src = tmp_path / name
+        src.write_text(json.dumps(report))
+        for fmt in ("markdown", "html"):
+            code, _, err = run_in_process(capsys, "report", str(src), "--format", fmt)
+            assert_user_error(code, err, name, f"invalid report at {where}: expected", "Re-run `adapters bench`")
+            assert "Traceback" not in err
+
+
+def test_html_labels_runs_by_file_name_or_label(tmp_path, capsys):
+    a, b = tmp_path / "before.json", tmp_path / "after.json"
+    a.write_text(json.dumps(cpu_report()))
+    b.write_text(json.dumps(cpu_report()))  # same model and machine: told apart by file name, not by time
+    text = write_report([a, b], format="html")
+    assert "before.json: random:tiny on cpu" in text and "after.json: random:tiny on cpu" in text
+    assert "2026-11-28T04:31:02+00:00</" not in text.split("<figure>")[0]  # not labelled by timestamp
+    assert "Comparison: after.json against before.json" in text
+    out = tmp_path / "r.html"
+    code, _, err = run_in_process(capsys, "report", str(a), str(b), "--label", "old", "--label", "new",
+                                  "--output", str(out))
+    assert code == 0, err
+    text = out.read_text()
+    assert "old (before.json): random:tiny on cpu" in text and "Comparison: new against old" in text
+    code, _, err = run_in_process(capsys, "report", str(a), str(b), "--label", "old")
+    assert_user_error(code, err, "--label given 1 time(s) for 2 report(s)")
+    code, _, err = run_in_process(capsys, "report", str(a), str(b), "--label", "x", "--label", "x")
+    assert_user_error(code, err, "distinct")
+
+
+def test_html_compares_exactly_two_reports():
+    base = cpu_report()
+    new = cpu_report()
+    new["results"][0] = ok_result("lora", 1166.0, 3.25, loss_after=6.138)  # half the tokens/s
+    text = render_html([base, new], sources=["base.json", "new.json"])
+    section = text[text.index('id="comparison"'):text.index('id="report-1"')]
+    row = next(r for r in section.split("<tr>") if r.startswith('<td class="nowrap">lora</td><td>tokens/s</td>'))
+    assert "2,332 tok/s" in row and "1,166 tok/s" in row and "0.500" in row and '<td class="worse">! worse</td>' in row
+    assert "not compared: prefix-tuning (oom, then oom)" in section
+    assert 'id="comparison"' not in render_html([base]) and 'id="comparison"' not in render_html([base, new, new])
+    nothing = make_report([{"strategy": "lora", "status": "failed", "message": "boom"}])
+    assert "Not compared: the reports have no strategy that ran ok in both" in render_html([nothing, nothing])
+
+
+def test_throughput_chart_draws_the_step_time_spread_as_error_bars(page):
+    throughput = page[page.index("<figure>"):page.index("</figure>")]
+    assert "error bar spans the tokens per second of its slowest to its fastest step" in throughput
+    bars = re.search(r'<g id="LineCollection_1">(.*?)</g>', throughput, re.S)
+    assert bars, "no error bars in the throughput chart"
+    assert bars.group(1).count("stroke: #1a202c") == 4  # one per strategy that ran
+
+
+def test_markdown_and_compare_import_neither_torch_nor_matplotlib(tmp_path):
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(cpu_report()))
+    b.write_text(json.dumps(cpu_report()))
+    code = (
+        "import sys\n"
+        "from adapters.reports import run_compare, write_report\n"
+        f"text = write_report([{str(a)!r}], None, 'markdown')\n"
+        f"out, code = run_compare([{str(a)!r}, {str(b)!r}])\n"
+        "assert text.startswith('# adapters') and 'noise' in out and code == 0\n"
+        "print(sorted(m for m in ('torch', 'matplotlib') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "ADAPTERS_LOAD_PLUGINS": ""})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
 # --------------------------------------------------------------------------------------------
 # A real browser
 
@@ -323,3 +468,11 @@ def test_headless_chromium_renders_the_page(tmp_path):
     assert shot.exists(), done.stderr[-2000:]
     assert shot.stat().st_size > 10_000  # a blank page compresses to a few hundred bytes
     shutil.rmtree(tmp_path / "profile", ignore_errors=True)
+
+
+def test_every_public_name_resolves_lazily():
+    import adapters.reports as reports
+
+    assert set(reports.__all__) == set(reports._MODULE_OF)
+    for name in reports.__all__:
+        assert getattr(reports, name) is not None, name

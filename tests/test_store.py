@@ -255,7 +255,7 @@ def test_manifest_content(name, tmp_path):
     import safetensors
     import transformers
 
-    from adapters.models import architecture
+    from adapters.loading import architecture
 
     base = tiny()
     strategy, config, model = apply(name, base)
@@ -293,7 +293,7 @@ def test_manifest_with_remote_code_keys_is_refused_before_any_base_loads(where, 
 
     def no_base(*args, **kwargs):
         raise AssertionError("a base model was loaded from a manifest that asks for remote code")
-    monkeypatch.setattr(adapters.models, "load_base_model", no_base)
+    monkeypatch.setattr(adapters.loading, "load_base_model", no_base)
 
     with pytest.raises(adapters.AdaptersError, match=key) as err:
         adapters.load(tmp_path / "out")

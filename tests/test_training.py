@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import adapters
-from adapters.train import enable_gradient_checkpointing
+from adapters.training import enable_gradient_checkpointing
 
 SMALL = dict(max_steps=2, batch_size=2, seq_len=32, eval_batches=1)
 

@@ -1,0 +1,72 @@
+"""Benchmark reports: the typed format, loading, comparing, and rendering as markdown or HTML.
+
+Modules, one job each:
+
+* `model`: the report as msgspec structs; the shipped JSON Schema is generated from it.
+* `load`: strict JSON, version checks and upgrades, typed errors as `AdaptersError`.
+* `metrics`: the numbers compared between reports (`METRICS`).
+* `compare`: verdicts against noise, ``--fail-on``, ``--reference``; returns data.
+* `tables`, `markdown`, `html`, `charts`: what the rendered reports show (charts need matplotlib).
+* `commands`: what `adapters compare` and `adapters report` print and write.
+
+The names below are imported on first use, so ``import adapters.reports`` is cheap and never loads
+matplotlib or torch.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "model": ["SCHEMA_VERSION", "SCHEMA_DIR", "Report", "Provenance", "Settings", "OkResult", "NotRun", "Result",
+              "json_schema", "schema", "write_schema"],
+    "load": ["load_report", "read_report", "as_report"],
+    "metrics": ["METRICS", "Metric"],
+    "compare": ["Comparison", "Failure", "Relative", "Row", "compare_reports", "noise_band", "parse_fail_on",
+                "relative_to"],
+    "commands": ["FORMATS", "format_comparison", "format_for", "format_relative", "run_compare", "write_report"],
+    "markdown": ["render_markdown"],
+    "html": ["render_html"],
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = [
+    "Comparison", "FORMATS", "Failure", "METRICS", "Metric", "NotRun", "OkResult", "Provenance", "Relative",
+    "Report", "Result", "Row", "SCHEMA_DIR", "SCHEMA_VERSION", "Settings", "as_report", "compare_reports",
+    "format_comparison", "format_for", "format_relative", "json_schema", "load_report", "noise_band",
+    "parse_fail_on", "read_report", "relative_to", "render_html", "render_markdown", "run_compare", "schema",
+    "write_report", "write_schema",
+]
+
+if TYPE_CHECKING:
+    from .commands import FORMATS, format_comparison, format_for, format_relative, run_compare, write_report
+    from .compare import Comparison, Failure, Relative, Row, compare_reports, noise_band, parse_fail_on, relative_to
+    from .html import render_html
+    from .load import as_report, load_report, read_report
+    from .markdown import render_markdown
+    from .metrics import METRICS, Metric
+    from .model import (
+        SCHEMA_DIR,
+        SCHEMA_VERSION,
+        NotRun,
+        OkResult,
+        Provenance,
+        Report,
+        Result,
+        Settings,
+        json_schema,
+        schema,
+        write_schema,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

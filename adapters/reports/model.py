@@ -1,0 +1,265 @@
+"""The benchmark report, typed: what `adapters bench` writes, as msgspec structs.
+
+The model is the format's one definition. `adapters.reports.load_report` decodes files through it,
+and the shipped JSON Schema (``schemas/report-v1.schema.json``) is generated from it::
+
+    python -m adapters.reports.model > adapters/schemas/report-v1.schema.json
+
+Values that were not measured are ``None`` (JSON null). Fields a struct does not name are ignored on
+loading, so files with later minor additions still load. A result is an `OkResult` (every
+measurement present) or, for a strategy that did not run to the end, a `NotRun` subclass that
+carries only the ``strategy`` and a ``message``; ``status`` tells them apart.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta, Struct
+
+SCHEMA_VERSION = 1  # bump together with Report.schema_version, and add an upgrade in load.py
+SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
+SCHEMA_ID = "https://adapters.invalid/schemas/report-v{version}.schema.json"
+
+Count = Annotated[int, Meta(ge=1)]
+NonNegative = Annotated[int, Meta(ge=0)]
+Seconds = Annotated[float, Meta(gt=0)]
+Bytes = int  # a remainder (activations) can come out slightly negative from measurement noise
+
+
+class Cpu(Struct, kw_only=True):
+    """The CPU the report ran on."""
+
+    model: str
+    cores: int | None  # os.cpu_count() may not know
+
+
+class Gpu(Struct, kw_only=True):
+    """The GPUs the report ran on (the first one's name and memory)."""
+
+    name: str
+    count: Count
+    memory_bytes: int
+
+
+class Provenance(Struct, kw_only=True):
+    """Where a report came from: code, command, software, machine."""
+
+    commit: str | None
+    dirty: bool | None  # uncommitted changes in the checkout; None outside git
+    command: list[str]
+    seed: int
+    versions: dict[str, str | None]
+    plugins: dict[str, str]
+    python: str
+    os: str
+    cpu: Cpu
+    gpu: Gpu | None
+
+
+class Settings(Struct, kw_only=True):
+    """What was run: `adapters bench`'s settings plus what the machine decided (dtype, device)."""
+
+    model: str
+    strategies: list[str]
+    task: str | None = None
+    batch_size: Count
+    seq_len: Count
+    steps: Count  # timed steps per repeat
+    warmup: NonNegative
+    repeats: Count
+    gradient_checkpointing: bool
+    seed: int
+    quality_steps: NonNegative = 0
+    find_max: Literal["batch_size", "seq_len"] | None = None
+    memory_limit: str | None = None
+    output: str | None = None
+    gradient_accumulation_steps: Count
+    effective_batch_size: Count
+    dtype: Literal["float32", "bfloat16", "float16"]
+    device: Literal["cpu", "cuda"]
+
+
+class StepTimes(Struct, kw_only=True):
+    """Seconds per training step over every timed step; ``spread`` is (max - min) / median."""
+
+    median: Seconds
+    min: Seconds
+    max: Seconds
+    spread: Annotated[float, Meta(ge=0)]
+    repeat_medians: Annotated[list[float], Meta(min_length=1)]
+
+
+class MemoryComponents(Struct, kw_only=True):
+    """What holds the peak, in bytes; activations and temporaries are the measured rest."""
+
+    base_weights_quantized: Bytes
+    base_weights_unquantized: Bytes
+    trainable_parameters: Bytes
+    gradients: Bytes
+    optimizer_state: Bytes
+    activations_and_temporaries: Bytes
+
+
+class Memory(Struct, kw_only=True):
+    """Peak memory of a training step and where it was measured."""
+
+    peak_bytes: NonNegative
+    source: Literal["cuda_max_memory_allocated", "cpu_profiler_allocation_events"]
+    components: MemoryComponents
+    peak_rss_bytes: int
+    reserved_bytes: int | None
+    nvml_used_bytes: int | None
+
+
+class Quality(Struct, kw_only=True):
+    """Held-out quality before and after a few training steps on real data (``status`` failed: no numbers)."""
+
+    steps: Count
+    status: Literal["ok", "failed"]
+    before: dict[str, float] | None = None  # e.g. loss, perplexity, accuracy
+    after: dict[str, float] | None = None
+    losses: list[float | None] | None = None
+    message: str | None = None
+
+
+class Prediction(Struct, kw_only=True):
+    """`adapters plan`'s prediction for the measured run; the numbers are present when ``status`` is ok."""
+
+    status: str  # "ok", or why there is no estimate
+    message: str | None
+    peak_bytes: NonNegative | None = None
+    phase: str | None = None
+    components: dict[str, int] | None = None
+    error_pct: dict[str, float | None] | None = None  # (predicted - measured) / measured, per component and total
+
+
+class _Result(Struct, kw_only=True, tag_field="status"):
+    strategy: str  # the spec benchmarked, e.g. "lora@nf4"
+    message: str | None = None
+
+    @property
+    def status(self) -> str:
+        return type(self).__struct_config__.tag
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+class OkResult(_Result, tag="ok", kw_only=True):
+    """A strategy that trained: its timings, memory, parameters and quality."""
+
+    name: str
+    quantization: Literal["none", "nf4", "fp4", "int8"]
+    task: Literal["causal-lm", "sequence-classification"]
+    load_s: Annotated[float, Meta(ge=0)]
+    step_s: StepTimes
+    steps_run: int | None = None
+    tokens_per_step: Count
+    tokens_per_s: Annotated[float, Meta(gt=0)]
+    trainable_parameters: Count
+    declared_trainable_parameters: int | None = None
+    total_parameters: Count
+    final_loss: float | None = None
+    memory: Memory
+    mfu: float | None
+    energy_j_per_token: float | None
+    quality: Quality | None
+    flags: list[str]
+    prediction: Prediction | None = None
+
+
+class NotRun(_Result):
+    """A strategy that did not run to the end; ``message`` says why."""
+
+
+class Refused(NotRun, tag="refused"):
+    """The strategy refused the settings (e.g. full fine-tuning of a quantized base)."""
+
+
+class Failed(NotRun, tag="failed"):
+    """The run raised an error or stopped on a non-finite loss."""
+
+
+class OutOfMemory(NotRun, tag="oom"):
+    """The run ran out of memory."""
+
+
+class Cancelled(NotRun, tag="cancelled"):
+    """The user interrupted the benchmark before this strategy ran."""
+
+
+Result = OkResult | Refused | Failed | OutOfMemory | Cancelled
+
+
+class CapacityTry(Struct, kw_only=True):
+    """One real run of a capacity search."""
+
+    value: Count
+    status: str  # a result status, or "over limit"
+    peak_bytes: int | None
+    message: str | None = None
+
+
+class Capacity(Struct, kw_only=True):
+    """The largest batch size or sequence length that trained under the limit, and the plan's prediction of it."""
+
+    strategy: str
+    parameter: Literal["batch_size", "seq_len"]
+    limit_bytes: int | None
+    largest: int | None
+    peak_bytes: int | None = None  # at the largest value that worked
+    predicted_largest: int | None
+    tries: list[CapacityTry]
+
+
+class Report(Struct, kw_only=True):
+    """An adapters benchmark report, as `adapters bench` writes it."""
+
+    schema_version: Literal[1]
+    created: str  # ISO 8601, UTC
+    provenance: Provenance
+    settings: Settings
+    results: list[Result]
+    capacity: list[Capacity] = []
+
+    def ok_results(self) -> list[OkResult]:
+        return [r for r in self.results if isinstance(r, OkResult)]
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema (draft 2020-12) of the current report version, generated from the model."""
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": SCHEMA_ID.format(version=SCHEMA_VERSION),
+        "title": f"adapters benchmark report, schema_version {SCHEMA_VERSION}",
+        **msgspec.json.schema(Report),
+    }
+
+
+def schema_text() -> str:
+    """`json_schema` as the shipped file holds it."""
+    return json.dumps(json_schema(), indent=2, allow_nan=False) + "\n"
+
+
+def schema_path(version: int = SCHEMA_VERSION) -> Path:
+    return SCHEMA_DIR / f"report-v{version}.schema.json"
+
+
+def schema(version: int = SCHEMA_VERSION) -> dict[str, Any]:
+    """The shipped JSON Schema of a report version."""
+    return json.loads(schema_path(version).read_text())
+
+
+def write_schema() -> Path:
+    """Regenerate the shipped schema file of the current version from the model."""
+    from ..files import write_atomic
+
+    return write_atomic(schema_path(), schema_text())
+
+
+if __name__ == "__main__":
+    print(schema_text(), end="")
