@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -11,10 +12,18 @@ import jsonschema
 import pytest
 
 import adapters
-from adapters.bench import BenchSettings, cpu_peak_tensor_bytes, measure, run_bench, settings_from
-from adapters.reports import load_report, schema
+from adapters.bench import BenchSettings, ProfilerUnavailable, cpu_peak_tensor_bytes, run_bench, settings_from
+from adapters.bench.measure import measure
+from adapters.reports import read_report as load_report  # the plain JSON data, checked through the model
+from adapters.reports import schema
 
 TINY = dict(model="random:tiny", batch_size=2, seq_len=32, steps=2, warmup=1)
+
+
+def measure_tiny(strategy, **changes):
+    """One case of the TINY suite, measured in this process as the worker does."""
+    settings = BenchSettings(**{**TINY, **changes})
+    return measure(settings.spec(strategy), settings.measurement())
 
 
 @pytest.fixture(scope="module")
@@ -94,10 +103,47 @@ def test_cpu_peak_counts_tensors_alive_before_the_step():
     assert 8 * 2**20 <= peak < 9 * 2**20
 
 
+def _without_action(monkeypatch):
+    from torch.profiler import _memory_profiler
+
+    monkeypatch.delattr(_memory_profiler, "Action")
+
+
+def _without_memory_profile(monkeypatch):
+    from torch.profiler import profile
+
+    owner = next(c for c in profile.__mro__ if "_memory_profile" in vars(c))  # a base class defines it
+    monkeypatch.delattr(owner, "_memory_profile")
+
+
+@pytest.mark.parametrize("remove, missing", [(_without_action, "Action"), (_without_memory_profile, "_memory_profile")])
+def test_a_torch_without_the_private_profiler_api_fails_clearly_before_the_step(monkeypatch, remove, missing):
+    import torch
+
+    remove(monkeypatch)
+    ran = []
+    with pytest.raises(ProfilerUnavailable, match=f"torch {re.escape(torch.__version__)} has no usable .*{missing}"):
+        cpu_peak_tensor_bytes(lambda: ran.append(1))
+    assert ran == []  # refused before the step, not after it ran for nothing
+
+
+def test_a_case_travels_to_the_worker_as_a_run_spec(tmp_path):
+    from adapters.bench.worker import work
+    from adapters.files import write_json
+
+    settings = BenchSettings(**TINY)
+    case, out = tmp_path / "case.json", tmp_path / "result.json"
+    write_json(case, {"spec": settings.spec("full-finetune@nf4").to_dict(),
+                      "measurement": settings.measurement().to_dict()})
+    assert work(str(case), str(out)) == 0
+    result = json.loads(out.read_text())  # refused by resolve(spec) in the worker, before any model loads
+    assert result["strategy"] == "full-finetune@nf4" and result["status"] == "refused"
+
+
 def test_quantized_base_weights_are_counted_as_quantized():
-    result = measure(BenchSettings(**TINY), "lora@nf4")
+    result = measure_tiny("lora@nf4")
     components = result["memory"]["components"]
-    plain = measure(BenchSettings(**TINY), "lora")["memory"]["components"]
+    plain = measure_tiny("lora")["memory"]["components"]
     assert components["base_weights_quantized"] > 0 and plain["base_weights_quantized"] == 0
     # 4-bit linear weights take well under a quarter of their fp32 size.
     assert components["base_weights_quantized"] < 0.3 * (plain["base_weights_unquantized"]
@@ -208,15 +254,14 @@ class _UndercountingPlugin:
 
 def test_a_trainable_count_that_disagrees_with_the_declaration_is_flagged(register_plugin):
     register_plugin(_UndercountingPlugin(), name="undercount-plugin")
-    result = measure(BenchSettings(**TINY), "lora-undercount")
+    result = measure_tiny("lora-undercount")
     assert result["declared_trainable_parameters"] == result["trainable_parameters"] - 1
     assert any("disagrees with the strategy's declared" in f for f in result["flags"])
 
 
 def test_short_data_still_gives_the_asked_batch_shape(monkeypatch):
-    import importlib
+    import adapters.training as pipeline
 
-    pipeline = importlib.import_module("adapters.train")  # the module; adapters.train is the function
     real = pipeline.make_batches
 
     def one_row(*args, **kwargs):  # data with a single sequence of seq_len tokens
@@ -224,5 +269,5 @@ def test_short_data_still_gives_the_asked_batch_shape(monkeypatch):
         return pipeline._Tensors(**{k: v[:1] for k, v in data.tensors.items()})
 
     monkeypatch.setattr(pipeline, "make_batches", one_row)
-    result = measure(BenchSettings(**{**TINY, "batch_size": 4}), "lora")
+    result = measure_tiny("lora", batch_size=4)
     assert result["tokens_per_step"] == 4 * TINY["seq_len"]  # rows repeated, never a smaller batch

@@ -1,0 +1,300 @@
+"""Measure one case in this process: the worker's job.
+
+It reuses the training pipeline (`adapters.training.build`, `training_step`), so what is measured is
+what `adapters train` runs: load and apply, then time the steps, split the memory peak into its
+parts, and, on a GPU, add MFU and energy; optionally held-out quality over a short real training.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import resource
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..contract import traits
+from ..errors import AdaptersError, TrainingFailed
+from ..nn import ParameterCount, count_parameters, trainable_parameters
+from ..runspec import Run, RunSpec, resolve
+from ..text import parse_size
+from .profiler import cpu_peak_tensor_bytes
+from .settings import Measurement
+
+# Dense bf16 peak FLOP/s per GPU, for MFU (vendor datasheets, without sparsity).
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 70e12,
+                   "RTX 4090": 165e12, "B200": 2250e12}
+
+
+def peak_bf16_flops(device_name: str) -> float | None:
+    """The dense bf16 peak of a GPU by name, or None when unknown."""
+    for key, flops in PEAK_BF16_FLOPS.items():
+        if key.lower() in device_name.lower():
+            return flops
+    return None
+
+
+@dataclass
+class _Training:
+    """A model ready to step on one fixed batch."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    batch: dict[str, torch.Tensor]
+    step: Callable[[int], torch.Tensor]  # one training step (its number) -> the loss
+    load_s: float
+    params: ParameterCount
+    declared: int | None  # the trainable count the strategy declared, if it does
+
+
+def measure(spec: RunSpec, measurement: Measurement) -> dict[str, Any]:
+    """Load, apply, time and measure the run ``spec`` in this process; the result as the report holds it."""
+    run = resolve(spec)
+    cuda = torch.cuda.is_available()
+    if cuda:
+        _prepare_gpu(measurement.memory_limit)
+    training = _set_up(run)
+    before = _checksums(training.model)
+    for i in range(measurement.warmup):
+        training.step(i + 1)
+    nvml = _Nvml() if cuda else None
+    energy_start = nvml.energy_mj() if nvml else None
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times, losses = _time_steps(training.step, measurement, cuda)
+    energy_end = nvml.energy_mj() if nvml else None
+    result = _result(run, measurement, training, times, losses)
+    result["memory"] = _memory(training, cuda, nvml)
+    result["flags"] = _flags(training, before)
+    if cuda:
+        timed_tokens = result["tokens_per_step"] * measurement.steps * measurement.repeats
+        result["mfu"] = _mfu(run, training.params, result["tokens_per_s"])
+        if energy_start is not None and energy_end is not None:
+            result["energy_j_per_token"] = (energy_end - energy_start) / 1000 / timed_tokens
+    if measurement.quality_steps:
+        del training  # free its memory before the quality run loads the model again
+        result["quality"], quality_flags = _quality(spec, measurement.quality_steps)
+        result["flags"].extend(quality_flags)
+    return result
+
+
+def _prepare_gpu(memory_limit: str | None) -> None:
+    if torch.cuda.memory_allocated() > 0:
+        raise AdaptersError("the GPU already holds memory before loading; measurements would be wrong.")
+    if memory_limit:  # past the limit, a real out-of-memory error
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, parse_size(memory_limit) / total))
+
+
+def _set_up(run: Run) -> _Training:
+    """Load and apply the strategy, and put the model, its optimizer and one batch on the device."""
+    from ..training import build, make_accelerator, make_batches, training_step
+
+    accelerator = make_accelerator()
+    start = time.perf_counter()
+    base, model, declared = build(run, accelerator.device)
+    load_s = time.perf_counter() - start
+    params = count_parameters(model)
+    data = make_batches(run.dataset.train, base, run.spec.seq_len, "train")
+    # The asked batch shape, whatever the data's size: short data repeats its rows (memory and
+    # speed do not depend on the values; a silently smaller batch would be measured wrongly).
+    rows = torch.arange(run.spec.batch_size) % len(data)
+    batch = {k: v[rows] for k, v in data.tensors.items()}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=run.learning_rate)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+    model.train()
+
+    def step(i: int) -> torch.Tensor:
+        return training_step(model, batch, optimizer, accelerator, i)
+
+    return _Training(model, optimizer, batch, step, load_s, params, declared)
+
+
+def _time_steps(step: Callable[[int], torch.Tensor], measurement: Measurement,
+                cuda: bool) -> tuple[list[list[float]], list[float]]:
+    """Seconds of each timed step, per repeat, and every step's loss."""
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    times: list[list[float]] = []
+    losses: list[float] = []
+    for _ in range(measurement.repeats):
+        repeat = []
+        for i in range(measurement.steps):
+            sync()
+            start = time.perf_counter()
+            losses.append(step(i + 1).item())
+            sync()
+            repeat.append(time.perf_counter() - start)
+        times.append(repeat)
+    return times, losses
+
+
+def _result(run: Run, measurement: Measurement, training: _Training, times: list[list[float]],
+            losses: list[float]) -> dict[str, Any]:
+    """The result's identity, timings and counts; memory, flags and the GPU's numbers are added after."""
+    flat = sorted(t for repeat in times for t in repeat)
+    median = statistics.median(flat)
+    batch = training.batch
+    tokens = int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+    return {
+        "strategy": run.spec.strategy,
+        "name": run.strategy.name,
+        "quantization": run.quantization,
+        "task": run.task,
+        "status": "ok",
+        "message": None,
+        "load_s": training.load_s,
+        "step_s": {"median": median, "min": flat[0], "max": flat[-1], "spread": (flat[-1] - flat[0]) / median,
+                   "repeat_medians": [statistics.median(r) for r in times]},
+        "steps_run": measurement.warmup + measurement.steps * measurement.repeats,
+        "tokens_per_step": tokens,
+        "tokens_per_s": tokens / median,
+        "trainable_parameters": training.params.trainable,
+        "declared_trainable_parameters": training.declared,
+        "total_parameters": training.params.total,
+        "final_loss": losses[-1],
+        "memory": None,
+        "mfu": None,
+        "energy_j_per_token": None,
+        "quality": None,
+        "flags": [],
+    }
+
+
+# ------------------------------------------------------------------------------------------ memory
+
+
+def _memory(training: _Training, cuda: bool, nvml: _Nvml | None) -> dict[str, Any]:
+    """The step's peak, split into what is held outside the step and the step's own activations."""
+    static = static_components(training.model, training.optimizer)
+    gradients = static["trainable_parameters"]  # at the backward peak, every trainable weight has its gradient
+    if cuda:
+        peak, source = torch.cuda.max_memory_allocated(), "cuda_max_memory_allocated"
+    else:
+        peak, source = cpu_peak_tensor_bytes(lambda: training.step(0)), "cpu_profiler_allocation_events"
+    components = {**static, "gradients": gradients}
+    components["activations_and_temporaries"] = peak - sum(components.values())
+    return {
+        "peak_bytes": peak,
+        "source": source,
+        "components": components,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux reports KiB
+        "reserved_bytes": torch.cuda.max_memory_reserved() if cuda else None,
+        "nvml_used_bytes": nvml.used_bytes() if nvml else None,
+    }
+
+
+def static_components(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    """Bytes held outside the step: frozen base weights (quantized or not), trainable weights, optimizer state."""
+    quantized, plain, trainable = [], [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            trainable.append(param)
+        elif param.dtype in (torch.uint8, torch.int8):
+            quantized.append(param)
+            quantized.extend(_quantization_constants(param))
+        else:
+            plain.append(param)
+    plain.extend(model.buffers())
+    opt_state = [t for state in optimizer.state.values() for t in state.values() if isinstance(t, torch.Tensor)]
+    return {
+        "base_weights_quantized": _tensor_bytes(quantized),
+        "base_weights_unquantized": _tensor_bytes(plain),
+        "trainable_parameters": _tensor_bytes(trainable),
+        "optimizer_state": _tensor_bytes(opt_state),
+    }
+
+
+def _quantization_constants(param: torch.Tensor) -> list[torch.Tensor]:
+    """bitsandbytes' scales and double-quantization constants that belong to a packed weight."""
+    state = getattr(param, "quant_state", None)
+    if state is not None:
+        nested = getattr(state, "state2", None)
+        tensors = [t for t in vars(state).values() if isinstance(t, torch.Tensor)]
+        return tensors + ([t for t in vars(nested).values() if isinstance(t, torch.Tensor)] if nested else [])
+    scb = getattr(param, "SCB", None)
+    return [scb] if isinstance(scb, torch.Tensor) else []
+
+
+def _tensor_bytes(tensors: list[torch.Tensor | None]) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (views and shared storages count once)."""
+    seen, total = set(), 0
+    for t in tensors:
+        if t is None or t.device.type == "meta":
+            continue
+        key = (t.untyped_storage().data_ptr(), t.device)
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total
+
+
+# ------------------------------------------------------------------------------- checks and the GPU
+
+
+def _checksums(model: torch.nn.Module) -> dict[str, tuple[float, float]]:
+    return {n: (float(p.detach().double().sum()), float(p.detach().double().abs().sum()))
+            for n, p in trainable_parameters(model)}
+
+
+def _flags(training: _Training, before: dict[str, tuple[float, float]]) -> list[str]:
+    """What looks wrong: weights that did not train, a trainable count unlike the declared one."""
+    flags = [] if _checksums(training.model) != before else ["trainable weights unchanged after training"]
+    trainable, declared = training.params.trainable, training.declared
+    if declared is not None and declared != trainable:
+        flags.append(f"trainable count {trainable:,} disagrees with the strategy's declared {declared:,}")
+    return flags
+
+
+def _mfu(run: Run, params: ParameterCount, tokens_per_s: float) -> float | None:
+    """Model FLOP utilization against the GPU's dense bf16 peak, when the GPU is known."""
+    flops = peak_bf16_flops(torch.cuda.get_device_name())
+    if not flops:
+        return None
+    base_params = params.total - params.trainable if params.trainable < params.total else params.total
+    return traits(run.strategy).flops_per_token_factor * base_params * tokens_per_s / flops
+
+
+class _Nvml:
+    """The current GPU through NVML: its energy counter and used memory, where the driver reports them."""
+
+    def __init__(self) -> None:
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self._nvml, self._handle = pynvml, pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+        except Exception:  # no NVML, no driver, or no permission: those numbers are simply absent
+            self._nvml = self._handle = None
+
+    def energy_mj(self) -> float | None:
+        """Total energy in millijoules since the driver loaded."""
+        try:
+            return float(self._nvml.nvmlDeviceGetTotalEnergyConsumption(self._handle)) if self._handle else None
+        except Exception:  # a GPU without an energy counter
+            return None
+
+    def used_bytes(self) -> int | None:
+        return self._nvml.nvmlDeviceGetMemoryInfo(self._handle).used if self._handle else None
+
+
+def _quality(spec: RunSpec, steps: int) -> tuple[dict[str, Any], list[str]]:
+    """Held-out quality before and after ``steps`` training steps on the built-in real data."""
+    from ..training import train
+
+    try:
+        result = train(dataclasses.replace(spec, max_steps=steps), progress=False)
+    except TrainingFailed as exc:
+        return {"steps": steps, "status": "failed", "message": str(exc)}, ["non-finite loss"]
+    flags = []
+    if any(not math.isfinite(x) for x in result.losses):
+        flags.append("non-finite loss")
+    elif len(result.losses) > 1 and result.after["loss"] >= result.before["loss"]:
+        flags.append("held-out loss did not decrease over the quality steps")
+    return {"steps": steps, "status": "ok", "before": result.before, "after": result.after,
+            "losses": result.losses}, flags

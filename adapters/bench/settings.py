@@ -1,0 +1,83 @@
+"""What a benchmark suite asks for, and how it splits into one case per strategy.
+
+`BenchSettings` is the suite (its fields are the suite file's keys and the report's ``settings``).
+Each strategy in it becomes a case: a `RunSpec`, the run that `adapters train` would make, and a
+`Measurement`, how that run is timed and measured. The worker process gets both as JSON.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import AdaptersError
+from ..options import read_toml, settings_values
+from ..runspec import DEFAULT_MODEL, RunSpec, check_at_least
+from ..text import parse_size
+
+FIND_MAX = ("batch_size", "seq_len")
+
+
+@dataclass
+class Measurement:
+    """How one case is measured, beside the run it trains."""
+
+    steps: int = 3  # timed steps per repeat
+    warmup: int = 1  # untimed steps before the first repeat
+    repeats: int = 1
+    quality_steps: int = 0  # >0: held-out quality before and after this many steps on real data
+    memory_limit: str | None = None  # on a GPU, allocations past it fail with a real out-of-memory error
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class BenchSettings:
+    """What `adapters bench` runs; suite files (TOML) use the same keys."""
+
+    model: str = DEFAULT_MODEL
+    strategies: list[str] = field(
+        default_factory=lambda: ["lora", "lora@nf4", "prefix-tuning", "linear-probe", "full-finetune"]
+    )
+    task: str | None = None
+    batch_size: int = 2
+    seq_len: int = 128
+    steps: int = Measurement.steps
+    warmup: int = Measurement.warmup
+    repeats: int = Measurement.repeats
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    quality_steps: int = Measurement.quality_steps
+    find_max: str | None = None  # "batch_size" or "seq_len": search for the largest that runs
+    memory_limit: str | None = None  # e.g. "4GiB": a try over it fails (required on the CPU for a search)
+    output: str | None = None
+
+    def spec(self, strategy: str) -> RunSpec:
+        """The run measured for ``strategy`` (``NAME`` or ``NAME@QUANT``)."""
+        return RunSpec(model=self.model, strategy=strategy, task=self.task, batch_size=self.batch_size,
+                       seq_len=self.seq_len, gradient_checkpointing=self.gradient_checkpointing, seed=self.seed)
+
+    def measurement(self) -> Measurement:
+        """How each case of the suite is measured."""
+        return Measurement(self.steps, self.warmup, self.repeats, self.quality_steps, self.memory_limit)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def settings_from(suite: str | None, given: dict[str, Any]) -> BenchSettings:
+    """Settings from a suite file, overridden by ``given`` (the flags a user typed), checked."""
+    values = settings_values(read_toml(suite), BenchSettings, f"--suite {suite}") if suite else {}
+    values.update(given)
+    settings = BenchSettings(**values)
+    check_at_least(1, batch_size=settings.batch_size, seq_len=settings.seq_len, steps=settings.steps,
+                   repeats=settings.repeats)
+    check_at_least(0, warmup=settings.warmup, quality_steps=settings.quality_steps)
+    if settings.find_max not in (None, *FIND_MAX):
+        raise AdaptersError(f"find_max = {settings.find_max!r}: use batch_size or seq_len.")
+    if settings.memory_limit is not None:
+        if not settings.find_max:
+            raise AdaptersError("--memory-limit bounds a capacity search: add --find-max-batch or --find-max-seq-len.")
+        parse_size(settings.memory_limit)
+    return settings

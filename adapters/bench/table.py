@@ -1,0 +1,96 @@
+"""What `adapters bench` prints: a report's summary and capacity tables, plain or drawn with rich.
+
+The command line's rendering; the library returns the report as data.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from ..text import MiB, aligned_table, format_bytes
+
+SUMMARY_HEADERS = ["strategy", "status", "trainable", "step ms", "tokens/s", "peak MiB", "plan MiB (error)",
+                   "base / train+grad+opt / act MiB", "notes"]
+
+
+def summary_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Headers and rows of the summary table of a report: one row a strategy, failures with their reason."""
+    rows = []
+    for r in report["results"]:
+        if r["status"] != "ok":
+            rows.append([r["strategy"], r["status"], "", "", "", "", "", "", r.get("message") or ""])
+            continue
+        mem = r["memory"]
+        comp = mem["components"]
+        rows.append([
+            r["strategy"], "ok", f"{r['trainable_parameters']:,}",
+            f"{r['step_s']['median'] * 1000:,.0f} ±{100 * r['step_s']['spread'] / 2:.0f}%",
+            f"{r['tokens_per_s']:,.0f}", f"{mem['peak_bytes'] / MiB:,.0f}", _predicted(r.get("prediction")),
+            f"{(comp['base_weights_quantized'] + comp['base_weights_unquantized']) / MiB:,.0f} / "
+            f"{(comp['trainable_parameters'] + comp['gradients'] + comp['optimizer_state']) / MiB:,.0f} / "
+            f"{comp['activations_and_temporaries'] / MiB:,.0f}",
+            "; ".join(r.get("flags") or []),
+        ])
+    return SUMMARY_HEADERS, rows
+
+
+def _predicted(prediction: dict[str, Any] | None) -> str:
+    if not prediction:
+        return "-"
+    if prediction["status"] != "ok":
+        return prediction["status"]
+    return f"{prediction['peak_bytes'] / MiB:,.0f} ({prediction['error_pct']['total']:+.1f}%)"
+
+
+def capacity_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Headers and rows of a capacity search's table."""
+    rows = []
+    for c in report.get("capacity", []):
+        tried = ", ".join(f"{t['value']}{'' if t['status'] == 'ok' else ' ' + t['status']}" for t in c["tries"])
+        rows.append([c["strategy"], "none" if c["largest"] is None else f"{c['largest']:,}",
+                     f"{c['peak_bytes'] / MiB:,.0f}" if c.get("peak_bytes") else "-",
+                     "-" if c["predicted_largest"] is None else f"{c['predicted_largest']:,}", tried])
+    param = report["settings"].get("find_max") or "value"
+    return ["strategy", f"largest {param}", "its peak MiB", "plan predicts", "tries"], rows
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The report's results (and capacity searches) as aligned plain-text tables."""
+    headers, rows = summary_rows(report)
+    text = aligned_table(rows, headers)
+    if report.get("capacity"):
+        headers, rows = capacity_rows(report)
+        text += "\n\n" + aligned_table(rows, headers)
+    return text
+
+
+def print_summary(report: dict[str, Any]) -> None:
+    """The report's tables on stdout, drawn with rich when it is installed, else as plain text."""
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        print(format_table(report))
+        return
+    headers, rows = summary_rows(report)
+    console = Console()
+    if not console.is_terminal:  # a pipe or a log file: do not squeeze the table into 80 columns
+        console = Console(width=200)
+    table = Table(title=f"{report['settings']['model']} on {report['settings']['device']}")
+    for i, header in enumerate(headers):
+        table.add_column(header, justify="right" if 2 <= i <= 6 else "left", no_wrap=i < 8)
+    for row in rows:
+        ok = row[1] == "ok"
+        table.add_row(*(row if ok else row[:-1] + [""]), style=None if ok else "yellow")
+    console.print(table)
+    for row in rows:
+        if row[1] != "ok":
+            console.print(f"[yellow]{row[0]}: {row[1]}[/]: {row[-1]}", highlight=False)
+    if report.get("capacity"):
+        headers, rows = capacity_rows(report)
+        limit = report["capacity"][0]["limit_bytes"]
+        table = Table(title=f"capacity search{'' if limit is None else f' under {format_bytes(limit)}'}")
+        for header in headers:
+            table.add_column(header)
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
