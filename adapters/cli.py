@@ -134,7 +134,7 @@ def train(
     """Train a strategy on a base model, evaluate it before and after, and save it."""
     from .options import parse_assignments
     from .runspec import spec_from
-    from .train import train as run_training
+    from .training import train as run_training
 
     given = {k: v for k, v in flags.items() if ctx.get_parameter_source(k) == ParameterSource.COMMANDLINE}
     settings = spec_from(config_file, given, parse_assignments(assignments))
@@ -190,7 +190,8 @@ def bench(suite: str | None, as_json: bool, find_max_batch: bool, find_max_seq_l
     """
     import time
 
-    from .bench import print_summary, run_bench, settings_from
+    from .bench import run_bench, settings_from
+    from .bench.table import print_summary
 
     given = {k: v for k, v in flags.items() if v is not None}
     if find_max_batch and find_max_seq_len:
@@ -232,7 +233,7 @@ def plan(strategies: str, quantization: str | None, assignments: tuple[str, ...]
          **flags: Any) -> None:
     """Predict each strategy's peak memory from the model's config alone, without loading weights."""
     from .options import parse_assignments
-    from .plan import PlanSettings, make_plans, plan_rows
+    from .plan import PlanSettings, make_plans
     from .runspec import split_strategy
 
     specs = [s.strip() for s in strategies.split(",") if s.strip()]
@@ -243,7 +244,7 @@ def plan(strategies: str, quantization: str | None, assignments: tuple[str, ...]
     if as_json:
         _echo_json(result)
         return
-    headers, rows = plan_rows(result)
+    headers, rows = _plan_rows(result)
     click.echo(f"{result['model']} ({result['task']}) on {result['device']}, {result['dtype']}: "
                f"batch {result['batch_size']} x seq {result['seq_len']}"
                + (", gradient checkpointing" if result["gradient_checkpointing"] else ""))
@@ -251,6 +252,39 @@ def plan(strategies: str, quantization: str | None, assignments: tuple[str, ...]
     if result["device"] == "cuda":
         click.echo("Peaks are tensor memory, as torch.cuda.max_memory_allocated reports it; the CUDA context "
                    "and the allocator's cache need about 1 GiB more.")
+
+
+def _plan_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Headers and rows of the plan table."""
+    budget = result["budget_bytes"]
+    headers = ["strategy", "peak", "weights", "train+grad+opt", "activations", "logits+loss", "peak at"]
+    if budget is not None:
+        headers += ["verdict", "max batch", "max seq"]
+    headers.append("notes")
+    rows = []
+    for p in result["plans"]:
+        if p["status"] != "ok":
+            rows.append([p["strategy"], p["status"]] + [""] * (len(headers) - 3) + [p["message"] or ""])
+            continue
+        c = p["components"]
+        row = [p["strategy"], _plan_size(p["peak_bytes"]),
+               _plan_size(c["base_weights_quantized"] + c["base_weights_unquantized"]),
+               _plan_size(c["trainable_parameters"] + c["gradients"] + c["optimizer_state"] + c["optimizer_step"]),
+               _plan_size(c["activations"]), _plan_size(c["logits_and_loss"]), p["peak_phase"]]
+        if budget is not None:
+            verdict = "fits" if p["fits"] else "does not fit"
+            if p["fits"] and p["peak_bytes"] > 0.9 * budget:
+                verdict = "fits (tight)"
+            row += [verdict] + ["none fits" if n is None else f"{n:,}" for n in (p["max_batch_size"], p["max_seq_len"])]
+        rows.append(row + [""])
+    return headers, rows
+
+
+def _plan_size(n: int) -> str:
+    """GiB with two decimals, or whole MiB below that: fractions of a MiB are noise in a prediction."""
+    from .text import GiB, format_bytes
+
+    return format_bytes(n) if abs(n) >= GiB else format_bytes(n, digits=0, unit="MiB")
 
 
 @cli.command()
@@ -264,7 +298,7 @@ def plan(strategies: str, quantization: str | None, assignments: tuple[str, ...]
 def compare(ctx: click.Context, reports: tuple[str, ...], reference: str | None, fail_on: tuple[str, ...],
             as_json: bool) -> None:
     """Compare two benchmark reports (better / worse / noise), or strategies in one report against --reference."""
-    from .compare import run_compare
+    from .reports import run_compare
 
     output, code = run_compare(reports, reference=reference, fail_on=fail_on, as_json=as_json)
     click.echo(output)
@@ -276,11 +310,14 @@ def compare(ctx: click.Context, reports: tuple[str, ...], reference: str | None,
 @click.option("--output", default=None, help="File to write (.html or .md) [default: print markdown].")
 @click.option("--format", "fmt", default=None, metavar="html|markdown", help="[default: from the --output suffix]")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --output file.")
-def report(reports: tuple[str, ...], output: str | None, fmt: str | None, overwrite: bool) -> None:
+@click.option("--label", "labels", multiple=True, metavar="NAME",
+              help="What to call each report in charts and headings, once per report in order [default: file name].")
+def report(reports: tuple[str, ...], output: str | None, fmt: str | None, overwrite: bool,
+           labels: tuple[str, ...]) -> None:
     """Render benchmark reports as an HTML page with charts, or as markdown tables."""
-    from .report import write_report
+    from .reports import write_report
 
-    text = write_report(list(reports), output, fmt, overwrite=overwrite)
+    text = write_report(list(reports), output, fmt, overwrite=overwrite, labels=list(labels))
     if output is None:
         click.echo(text, nl=False)
     else:
@@ -298,10 +335,11 @@ def _split_choices(values: tuple[str, ...]) -> list[str] | None:
               help="Only these quantizations (none, nf4, fp4, int8; repeatable) [default: all].")
 @click.option("--task", "tasks", multiple=True, metavar="TASK[,TASK]",
               help="Only these tasks (causal-lm, sequence-classification; repeatable) [default: all].")
-@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON (with each failure's traceback).")
+@click.option("--traceback", "tracebacks", is_flag=True, help="After the table, print each failed check's traceback.")
 @click.pass_context
 def check(ctx: click.Context, strategy: str, quantizations: tuple[str, ...], tasks: tuple[str, ...],
-          as_json: bool) -> None:
+          as_json: bool, tracebacks: bool) -> None:
     """Run the conformance checks on STRATEGY and print a pass/fail table; exit 1 on any failure."""
     from .testing import run_checks
 
@@ -310,6 +348,8 @@ def check(ctx: click.Context, strategy: str, quantizations: tuple[str, ...], tas
         _echo_json(report.to_dict())
     else:
         click.echo(report.table())
+        if tracebacks and report.tracebacks():
+            click.echo(f"\n{report.tracebacks()}\n")
         click.echo(report.summary())
     ctx.exit(0 if report.passed else 1)
 
@@ -321,7 +361,7 @@ def check(ctx: click.Context, strategy: str, quantizations: tuple[str, ...], tas
               help="Also rewrite the block between <!-- matrix:start --> and <!-- matrix:end --> in FILE.")
 def matrix(fmt: str, strategies: str | None, readme: str | None) -> None:
     """Probe every strategy x quantization x task by running the checks; print the capability matrix."""
-    from . import matrix as capability
+    from .testing import matrix as capability
 
     names = [n.strip() for n in strategies.split(",") if n.strip()] if strategies else None
     reports = capability.probe(names, progress=lambda name: click.echo(f"probing {name} ...", err=True))

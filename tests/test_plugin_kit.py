@@ -21,13 +21,12 @@ from safetensors.torch import save_file
 
 import adapters
 import adapters.host.hookspecs
-import adapters.matrix
 import adapters.host.manager
 import adapters.testing
 from adapters.cli import main as cli_main
-from adapters.host.manager import PluginWarning
 from adapters.contract import Traits
-from adapters.testing import CHECKS, plugin_for
+from adapters.host.manager import PluginWarning
+from adapters.testing import CHECKS, matrix, plugin_for
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -136,6 +135,22 @@ class Miscounting(Norms):
         return sum(p.numel() for n, p in model.named_parameters() if "norm" in n) - 1
 
 
+class RaisingApply(Norms):
+    """A bug in apply: it reads an attribute the model does not have."""
+
+    name = "kit-raising-apply"
+
+    def apply(self, model, config):
+        model = super().apply(model, config)
+        return model.no_such_submodule  # raises AttributeError
+
+
+def raising_line() -> int:
+    """The line of RaisingApply.apply that raises."""
+    lines, start = inspect.getsourcelines(RaisingApply.apply)
+    return start + next(i for i, line in enumerate(lines) if "no_such_submodule" in line)
+
+
 @dataclasses.dataclass
 class NanOptions:
     scale: float = float("nan")
@@ -166,7 +181,7 @@ def failed_checks(report) -> set[str]:
 
 @pytest.fixture(scope="module")
 def builtin_reports():
-    return {report.strategy: report for report in adapters.matrix.probe()}
+    return {report.strategy: report for report in matrix.probe()}
 
 
 @pytest.mark.parametrize("name", BUILTINS)
@@ -194,8 +209,8 @@ def test_undeclared_cells_are_checked_for_refusal(builtin_reports):
 
 
 def test_readme_matrix_is_generated_and_current(builtin_reports):
-    fresh = adapters.matrix.to_markdown([builtin_reports[name] for name in adapters.get_registry().names()])
-    block = adapters.matrix.readme_block(README.read_text())
+    fresh = matrix.to_markdown([builtin_reports[name] for name in adapters.get_registry().names()])
+    block = matrix.readme_block(README.read_text())
     assert block == fresh, "the README's capability matrix is stale: run `ADAPTERS_LOAD_PLUGINS= adapters matrix " \
                            "--readme README.md`"
     assert "| `full-finetune` | causal-lm | yes | refused | refused | refused | yes |" in block
@@ -205,13 +220,13 @@ def test_readme_matrix_is_generated_and_current(builtin_reports):
 def test_matrix_cli_prints_the_same_rows_as_markdown_and_json(capsys, builtin_reports):
     code, out, err = run_in_process(capsys, "matrix", "--strategies", "linear-probe,full-finetune")
     assert code == 0, err
-    expected = adapters.matrix.to_markdown([builtin_reports["linear-probe"], builtin_reports["full-finetune"]])
+    expected = matrix.to_markdown([builtin_reports["linear-probe"], builtin_reports["full-finetune"]])
     assert out == expected
     assert "probing linear-probe" in err
     code, out, _ = run_in_process(capsys, "matrix", "--strategies", "full-finetune", "--format", "json")
     data = json.loads(out)
     (entry,) = data["strategies"]
-    assert entry["name"] == "full-finetune" and entry["distribution"] == "adapters"
+    assert entry["name"] == "full-finetune" and entry["distribution"] == "adapters-lab"
     cells = {(c["task"], c["quantization"]): c["status"] for c in entry["cells"]}
     assert cells[("causal-lm", "none")] == "yes" and cells[("causal-lm", "nf4")] == "refused"
     assert entry["gradient_checkpointing"] == {"causal-lm": "yes", "sequence-classification": "yes"}
@@ -219,21 +234,21 @@ def test_matrix_cli_prints_the_same_rows_as_markdown_and_json(capsys, builtin_re
 
 def test_matrix_readme_option_rewrites_only_the_block(tmp_path, builtin_reports):
     path = tmp_path / "README.md"
-    path.write_text(f"# title\n\nbefore\n{adapters.matrix.START}\nold table\n{adapters.matrix.END}\nafter\n")
-    markdown = adapters.matrix.to_markdown([builtin_reports["full-finetune"]])
-    assert adapters.matrix.update_readme(path, markdown) is True
-    assert path.read_text() == (f"# title\n\nbefore\n{adapters.matrix.START}\n{markdown}{adapters.matrix.END}\n"
+    path.write_text(f"# title\n\nbefore\n{matrix.START}\nold table\n{matrix.END}\nafter\n")
+    markdown = matrix.to_markdown([builtin_reports["full-finetune"]])
+    assert matrix.update_readme(path, markdown) is True
+    assert path.read_text() == (f"# title\n\nbefore\n{matrix.START}\n{markdown}{matrix.END}\n"
                                 "after\n")
-    assert adapters.matrix.update_readme(path, markdown) is False
+    assert matrix.update_readme(path, markdown) is False
     path.write_text("no markers")
     with pytest.raises(adapters.AdaptersError, match="matrix:start"):
-        adapters.matrix.update_readme(path, markdown)
+        matrix.update_readme(path, markdown)
 
 
 def test_matrix_includes_third_party_plugins_and_shows_failures(register_plugin):
     register_plugin(plugin_for(IncompleteSave()), name="kit_incomplete_plugin")
-    reports = adapters.matrix.probe(["kit-incomplete-save", "full-finetune"], **ONE_CELL)
-    markdown = adapters.matrix.to_markdown(reports)
+    reports = matrix.probe(["kit-incomplete-save", "full-finetune"], **ONE_CELL)
+    markdown = matrix.to_markdown(reports)
     assert "| strategy | plugin | task |" in markdown  # a plugin column once a third party is in it
     assert "| `kit-incomplete-save` | kit_incomplete_plugin | causal-lm | fails: save-load |" in markdown
     assert "| `full-finetune` | built-in | causal-lm | yes |" in markdown
@@ -319,6 +334,34 @@ def test_nothing_trainable_skips_the_rest_of_its_cell_after_one_failure():
     rows = {r.check: r for r in report.results}
     assert rows["apply"].detail == "apply left no parameter trainable"
     assert rows["train-step"].status == "skip"
+
+
+def test_a_failed_check_carries_the_traceback_of_the_error_in_the_plugin():
+    report = adapters.testing.run_checks(RaisingApply(), **ONE_CELL)
+    (failure,) = report.failures
+    assert failure.check == "apply" and failure.detail.startswith("AttributeError:")
+    assert re.search(rf'File ".*{Path(__file__).name}", line {raising_line()}, in apply\n', failure.traceback)
+    assert failure.traceback.rstrip().endswith(failure.detail)  # the exception's own line ends it
+    assert all(r.traceback is None for r in report.results if r is not failure)  # none on pass or skip
+    rows = report.to_dict()["results"]
+    assert [r["traceback"] for r in rows if r["status"] == "fail"] == [failure.traceback]
+
+
+def test_check_traceback_prints_each_failed_checks_traceback_after_the_table(register_plugin, capsys):
+    register_plugin(plugin_for(RaisingApply()), name="kit_raising_apply_plugin")
+    args = ["check", "kit-raising-apply", "--task", "causal-lm", "--quantization", "none"]
+    code, out, _ = run_in_process(capsys, *args, "--traceback")
+    assert code == 1
+    table, _, tracebacks = out.partition("Traceback (most recent call last):")
+    assert re.search(r"^apply +causal-lm +none +FAIL +AttributeError", table, re.M)
+    assert table.rstrip().endswith("--- apply (causal-lm, none)")  # each traceback under the check it failed
+    assert re.search(rf'line {raising_line()}, in apply\n +return model.no_such_submodule', tracebacks)
+    assert out.splitlines()[-1].startswith("kit-raising-apply: FAILED")
+    code, out, _ = run_in_process(capsys, *args)
+    assert code == 1 and "Traceback" not in out
+    code, out, _ = run_in_process(capsys, *args, "--json")
+    rows = {r["check"]: r for r in json.loads(out)["results"]}
+    assert "in apply" in rows["apply"]["traceback"] and rows["declaration"]["traceback"] is None
 
 
 def test_an_invalid_declaration_is_a_failed_row_not_a_crash():

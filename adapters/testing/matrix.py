@@ -14,9 +14,12 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from .errors import AdaptersError
-from .contract import QUANTIZATIONS, TASKS
-from .testing import FAIL, PASS, TINY_MODEL, CheckReport, run_checks
+from ..contract import QUANTIZATIONS, TASKS
+from ..errors import AdaptersError
+from .checks import CHECKS
+from .harness import TINY_MODEL
+from .report import FAIL, PASS, CheckReport
+from .runner import run_checks
 
 START, END = "<!-- matrix:start -->", "<!-- matrix:end -->"
 
@@ -24,7 +27,7 @@ START, END = "<!-- matrix:start -->", "<!-- matrix:end -->"
 def probe(strategies: Iterable[str] | None = None, progress: Callable[[str], None] | None = None,
           **kwargs: Any) -> list[CheckReport]:
     """Run the checks on every registered strategy (or those named), in name order."""
-    from .host import get_registry
+    from ..host import get_registry
 
     names = list(strategies) if strategies is not None else get_registry().names()
     reports = []
@@ -66,13 +69,11 @@ def checkpointing(report: CheckReport, task: str) -> str:
 
 
 def _check_order(name: str) -> int:
-    from .testing import CHECKS
-
     return list(CHECKS).index(name) if name in CHECKS else len(CHECKS)
 
 
 def _plugin_label(report: CheckReport) -> str:
-    from .host import DEFAULT_PLUGINS, distribution_of
+    from ..host import DEFAULT_PLUGINS, distribution_of
 
     if report.plugin in DEFAULT_PLUGINS:
         return "built-in"
@@ -82,7 +83,7 @@ def _plugin_label(report: CheckReport) -> str:
 
 def to_json(reports: list[CheckReport], model: str = TINY_MODEL) -> dict[str, Any]:
     """The matrix as JSON: one entry per strategy, with one cell per task and quantization."""
-    from .host import distribution_of
+    from ..host import distribution_of
 
     strategies = []
     for report in reports:

@@ -1,0 +1,335 @@
+"""The conformance checks, each declared once with `check`: its name, where it runs, what it verifies.
+
+A check is a function of the `Harness` (and, but for those that run once, of a task and a
+quantization) that returns a one-line detail when it passes, raises `AssertionError` saying what
+is wrong when it fails, and raises `Skip` when it cannot run. The registry's order is the order of
+a report's rows; `adapters.testing.runner` runs them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+
+from ..contract import EstimatesMemory, Strategy, traits, validate_strategy
+from ..errors import AdaptersError
+from ..nn import count_parameters
+from .harness import LABELS, STEPS, Harness, Skip
+
+MEMORY_BATCH = (4, 128)  # the memory-estimate check's batch: large enough for activations to matter
+MEMORY_TOLERANCE = 0.15  # the CPU target of the planner
+
+# Where a check runs: the runner sweeps the tasks and quantizations for all but "strategy".
+EACH = {
+    "strategy": "once",
+    "cell": "each declared task and quantization",
+    "undeclared-cell": "each undeclared task or quantization",
+    "task": "each declared task, on one declared quantization",
+}
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    each: str  # a key of EACH
+    doc: str  # what passing means
+    fn: Callable[..., str]
+    # Nothing after it can run when it fails: the run stops ("strategy"), or the rest of its cell is skipped.
+    required: bool = False
+
+
+REGISTRY: dict[str, Check] = {}
+
+
+def check(name: str, *, each: str, doc: str, required: bool = False) -> Callable:
+    """Declare a check; a report lists the checks in the order they are declared."""
+    if each not in EACH:
+        raise ValueError(f"each={each!r}: use one of {', '.join(EACH)}")
+
+    def register(fn: Callable[..., str]) -> Callable[..., str]:
+        if name in REGISTRY:
+            raise ValueError(f"check {name!r} is declared twice")
+        REGISTRY[name] = Check(name, each, doc, fn, required)
+        return fn
+
+    return register
+
+
+@torch.no_grad()
+def _logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    was_training = model.training
+    model.eval()
+    try:
+        return model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
+    finally:
+        model.train(was_training)
+
+
+def _names(names: Iterable[str], limit: int = 4) -> str:
+    names = list(names)
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+# --------------------------------------------------------------------------------------------
+
+
+@check("declaration", each="strategy", required=True,
+       doc="the name and the declaration satisfy the strategy contract")
+def declaration(h: Harness) -> str:
+    problems = validate_strategy(h.strategy)
+    if problems:
+        raise AssertionError("; ".join(problems))
+    if not isinstance(h.strategy, Strategy):
+        raise AssertionError("does not satisfy the adapters.Strategy protocol")
+    return (f"quantization: {', '.join(sorted(h.strategy.supported_quantization))}; "
+            f"tasks: {', '.join(sorted(h.strategy.supported_tasks))}")
+
+
+@check("config-defaults", each="strategy", required=True,
+       doc="the config dataclass constructs from its defaults, through --set and a manifest's JSON")
+def config_defaults(h: Harness) -> str:
+    from ..options import build_config, describe_options
+
+    config_class = h.strategy.config_class
+    config = config_class()
+    if build_config(config_class, {}, h.name) != config:
+        raise AssertionError("build_config with no options differs from config_class()")
+    values = dataclasses.asdict(config)
+    try:
+        text = json.dumps(values, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise AssertionError(f"the defaults {values!r} are not JSON, so no manifest can hold them: {exc}") from None
+    restored = build_config(config_class, json.loads(text), h.name)
+    if restored != config:
+        raise AssertionError(f"the defaults do not survive the manifest's JSON: {restored!r} != {config!r}")
+    describe_options(config_class)
+    return " ".join(f"{k}={v}" for k, v in values.items()) or "no options"
+
+
+@check("apply", each="cell", required=True,
+       doc="apply returns a model with at least one trainable floating-point parameter, the same set on every "
+           "apply under one seed, as many as expected_trainable_parameters declares (if defined) and as "
+           "adapters.count_parameters counts")
+def apply(h: Harness, task: str, quantization: str) -> str:
+    run = h.run(task, quantization)
+    if not run.names:
+        raise AssertionError("apply left no parameter trainable")
+    params = dict(run.model.named_parameters())
+    not_float = [n for n in run.names if not params[n].is_floating_point()]
+    if not_float:
+        raise AssertionError(f"non-floating-point parameters are left trainable: {_names(not_float)}")
+    hand = sum(params[n].numel() for n in run.names)
+    if run.count.trainable != hand:
+        raise AssertionError(f"count_parameters says {run.count.trainable:,} trainable, the trainable "
+                             f"tensors hold {hand:,}")
+    if run.declared is not None and run.declared != run.count.trainable:
+        raise AssertionError(f"expected_trainable_parameters declares {run.declared:,} trainable, apply left "
+                             f"{run.count.trainable:,}")
+    again = h.run(task, quantization, replica=1)
+    if set(again.names) != set(run.names):
+        extra, missing = sorted(set(again.names) - set(run.names)), sorted(set(run.names) - set(again.names))
+        raise AssertionError(f"a second apply under the same seed leaves other parameters trainable: "
+                             f"+{_names(extra)} -{_names(missing)}")
+    declared = "" if run.declared is None else ", as declared"
+    return f"{len(run.names)} trainable tensors, {hand:,} of {run.count.total:,} parameters{declared}"
+
+
+@check("train-step", each="cell",
+       doc=f"after {STEPS} AdamW steps every trainable parameter changed and no frozen one did")
+def train_step(h: Harness, task: str, quantization: str) -> str:
+    run = h.run(task, quantization)
+    if not run.names:
+        raise Skip("nothing is trainable")
+    params = dict(run.model.named_parameters())
+    unchanged = [n for n in run.names if torch.equal(params[n].detach(), run.before[n])]
+    if unchanged:
+        raise AssertionError(f"{len(unchanged)} of {len(run.names)} trainable tensors did not change after "
+                             f"{STEPS} steps (no gradient reaches them?): {_names(unchanged)}")
+    moved = [n for n, before in run.frozen.items() if not torch.equal(params[n].detach(), before)]
+    if moved:
+        raise AssertionError(f"{len(moved)} frozen tensors changed during training: {_names(moved)}")
+    return f"loss {run.losses[0]:.4f} -> {run.losses[-1]:.4f}; {len(run.frozen)} frozen tensors unchanged"
+
+
+@check("param-count", each="cell",
+       doc="trainable and total counts match a hand count, and under nf4/fp4/int8 equal the unquantized model's "
+           "(4-bit packing counted as the weights it holds)")
+def param_count(h: Harness, task: str, quantization: str) -> str:
+    run = h.run(task, quantization)
+    count, params = run.count, list(run.model.parameters())
+    hand_trainable = sum(p.numel() for p in params if p.requires_grad)
+    if count.trainable != hand_trainable:
+        raise AssertionError(f"count_parameters says {count.trainable:,} trainable, a hand count {hand_trainable:,}")
+    if quantization == "none":
+        hand_total = sum(p.numel() for p in params)
+        if count.total != hand_total:
+            raise AssertionError(f"count_parameters says {count.total:,} in all, a hand count {hand_total:,}")
+        return f"{count.trainable:,} trainable of {count.total:,}"
+    reference = h.reference_count(task, quantization)
+    if (count.trainable, count.total) != (reference.trainable, reference.total):
+        raise AssertionError(f"under {quantization}: {count.trainable:,} trainable of {count.total:,}; "
+                             f"unquantized: {reference.trainable:,} of {reference.total:,}")
+    stored = sum(p.numel() for p in params)
+    packed = f" ({stored:,} stored elements)" if stored != count.total else ""
+    return f"{count.trainable:,} trainable of {count.total:,}{packed}, as unquantized"
+
+
+@check("determinism", each="cell", doc="two runs under one seed give identical losses and weights")
+def determinism(h: Harness, task: str, quantization: str) -> str:
+    first, second = h.run(task, quantization), h.run(task, quantization, replica=1)
+    if not h.same_losses(first.losses, second.losses):
+        raise AssertionError(f"losses differ between two runs under one seed: {first.losses} vs {second.losses}")
+    p1, p2 = dict(first.model.named_parameters()), dict(second.model.named_parameters())
+    differ = [n for n in first.names if n in p2 and not h.same(p1[n].detach(), p2[n].detach())]
+    if differ:
+        raise AssertionError(f"trained weights differ between two runs under one seed: {_names(differ)}")
+    return f"identical losses and weights over {STEPS} steps"
+
+
+@check("save-load", each="cell",
+       doc="adapters.save then adapters.load onto a freshly loaded base reproduces the outputs")
+def save_load(h: Harness, task: str, quantization: str) -> str:
+    from ..store import load, save
+
+    trained = h.run(task, quantization)
+    model = trained.model
+    generator = torch.Generator().manual_seed(h.seed + 7)
+    with torch.no_grad():  # move every trainable weight well away from its initial value
+        for name in trained.names:
+            param = model.get_parameter(name)
+            param.add_((0.05 * torch.randn(param.shape, generator=generator)).to(param.device, param.dtype))
+    batch = h.batch(trained.run, trained.base)
+    expected = _logits(model, batch)
+    directory = save(model, h.workdir / f"save-{task}-{quantization}", strategy=h.strategy,
+                     config=trained.run.config, base=trained.base)
+    files = ", ".join(sorted(p.name for p in directory.iterdir()))
+    fresh = h.fresh_base(trained.run)
+    if torch.allclose(expected, _logits(fresh.model, batch), rtol=1e-5, atol=1e-6):
+        raise AssertionError("the outputs did not change when every trainable weight did, so a round trip "
+                             "proves nothing; the trainable weights do not reach the outputs")
+    got = _logits(load(directory, base=fresh).model, batch)
+    if got.shape != expected.shape:
+        raise AssertionError(f"outputs after loading have shape {tuple(got.shape)}, before saving "
+                             f"{tuple(expected.shape)}")
+    diff = float((got - expected).abs().max())
+    tolerance = 1e-4 * max(1.0, float(expected.abs().max())) * (1 if h.exact else 100)
+    if not diff <= tolerance:
+        raise AssertionError(f"outputs differ by up to {diff:.3g} after save -> load: the saved files "
+                             f"({files}) do not hold every trained weight, or load does not restore it")
+    return f"outputs reproduced (max difference {diff:.1e}); saved {files}"
+
+
+@check("refused", each="undeclared-cell",
+       doc="an undeclared quantization or task is refused up front, naming it")
+def refused(h: Harness, task: str, quantization: str) -> str:
+    undeclared = quantization if quantization not in h.strategy.supported_quantization else task
+    try:
+        h.resolve(task, quantization)
+    except AdaptersError as exc:
+        message = str(exc)
+        if undeclared not in message or h.name not in message:
+            raise AssertionError(f"refused, but the message names neither {h.name!r} nor {undeclared!r}: "
+                                 f"{message}") from None
+        return message
+    raise AssertionError(f"{undeclared} is not declared, but adapters train accepted it")
+
+
+@check("gradient-checkpointing", each="task",
+       doc="with checkpointing the loss and gradients equal those without it, or --gradient-checkpointing is "
+           "refused up front")
+def gradient_checkpointing(h: Harness, task: str, quantization: str) -> str:
+    if not traits(h.strategy).supports_gradient_checkpointing:
+        try:
+            h.resolve(task, quantization, gradient_checkpointing=True)
+        except AdaptersError as exc:
+            return f"refused up front: {exc}"
+        raise AssertionError("supports_gradient_checkpointing is False, but adapters train accepted "
+                             "--gradient-checkpointing")
+    plain = h.run(task, quantization)
+    checkpointed = h.train(task, quantization, checkpointing=True)
+    if checkpointed.names != plain.names:
+        raise AssertionError("with checkpointing, other parameters are trainable")
+    if not math.isclose(checkpointed.losses[0], plain.losses[0], rel_tol=1e-4, abs_tol=1e-6):
+        raise AssertionError(f"the loss with checkpointing is {checkpointed.losses[0]}, without {plain.losses[0]}")
+    wrong = []
+    for name in plain.names:
+        a, b = plain.grads.get(name), checkpointed.grads.get(name)
+        if (a is None) != (b is None) or (a is not None and not torch.allclose(a, b, rtol=1e-3, atol=1e-6)):
+            wrong.append(name)
+    if wrong:
+        raise AssertionError(f"gradients with checkpointing differ from those without: {_names(wrong)}")
+    return "the same loss and gradients with checkpointing as without"
+
+
+@check("pipeline", each="task",
+       doc="adapters train runs it by name for one step, saves, and adapters.load restores it")
+def pipeline(h: Harness, task: str, quantization: str) -> str:
+    from ..runspec import RunSpec
+    from ..store import load
+    from ..training import train
+
+    out = h.workdir / f"pipeline-{task}"
+    result = train(RunSpec(model=h.model, strategy=h.name, quantization=quantization, task=task, max_steps=1,
+                           batch_size=2, seq_len=32, eval_batches=1, seed=h.seed, output=str(out)), progress=False)
+    loaded = load(out)
+    if loaded.strategy.name != h.name:
+        raise AssertionError(f"adapters.load restored strategy {loaded.strategy.name!r}")
+    return f"trained {result.parameters.trainable:,} parameters for 1 step, saved and reloaded"
+
+
+@check("memory-estimate", each="strategy",
+       doc="estimate_memory (if defined) declares as many trainable parameters as apply leaves, and the plan's "
+           f"peak is within {100 * MEMORY_TOLERANCE:.0f}% of the CPU's measured peak")
+def memory_estimate(h: Harness) -> str:
+    from ..bench import ProfilerUnavailable, cpu_peak_tensor_bytes
+    from ..plan import RunShape, StrategyMemory, estimate, model_shape, strategy_memory
+    from ..training import build, training_step
+
+    if not isinstance(h.strategy, EstimatesMemory):
+        raise Skip("no estimate_memory hook")
+    if h.device.type != "cpu":
+        raise Skip("measured on the CPU only")
+    task = next((t for t in h.tasks if t in h.strategy.supported_tasks), None)
+    quantization = h.preferred_quantization() if task else None
+    if quantization is None:
+        raise Skip("no declared task and quantization among those checked")
+    shape = model_shape(h.model, task, "cpu", num_labels=len(LABELS))
+    run = h.resolve(task, quantization, batch_size=MEMORY_BATCH[0], seq_len=MEMORY_BATCH[1])
+    run_shape = RunShape(*MEMORY_BATCH, task, quantization, False, "cpu")
+    part = strategy_memory(h.strategy, shape, run.config, run_shape)
+    if part is None:
+        raise Skip("estimate_memory gives no estimate for the default options")
+    if not isinstance(part, StrategyMemory):
+        raise AssertionError(f"estimate_memory returned {type(part).__name__}, not adapters.StrategyMemory")
+    plan = estimate(shape, h.strategy, run.config, run_shape)
+
+    base, model, _ = build(run, h.device)
+    trainable = count_parameters(model).trainable
+    if part.trainable_parameters != trainable:
+        raise AssertionError(f"estimate_memory says {part.trainable_parameters:,} trainable parameters, "
+                             f"apply left {trainable:,}")
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=run.learning_rate)
+    batch = h.batch(run, base)
+    model.train()
+    step = lambda: training_step(model, batch, optimizer, h.accelerator, 1)  # noqa: E731
+    step()  # the optimizer's state exists from the first step on
+    try:
+        measured = cpu_peak_tensor_bytes(step)
+    except ProfilerUnavailable as exc:  # this torch cannot measure it; not the strategy's fault
+        raise Skip(str(exc)) from None
+    error = (plan.peak_bytes - measured) / measured
+    detail = (f"{task}, {quantization}, batch {MEMORY_BATCH[0]} x {MEMORY_BATCH[1]}: predicted "
+              f"{plan.peak_bytes / 2**20:.2f} MiB, measured {measured / 2**20:.2f} MiB ({100 * error:+.1f}%)")
+    if abs(error) > MEMORY_TOLERANCE:
+        raise AssertionError(f"{detail}, beyond ±{100 * MEMORY_TOLERANCE:.0f}%")
+    return detail
+
+
+# The public listing, in report order: name -> what passing means.
+CHECKS: dict[str, str] = {c.name: c.doc for c in REGISTRY.values()}
+# The checks that run for each declared (task, quantization); the capability matrix is made of them.
+CELL_CHECKS = tuple(c.name for c in REGISTRY.values() if c.each == "cell")

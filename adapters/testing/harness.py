@@ -1,0 +1,192 @@
+"""The kit's runs of a strategy: the core's pipeline (`resolve`, `load_base`, `training_step`) on a tiny model.
+
+Each (task, quantization) cell is trained once (twice for the determinism check) when a check
+first needs it, and the checks of the cell share those runs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import string
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..contract import Strategy, declared_trainable, traits
+from ..data import Dataset, Example
+from ..loading import BaseModel
+from ..nn import ParameterCount, count_parameters
+from ..runspec import Run, RunSpec, resolve
+from ..training import load_base, make_accelerator, make_batches, training_step
+
+TINY_MODEL = "random:tiny"
+LABELS = ["a", "b"]  # the labels of the tiny sequence-classification model
+STEPS = 2  # optimizer steps per training run: LoRA's A matrices get their first gradient at step 2
+BATCH = (2, 16)  # rows x tokens of a training batch
+
+
+class Skip(Exception):
+    """A check that cannot run here; its message says why."""
+
+
+@dataclass
+class Trained:
+    """One training run of a cell, and what the checks compare with it."""
+
+    run: Run
+    base: BaseModel
+    model: torch.nn.Module
+    names: list[str]  # trainable parameter names
+    before: dict[str, torch.Tensor]  # trainable parameters right after apply
+    frozen: dict[str, torch.Tensor]  # frozen parameters right after apply
+    count: ParameterCount
+    declared: int | None  # expected_trainable_parameters(base model, config), when the strategy defines it
+    losses: list[float]
+    grads: dict[str, torch.Tensor | None]  # gradients of the first step
+
+
+def seed_everything(seed: int) -> None:
+    from accelerate.utils import set_seed
+
+    set_seed(seed)
+
+
+def kit_dataset(task: str) -> Dataset:
+    """Eight rows of seeded random letters, labelled a, b, a, ... for classification.
+
+    Every row is longer than any batch the kit builds, so no batch holds padding.
+    """
+    rng = random.Random(1234)
+    texts = ["".join(rng.choice(string.ascii_lowercase + " ") for _ in range(400)) for _ in range(8)]
+    labels = LABELS if task == "sequence-classification" else []
+    examples = [Example(text, labels[i % len(labels)] if labels else None) for i, text in enumerate(texts)]
+    return Dataset("adapters-check", examples, [], list(labels))
+
+
+class Harness:
+    """One strategy's runs on ``model``, for the checks: resolved, trained and cached per cell."""
+
+    def __init__(self, strategy: Strategy, quantizations: list[str], tasks: list[str], model: str, seed: int,
+                 device: str, workdir: Path) -> None:
+        self.strategy = strategy
+        self.name = strategy.name
+        self.quantizations = quantizations
+        self.tasks = tasks
+        self.model = model
+        self.seed = seed
+        self.device = torch.device(device)
+        self.workdir = workdir
+        self.exact = self.device.type == "cpu"  # elsewhere kernels may differ in the last bits
+        self.accelerator = make_accelerator()
+        self._runs: dict[tuple, Trained | Exception] = {}
+        self._reported: set[tuple] = set()
+
+    def resolve(self, task: str, quantization: str, **settings) -> Run:
+        """The run ``adapters train`` makes of these settings (checked by `resolve`), on the kit's data.
+
+        A refused combination raises `AdaptersError` here, before anything is loaded.
+        """
+        settings = {"batch_size": BATCH[0], "seq_len": BATCH[1], **settings}
+        spec = RunSpec(model=self.model, strategy=self.name, quantization=quantization, task=task, seed=self.seed,
+                       max_steps=STEPS, **settings)
+        run = resolve(spec, data=False)
+        # The object under test, even where an equal one of its class is what is registered.
+        return dataclasses.replace(run, strategy=self.strategy, dataset=kit_dataset(run.task))
+
+    def batch(self, run: Run, base: BaseModel) -> dict[str, torch.Tensor]:
+        """The run's first batch of its data, tokenized as `adapters train` tokenizes it."""
+        data = make_batches(run.dataset.train, base, run.spec.seq_len, "train")
+        return {k: v[: run.spec.batch_size].to(self.device) for k, v in data.tensors.items()}
+
+    def fresh_base(self, run: Run) -> BaseModel:
+        """The run's base loaded again under another seed: as in a new process, anything left to chance
+        (a new classification head) comes out differently."""
+        spec = dataclasses.replace(run.spec, seed=self.seed + 1000)
+        return load_base(dataclasses.replace(run, spec=spec), self.device)
+
+    def train(self, task: str, quantization: str, checkpointing: bool = False) -> Trained:
+        """Load the base, apply the strategy and train it for `STEPS` steps of the core's `training_step`."""
+        run = self.resolve(task, quantization, gradient_checkpointing=checkpointing)
+        base = load_base(run, self.device)
+        declared = declared_trainable(run.strategy, base.model, run.config)
+        model = run.strategy.apply(base.model, run.config)
+        if not isinstance(model, torch.nn.Module):
+            raise AssertionError(f"apply returned {type(model).__name__}, not a torch.nn.Module")
+        params = dict(model.named_parameters())
+        trainable = {n: p for n, p in params.items() if p.requires_grad}
+        before = {n: p.detach().clone() for n, p in trainable.items()}
+        frozen = {n: p.detach().clone() for n, p in params.items() if not p.requires_grad}
+        count = count_parameters(model)
+        losses, grads = self._steps(run, model, trainable, self.batch(run, base)) if trainable else ([], {})
+        return Trained(run, base, model, list(trainable), before, frozen, count, declared, losses, grads)
+
+    def _steps(self, run: Run, model: torch.nn.Module, trainable: dict[str, torch.nn.Parameter],
+               batch: dict[str, torch.Tensor]) -> tuple[list[float], dict[str, torch.Tensor | None]]:
+        # No weight decay: it would move a trainable weight that no gradient reaches, which the
+        # train-step check exists to catch.
+        optimizer = torch.optim.AdamW(list(trainable.values()), lr=run.learning_rate, weight_decay=0.0)
+        grads: dict[str, torch.Tensor | None] = {}
+
+        def keep_first_gradients(*_) -> None:  # training_step clears them once it has stepped
+            if not grads:
+                grads.update({n: None if p.grad is None else p.grad.detach().clone() for n, p in trainable.items()})
+
+        optimizer.register_step_pre_hook(keep_first_gradients)
+        model.train()
+        losses = []
+        for step in range(1, STEPS + 1):
+            seed_everything(self.seed + step)  # the same dropout masks in every run
+            losses.append(training_step(model, batch, optimizer, self.accelerator, step).item())
+        return losses, grads
+
+    def run(self, task: str, quantization: str, replica: int = 0) -> Trained:
+        """Run ``replica`` of the (task, quantization) training, once; a failure is re-raised every time."""
+        key = (task, quantization, replica)
+        if key not in self._runs:
+            try:
+                self._runs[key] = self.train(task, quantization)
+            except Exception as exc:  # noqa: BLE001 - re-raised to the checks that need the run
+                self._runs[key] = exc
+        found = self._runs[key]
+        if isinstance(found, Exception):
+            if key not in self._reported:  # the first check that needs the run reports its failure
+                self._reported.add(key)
+                raise found
+            raise Skip(f"apply or training failed: {type(found).__name__}: {found}")
+        return found
+
+    def release(self, task: str, quantization: str, keep_first: bool = False) -> None:
+        """Free a cell's runs (but its first, with ``keep_first``)."""
+        self._runs.pop((task, quantization, 1), None)
+        if not keep_first:
+            self._runs.pop((task, quantization, 0), None)
+
+    def reference_count(self, task: str, quantization: str) -> ParameterCount:
+        """The strategy's counts on the unquantized base, to compare a quantized cell's with."""
+        if "none" in self.quantizations and "none" in self.strategy.supported_quantization:
+            return self.run(task, "none").count
+        try:
+            run = dataclasses.replace(self.resolve(task, quantization), quantization="none")
+            return count_parameters(run.strategy.apply(load_base(run, self.device).model, run.config))
+        except Exception as exc:  # noqa: BLE001
+            raise Skip(f"no unquantized model to compare with: {type(exc).__name__}: {exc}") from None
+
+    def preferred_quantization(self) -> str | None:
+        """The quantization the once-per-task checks run on: none, else the strategy's default, else any."""
+        declared = [q for q in self.quantizations if q in self.strategy.supported_quantization]
+        for q in ("none", traits(self.strategy).default_quantization):
+            if q in declared:
+                return q
+        return declared[0] if declared else None
+
+    def same(self, a: torch.Tensor, b: torch.Tensor) -> bool:
+        if self.exact:
+            return torch.equal(a, b)
+        return torch.allclose(a.float(), b.float(), rtol=1e-3, atol=1e-5)
+
+    def same_losses(self, a: list[float], b: list[float]) -> bool:
+        if self.exact:
+            return a == b
+        return len(a) == len(b) and all(math.isclose(x, y, rel_tol=1e-3, abs_tol=1e-5) for x, y in zip(a, b))
