@@ -44,9 +44,9 @@ def cli() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def strategies(as_json: bool) -> None:
     """List the registered strategies, their plugins, quantizations, tasks and options."""
-    from .options import describe_options
-    from .host import get_registry
     from .contract import traits
+    from .host import get_registry
+    from .options import describe_options
 
     rows = []
     for entry in get_registry().entries():

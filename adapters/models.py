@@ -25,10 +25,6 @@ import torch
 from .contract import TASKS
 from .errors import AdaptersError
 
-# Output heads stay in the compute dtype under quantization: they are what the probe and
-# classification heads train, and quantizing them saves little.
-_HEADS = ["lm_head", "score", "classifier"]
-
 # Published shapes (Llama configs). Memory and speed do not depend on the weights' values.
 RANDOM_SHAPES: dict[str, dict[str, Any]] = {
     "llama-1b": dict(  # Llama-3.2-1B

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from .models import ModelSpec
 
 DEFAULT_MODEL = "smollm2-135m"
+DEFAULT_STRATEGY = "lora"
 
 
 @dataclass
@@ -28,7 +29,7 @@ class RunSpec:
     """Everything one run accepts; CLI flags and TOML config keys use these names."""
 
     model: str = DEFAULT_MODEL
-    strategy: str = "lora"  # a name, or NAME@QUANT
+    strategy: str = DEFAULT_STRATEGY  # a name, or NAME@QUANT
     quantization: str | None = None  # None: the strategy's default (nf4 for qlora, else none)
     task: str | None = None  # None: the model's default task
     data: str | None = None  # None: the built-in real-text dataset for the task
@@ -103,9 +104,14 @@ def check_at_least(minimum: int, **values: int) -> None:
             raise AdaptersError(f"--{name.replace('_', '-')} must be at least {minimum}, not {value}.")
 
 
-def check_quantization(strategy: Strategy, quantization: str, registry: Registry) -> None:
+def check_known_quantization(quantization: str) -> None:
     if quantization not in QUANTIZATIONS:
         raise AdaptersError(f"unknown quantization {quantization!r}. Use one of: {', '.join(QUANTIZATIONS)}.")
+
+
+def check_quantization(strategy: Strategy, quantization: str, registry: Registry) -> None:
+    """``quantization`` is known and ``strategy`` supports it."""
+    check_known_quantization(quantization)
     if quantization not in strategy.supported_quantization:
         others = [e.strategy.name for e in registry.entries(aliases=False)
                   if quantization in e.strategy.supported_quantization]

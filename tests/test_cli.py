@@ -66,7 +66,8 @@ def test_plugins_json_lists_the_builtin_plugins():
     done = run_cli("plugins", "--json")
     assert done.returncode == 0, done.stderr
     rows = {r["name"]: r for r in json.loads(done.stdout)}
-    assert set(rows) == set(adapters.host.manager.DEFAULT_PLUGINS)  # no entry-point plugins under ADAPTERS_LOAD_PLUGINS=""
+    # No entry-point plugins under ADAPTERS_LOAD_PLUGINS="".
+    assert set(rows) == set(adapters.host.manager.DEFAULT_PLUGINS)
     assert rows["adapters_lora"]["strategies"] == ["lora", "qlora"]
     assert rows["adapters_full"]["strategies"] == ["full-finetune"]
     assert all(r["builtin"] and r["distribution"] == "adapters" for r in rows.values())

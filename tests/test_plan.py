@@ -57,7 +57,7 @@ def test_default_suite_prediction_is_within_the_cpu_target(default_suite_report,
 
 
 def test_the_prediction_is_saved_in_the_report_and_printed(default_suite_report):
-    from adapters.bench import format_table
+    from adapters.bench.table import format_table
     from adapters.reports import load_report
 
     path = default_suite_report["settings"]["output"]
@@ -327,16 +327,16 @@ def test_gpu_llama_1b_predictions_are_within_10_percent(tmp_path):
 
 
 def test_find_max_seq_len_doubles_then_bisects_in_multiples_of_8(monkeypatch):
-    import adapters.bench as bench
+    import adapters.bench.capacity as bench
 
     peak_per_token = 2**20
     tried = []
 
-    def fake_case(settings, spec):  # stands in for a worker: a peak proportional to the sequence length
-        tried.append(settings.seq_len)
-        return {"strategy": spec, "status": "ok", "memory": {"peak_bytes": settings.seq_len * peak_per_token}}
+    def fake_case(spec, measurement):  # stands in for a worker: a peak proportional to the sequence length
+        tried.append(spec.seq_len)
+        return {"strategy": spec.strategy, "status": "ok", "memory": {"peak_bytes": spec.seq_len * peak_per_token}}
 
-    monkeypatch.setattr(bench, "_run_case", fake_case)
+    monkeypatch.setattr(bench, "run_case", fake_case)
     settings = BenchSettings(model="random:tiny", strategies=["lora"], find_max="seq_len", memory_limit="300MiB")
     result, search = bench.find_capacity(settings, "lora", 300 * 2**20)
     assert search["largest"] == 296 and result["memory"]["peak_bytes"] == 296 * peak_per_token

@@ -19,8 +19,8 @@ from safetensors.torch import load_file, save_file
 
 import adapters
 from adapters import store
-from adapters.options import build_config
 from adapters.nn import trainable_parameters
+from adapters.options import build_config
 
 STRATEGIES = ("lora", "prefix-tuning", "linear-probe", "full-finetune")
 PEFT_STRATEGIES = ("lora", "prefix-tuning")

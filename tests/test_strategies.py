@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import adapters
-from adapters.host.manager import DEFAULT_PLUGINS
 from adapters.contract import traits
+from adapters.host.manager import DEFAULT_PLUGINS
 
 LABELS = ["asyncio", "email", "http", "logging", "unittest", "xml"]
 MODEL_FOR = {"causal-lm": "smollm2-135m", "sequence-classification": "minilm-l6"}

@@ -9,10 +9,10 @@ Prints one JSON line: {"step_s_median": ..., "step_s": [...], "tokens_per_s": ..
 """
 import argparse
 import json
+import pydoc_data.topics
 import statistics
 import time
 
-import pydoc_data.topics
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig

@@ -1,0 +1,145 @@
+"""One strategy's predicted peak: its own part, the base's part, and the largest of the step's phases.
+
+- the forward: every activation saved so far, plus the last layer's working tensors;
+- the loss backward: every activation saved for backward, plus the ``[tokens x vocab]`` log-softmax
+  and its two gradient buffers;
+- a layer's backward (with its recomputation under gradient checkpointing), and for full
+  fine-tuning the end of backward, when every gradient exists;
+- the optimizer step: every gradient plus AdamW's temporaries.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..contract import GRADIENT_FLOWS, EstimatesMemory, ModelShape, RunShape, Strategy, StrategyMemory
+from ..errors import AdaptersError
+from ..text import MiB
+from .activations import layer_activations, loss, outside_layers, transients
+from .weights import base_weights
+
+# Memory that is not tensors the step creates. The CPU peak is read from the profiler's tensor
+# allocations, which the model accounts for exactly (measured: within 1 MiB on SmolLM2). On CUDA,
+# cuBLAS keeps its workspace in the caching allocator (32 MiB on Hopper with the default config).
+RUNTIME_OVERHEAD = {"cpu": 0, "cuda": 32 * MiB}
+
+COMPONENTS = {
+    "base_weights_quantized": "frozen weights stored quantized, with their scales and double-quant constants",
+    "base_weights_unquantized": "frozen weights kept in the compute dtype: embeddings, norms, output head",
+    "trainable_parameters": "the weights the strategy trains",
+    "optimizer_state": "AdamW's two moments",
+    "gradients": "gradients alive at the peak",
+    "activations": "tensors saved for backward, alive at the peak",
+    "logits_and_loss": "the [tokens x vocab] log-softmax and its gradient buffers",
+    "optimizer_step": "AdamW's temporaries during its update",
+    "runtime_overhead": "memory outside the step's tensors (cuBLAS workspace)",
+}
+# The components a bench measurement reports as they are; it counts every gradient and calls the
+# rest of its peak "activations_and_temporaries".
+STATIC_COMPONENTS = ("base_weights_quantized", "base_weights_unquantized", "trainable_parameters",
+                     "optimizer_state")
+
+
+@dataclass
+class Plan:
+    """The predicted peak of one strategy's training step, by component."""
+
+    strategy: str  # as asked, e.g. "lora@nf4"
+    name: str
+    quantization: str
+    status: str  # "ok", "no estimate", "refused"
+    message: str | None = None
+    components: dict[str, int] = field(default_factory=dict)  # sums to peak_bytes
+    peak_bytes: int | None = None
+    peak_phase: str | None = None  # "forward", "loss backward", "layer backward", "end of backward", "optimizer step"
+    trainable_parameters: int | None = None
+    budget_bytes: int | None = None
+    fits: bool | None = None
+    max_batch_size: int | None = None  # at the asked sequence length
+    max_seq_len: int | None = None  # at the asked batch size
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def measured_convention(self) -> dict[str, int]:
+        """The prediction split the way a bench measurement is: every gradient counted, the rest
+        of the peak beyond the static parts as activations and temporaries."""
+        c = self.components
+        static = {k: c[k] for k in STATIC_COMPONENTS}
+        static["gradients"] = c["trainable_parameters"]  # a gradient per trainable weight, in its dtype
+        static["activations_and_temporaries"] = self.peak_bytes - sum(static.values())
+        return static
+
+
+def strategy_memory(strategy: Strategy, shape: ModelShape, config: Any, run: RunShape) -> StrategyMemory | None:
+    """The strategy's own estimate, or None when it has no ``estimate_memory`` hook."""
+    if not isinstance(strategy, EstimatesMemory):
+        return None
+    part = strategy.estimate_memory(shape, config, run)
+    if part is not None and part.gradient_flow not in GRADIENT_FLOWS:
+        raise AdaptersError(
+            f"strategy {strategy.name!r}: estimate_memory returned gradient_flow={part.gradient_flow!r}; "
+            f"use one of {', '.join(GRADIENT_FLOWS)}."
+        )
+    return part
+
+
+def peak(shape: ModelShape, run: RunShape, part: StrategyMemory) -> tuple[dict[str, int], str]:
+    """The components at the step's predicted peak (they sum to it), and which phase it is in."""
+    phases = _phases(shape, run, part)
+    phase = max(phases, key=lambda p: sum(phases[p].values()))
+    components = {k: 0 for k in COMPONENTS}
+    components.update(base_weights(shape, run, part.base_parameters_trained))
+    components["trainable_parameters"] = part.trainable_bytes
+    components["optimizer_state"] = (2 * part.trainable_bytes if part.optimizer_state_bytes is None
+                                     else part.optimizer_state_bytes)
+    components.update(phases[phase])
+    components["runtime_overhead"] = RUNTIME_OVERHEAD[run.device]
+    return components, phase
+
+
+def _phases(shape: ModelShape, run: RunShape, part: StrategyMemory) -> dict[str, dict[str, int]]:
+    """What each phase of the step holds beyond the weights and the optimizer's state."""
+    flow = part.gradient_flow
+    layer = layer_activations(shape, run, flow, part.extra_attention_tokens)
+    layer += part.layer_activation_bytes if flow != "head" else 0
+    outside = outside_layers(shape, run, flow)
+    loss_saved, loss_transient = loss(shape, run)
+    checkpointed = run.gradient_checkpointing and flow != "head"
+    kept = shape.num_layers * (run.tokens * shape.hidden_size * run.compute_bytes if checkpointed else layer)
+    if flow == "inputs" and not checkpointed and shape.family == "llama":  # the embeddings' output needs
+        kept -= run.tokens * (shape.hidden_size + 1) * 4  # no gradient: layer 0's first norm keeps nothing
+    forward, working = transients(shape, run)
+    phases: dict[str, dict[str, int]] = {
+        "forward": {"activations": kept + forward},
+        "loss backward": {"activations": kept + outside, "logits_and_loss": loss_saved + loss_transient},
+    }
+    if flow != "head":
+        # A layer's backward: its saved tensors (recomputed under checkpointing) plus the gradients
+        # in flight through it.
+        phases["layer backward"] = {"activations": kept + outside + (layer if checkpointed else 0) + working}
+        if flow == "weights":  # the first layer's backward, with every other gradient already made
+            first = (kept if checkpointed else 0) + layer + working
+            phases["end of backward"] = {"gradients": part.trainable_bytes, "activations": first}
+    if run.device == "cuda":  # foreach AdamW: one temporary the size of every trainable tensor at once
+        optimizer_step = part.trainable_bytes
+    else:  # the CPU's per-tensor AdamW: sqrt and a division of the largest tensor at once
+        optimizer_step = 2 * part.largest_trainable_tensor_bytes
+    phases["optimizer step"] = {"gradients": part.trainable_bytes, "optimizer_step": optimizer_step}
+    return phases
+
+
+def estimate(shape: ModelShape, strategy: Strategy, config: Any, run: RunShape, spec: str | None = None) -> Plan:
+    """The plan for one strategy: its components and peak, or "no estimate" with the reason."""
+    name = strategy.name
+    spec = spec or (name if run.quantization == "none" else f"{name}@{run.quantization}")
+    if shape.family is None:
+        return Plan(spec, name, run.quantization, "no estimate",
+                    f"the activations of {shape.config.model_type!r} models are not modelled")
+    part = strategy_memory(strategy, shape, config, run)
+    if part is None:
+        return Plan(spec, name, run.quantization, "no estimate", "the strategy provides no estimate_memory hook")
+    components, phase = peak(shape, run, part)
+    return Plan(spec, name, run.quantization, "ok", components=components, peak_bytes=sum(components.values()),
+                peak_phase=phase, trainable_parameters=part.trainable_parameters)
