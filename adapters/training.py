@@ -12,6 +12,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -41,6 +42,17 @@ class TrainResult:
     output: Path | None
     processes: int = 1  # data-parallel processes (torchrun or accelerate launch)
     main_process: bool = True  # False in the other processes of a data-parallel run
+
+    def summary(self) -> dict[str, Any]:
+        """What `adapters train --json` prints."""
+        return {
+            "strategy": self.strategy, "model": self.model, "quantization": self.quantization,
+            "task": self.task, "steps": self.steps,
+            "trainable_parameters": self.parameters.trainable, "total_parameters": self.parameters.total,
+            "heldout_before": self.before, "heldout_after": self.after,
+            "tokens_per_s": round(self.tokens_per_s, 1), "seconds": round(self.seconds, 2),
+            "processes": self.processes, "output": str(self.output) if self.output else None,
+        }
 
 
 def enable_gradient_checkpointing(model: torch.nn.Module) -> None:

@@ -57,7 +57,7 @@ def test_default_suite_prediction_is_within_the_cpu_target(default_suite_report,
 
 
 def test_the_prediction_is_saved_in_the_report_and_printed(default_suite_report):
-    from adapters.bench.table import format_table
+    from adapters.cli.tables import format_table
     from adapters.reports import load_report
 
     path = default_suite_report["settings"]["output"]

@@ -1,12 +1,12 @@
-"""What `adapters bench` prints: a report's summary and capacity tables, plain or drawn with rich.
-
-The command line's rendering; the library returns the report as data.
-"""
+"""The command line's tables: what train, bench and plan print. The library returns data."""
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..text import MiB, aligned_table, format_bytes
+from ..text import GiB, MiB, aligned_table, format_bytes
+
+if TYPE_CHECKING:
+    from ..training import TrainResult
 
 SUMMARY_HEADERS = ["strategy", "status", "trainable", "step ms", "tokens/s", "peak MiB", "plan MiB (error)",
                    "base / train+grad+opt / act MiB", "notes"]
@@ -94,3 +94,48 @@ def print_summary(report: dict[str, Any]) -> None:
         for row in rows:
             table.add_row(*row)
         console.print(table)
+
+
+def plan_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Headers and rows of the plan table."""
+    budget = result["budget_bytes"]
+    headers = ["strategy", "peak", "weights", "train+grad+opt", "activations", "logits+loss", "peak at"]
+    if budget is not None:
+        headers += ["verdict", "max batch", "max seq"]
+    headers.append("notes")
+    rows = []
+    for p in result["plans"]:
+        if p["status"] != "ok":
+            rows.append([p["strategy"], p["status"]] + [""] * (len(headers) - 3) + [p["message"] or ""])
+            continue
+        c = p["components"]
+        row = [p["strategy"], plan_size(p["peak_bytes"]),
+               plan_size(c["base_weights_quantized"] + c["base_weights_unquantized"]),
+               plan_size(c["trainable_parameters"] + c["gradients"] + c["optimizer_state"] + c["optimizer_step"]),
+               plan_size(c["activations"]), plan_size(c["logits_and_loss"]), p["peak_phase"]]
+        if budget is not None:
+            verdict = "fits" if p["fits"] else "does not fit"
+            if p["fits"] and p["peak_bytes"] > 0.9 * budget:
+                verdict = "fits (tight)"
+            row += [verdict] + ["none fits" if n is None else f"{n:,}" for n in (p["max_batch_size"], p["max_seq_len"])]
+        rows.append(row + [""])
+    return headers, rows
+
+
+def plan_size(n: int) -> str:
+    """GiB with two decimals, or whole MiB below that: fractions of a MiB are noise in a prediction."""
+    return format_bytes(n) if abs(n) >= GiB else format_bytes(n, digits=0, unit="MiB")
+
+
+def train_summary(result: TrainResult) -> str:
+    """What `adapters train` prints when it is done."""
+    p = result.parameters
+    metric = "perplexity" if result.task == "causal-lm" else "accuracy"
+    return (
+        f"{result.strategy} on {result.model} ({result.quantization}, {result.task}): "
+        f"{p.trainable:,} of {p.total:,} parameters trained ({100 * p.fraction:.2f}%)\n"
+        f"held-out loss {result.before['loss']:.4f} -> {result.after['loss']:.4f}, "
+        f"{metric} {result.before[metric]:.4g} -> {result.after[metric]:.4g}\n"
+        f"{result.steps} steps in {result.seconds:.1f} s, {result.tokens_per_s:,.0f} tokens/s"
+        + (f"\nsaved to {result.output}" if result.output else "")
+    )

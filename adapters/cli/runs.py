@@ -1,0 +1,146 @@
+"""Commands that run models: train, bench, plan."""
+from __future__ import annotations
+
+from typing import Any
+
+import click
+from click.core import ParameterSource
+
+from ..contract import QUANTIZATIONS, TASKS
+from ..errors import AdaptersError
+from ..runspec import DEFAULT_MODEL, DEFAULT_STRATEGY, RunSpec
+from ..text import aligned_table
+from . import cli, echo_json
+from .tables import plan_rows, train_summary
+
+
+@cli.command()
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Model name, local directory or hub id.")
+@click.option("--strategy", default=DEFAULT_STRATEGY, show_default=True,
+              help="Strategy name; NAME@QUANT also sets quantization.")
+@click.option("--quantization", type=click.Choice(QUANTIZATIONS), default=None,
+              help="Quantize the base (default: the strategy's own, e.g. nf4 for qlora).")
+@click.option("--task", type=click.Choice(TASKS), default=None,
+              help="Default: the model's own.")
+@click.option("--data", default=None, help=".txt, .jsonl or .csv file (default: built-in real text).")
+@click.option("--max-steps", type=int, default=RunSpec.max_steps, show_default=True)
+@click.option("--batch-size", type=int, default=RunSpec.batch_size, show_default=True)
+@click.option("--gradient-accumulation-steps", type=int, default=RunSpec.gradient_accumulation_steps, show_default=True)
+@click.option("--seq-len", type=int, default=RunSpec.seq_len, show_default=True)
+@click.option("--learning-rate", type=float, default=None, help="Default: the strategy's own.")
+@click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations in backward to save memory.")
+@click.option("--seed", type=int, default=RunSpec.seed, show_default=True)
+@click.option("--eval-batches", type=int, default=RunSpec.eval_batches, show_default=True)
+@click.option("--output", default=None, help="Directory to save the trained strategy in.")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty --output directory.")
+@click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE", help="A strategy option (repeatable).")
+@click.option("--config", "config_file", default=None, help="TOML file of settings; flags given here win.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.pass_context
+def train(
+    ctx: click.Context, assignments: tuple[str, ...], config_file: str | None, as_json: bool, **flags: Any
+) -> None:
+    """Train a strategy on a base model, evaluate it before and after, and save it."""
+    from ..options import parse_assignments
+    from ..runspec import spec_from
+    from ..training import train as run_training
+
+    given = {k: v for k, v in flags.items() if ctx.get_parameter_source(k) == ParameterSource.COMMANDLINE}
+    settings = spec_from(config_file, given, parse_assignments(assignments))
+    result = run_training(settings, progress=True)
+    if not result.main_process:  # in data-parallel runs, one process reports for all
+        return
+    if as_json:
+        echo_json(result.summary())
+        return
+    click.echo(train_summary(result))
+
+
+@cli.command()
+@click.option("--suite", default=None, help="TOML suite file (benchmarks/suites/*.toml); flags given here win.")
+@click.option("--model", default=None, help=f"Model name [default: {DEFAULT_MODEL}].")
+@click.option("--strategies", default=None, help="Comma-separated names, NAME@QUANT allowed.")
+@click.option("--task", type=click.Choice(TASKS), default=None)
+@click.option("--batch-size", type=int, default=None)
+@click.option("--seq-len", type=int, default=None)
+@click.option("--steps", type=int, default=None, help="Timed steps per repeat.")
+@click.option("--warmup", type=int, default=None, help="Untimed steps first.")
+@click.option("--repeats", type=int, default=None)
+@click.option("--gradient-checkpointing", is_flag=True, default=None)
+@click.option("--seed", type=int, default=None)
+@click.option("--quality-steps", type=int, default=None, help="Also measure held-out quality over this many steps.")
+@click.option("--find-max-batch", is_flag=True, help="Search each strategy's largest batch size by real runs.")
+@click.option("--find-max-seq-len", is_flag=True, help="Search each strategy's largest sequence length by real runs.")
+@click.option("--memory-limit", default=None, metavar="SIZE",
+              help="With --find-max-*: a try whose peak exceeds SIZE (e.g. 4GiB) fails; required on the CPU.")
+@click.option("--output", default=None, help="Report file [default: bench-<model>-<time>.json]; never overwritten.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of a table.")
+def bench(suite: str | None, as_json: bool, find_max_batch: bool, find_max_seq_len: bool, **flags: Any) -> None:
+    """Benchmark strategies for memory and speed, each in a fresh process.
+
+    Every measured peak has the plan's prediction beside it (see `adapters plan`), with its error.
+    """
+    import time
+
+    from ..bench import run_bench, settings_from
+    from .tables import print_summary
+
+    given = {k: v for k, v in flags.items() if v is not None}
+    if find_max_batch and find_max_seq_len:
+        raise AdaptersError("give one of --find-max-batch and --find-max-seq-len; search one at a time.")
+    if find_max_batch or find_max_seq_len:
+        given["find_max"] = "batch_size" if find_max_batch else "seq_len"
+    if "strategies" in given:
+        given["strategies"] = [s.strip() for s in given["strategies"].split(",") if s.strip()]
+    settings = settings_from(suite, given)
+    if settings.output is None:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        settings.output = f"bench-{settings.model.replace(':', '-').replace('/', '-')}-{stamp}.json"
+    report = run_bench(settings)
+    if as_json:
+        echo_json(report)
+        return
+    print_summary(report)
+    click.echo(f"report written to {settings.output}")
+
+
+@cli.command()
+@click.option("--model", default=DEFAULT_MODEL, show_default=True,
+              help="Model name, local directory (config.json is enough) or hub id.")
+@click.option("--strategy", "--strategies", "strategies", default=DEFAULT_STRATEGY, show_default=True,
+              help="Comma-separated names, NAME@QUANT allowed, or `all` for every strategy and quantization.")
+@click.option("--quantization", type=click.Choice(QUANTIZATIONS), default=None,
+              help="Quantize the base (default: each strategy's own).")
+@click.option("--batch-size", type=int, default=4, show_default=True)
+@click.option("--seq-len", type=int, default=512, show_default=True)
+@click.option("--task", type=click.Choice(TASKS), default=None)
+@click.option("--gradient-checkpointing", is_flag=True, help="Plan with activations recomputed in backward.")
+@click.option("--device", type=click.Choice(["cuda", "cpu"]), default="cuda", show_default=True,
+              help="cuda: bf16 under autocast, as training on a GPU runs; cpu: fp32.")
+@click.option("--budget", default=None, metavar="SIZE",
+              help="Memory to fit in (e.g. 24GiB): a verdict, and the largest batch and sequence that fit.")
+@click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE", help="A strategy option (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+def plan(strategies: str, quantization: str | None, assignments: tuple[str, ...], as_json: bool,
+         **flags: Any) -> None:
+    """Predict each strategy's peak memory from the model's config alone, without loading weights."""
+    from ..options import parse_assignments
+    from ..plan import PlanSettings, make_plans
+    from ..runspec import split_strategy
+
+    specs = [s.strip() for s in strategies.split(",") if s.strip()]
+    if quantization and specs != ["all"]:
+        specs = [f"{split_strategy(s, quantization)[0]}@{quantization}" for s in specs]
+    settings = PlanSettings(strategies=specs, options=parse_assignments(assignments), **flags)
+    result = make_plans(settings)
+    if as_json:
+        echo_json(result)
+        return
+    headers, rows = plan_rows(result)
+    click.echo(f"{result['model']} ({result['task']}) on {result['device']}, {result['dtype']}: "
+               f"batch {result['batch_size']} x seq {result['seq_len']}"
+               + (", gradient checkpointing" if result["gradient_checkpointing"] else ""))
+    click.echo(aligned_table(rows, headers))
+    if result["device"] == "cuda":
+        click.echo("Peaks are tensor memory, as torch.cuda.max_memory_allocated reports it; the CUDA context "
+                   "and the allocator's cache need about 1 GiB more.")
