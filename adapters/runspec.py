@@ -113,8 +113,7 @@ def check_quantization(strategy: Strategy, quantization: str, registry: Registry
     """``quantization`` is known and ``strategy`` supports it."""
     check_known_quantization(quantization)
     if quantization not in strategy.supported_quantization:
-        others = [e.strategy.name for e in registry.entries(aliases=False)
-                  if quantization in e.strategy.supported_quantization]
+        others = [e.strategy.name for e in registry.entries() if quantization in e.strategy.supported_quantization]
         raise AdaptersError(
             f"strategy {strategy.name!r} cannot train on a {quantization}-quantized base "
             f"(it supports: {', '.join(sorted(strategy.supported_quantization))}). "

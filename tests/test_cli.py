@@ -70,7 +70,7 @@ def test_plugins_json_lists_the_builtin_plugins():
     assert set(rows) == set(adapters.host.manager.DEFAULT_PLUGINS)
     assert rows["adapters_lora"]["strategies"] == ["lora", "qlora"]
     assert rows["adapters_full"]["strategies"] == ["full-finetune"]
-    assert all(r["builtin"] and r["distribution"] == "adapters" for r in rows.values())
+    assert all(r["builtin"] and r["distribution"] == "adapters-lab" for r in rows.values())
     assert all(r["hooks"] == ["register_strategies"] for r in rows.values())
 
 
