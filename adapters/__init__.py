@@ -34,7 +34,7 @@ _EXPORTS = {
     "nn": ("ParameterCount", "count_parameters", "freeze", "linear_module_names", "output_head_name", "task_of",
            "trainable_parameters", "match_targets", "targeted_linears", "head_parameters"),
     "peft": ("PeftStrategy", "load_peft", "save_peft", "peft_task_type"),
-    "runspec": ("RunSpec", "TrainSettings", "resolve"),
+    "runspec": ("RunSpec", "TrainSettings", "resolve", "StrategyRefused"),
     "loading": ("BaseModel", "fingerprint", "load_base_model"),
     "store": ("Loaded", "load", "read_safetensors", "save"),
     "training": ("TrainResult", "train"),
@@ -97,6 +97,6 @@ if TYPE_CHECKING:  # for type checkers and editors: the names above, imported ea
         trainable_parameters,
     )
     from .peft import PeftStrategy, load_peft, peft_task_type, save_peft  # noqa: F401
-    from .runspec import RunSpec, TrainSettings, resolve  # noqa: F401
+    from .runspec import RunSpec, StrategyRefused, TrainSettings, resolve  # noqa: F401
     from .store import Loaded, load, read_safetensors, save  # noqa: F401
     from .training import TrainResult, train  # noqa: F401

@@ -62,8 +62,8 @@ class Run:
     config: Any
     quantization: str
     task: str
-    model: ModelSpec | None  # None when resolved for a plan, which reads only the model's config
-    dataset: Dataset | None  # None when resolved without data (plan)
+    model: ModelSpec
+    dataset: Dataset | None  # None when resolved without data
     learning_rate: float
 
 
@@ -109,63 +109,60 @@ def check_known_quantization(quantization: str) -> None:
         raise AdaptersError(f"unknown quantization {quantization!r}. Use one of: {', '.join(QUANTIZATIONS)}.")
 
 
-def check_quantization(strategy: Strategy, quantization: str, registry: Registry) -> None:
-    """``quantization`` is known and ``strategy`` supports it."""
-    check_known_quantization(quantization)
+class StrategyRefused(AdaptersError):
+    """The run asks for what its strategy declares it cannot do: a quantization, a task, or
+    gradient checkpointing. train stops with it; plan and bench show it as a row."""
+
+    def __init__(self, message: str, strategy: Strategy, quantization: str) -> None:
+        super().__init__(message)
+        self.strategy = strategy
+        self.quantization = quantization
+
+
+def check_supported(strategy: Strategy, quantization: str, task: str, gradient_checkpointing: bool,
+                    registry: Registry) -> None:
+    """Raise `StrategyRefused` for anything ``strategy`` declares it cannot do."""
     if quantization not in strategy.supported_quantization:
         others = [e.strategy.name for e in registry.entries() if quantization in e.strategy.supported_quantization]
-        raise AdaptersError(
-            f"strategy {strategy.name!r} cannot train on a {quantization}-quantized base "
-            f"(it supports: {', '.join(sorted(strategy.supported_quantization))}). "
-            f"Use --quantization none, or a strategy that can: {', '.join(others) or 'none installed'}."
-        )
+        message = (f"strategy {strategy.name!r} cannot train on a {quantization}-quantized base "
+                   f"(it supports: {', '.join(sorted(strategy.supported_quantization))}). "
+                   f"Use --quantization none, or a strategy that can: {', '.join(others) or 'none installed'}.")
+    elif task not in strategy.supported_tasks:
+        message = (f"strategy {strategy.name!r} does not support --task {task} "
+                   f"(it supports: {', '.join(sorted(strategy.supported_tasks))}). Choose another strategy or task.")
+    elif gradient_checkpointing and not traits(strategy).supports_gradient_checkpointing:
+        message = f"strategy {strategy.name!r} cannot be combined with --gradient-checkpointing. Drop that flag."
+    else:
+        return
+    raise StrategyRefused(message, strategy, quantization)
 
 
-def check_combination(strategy: Strategy, task: str, gradient_checkpointing: bool) -> None:
-    """What the strategy declares it cannot do: a task, or gradient checkpointing."""
-    if task not in strategy.supported_tasks:
-        raise AdaptersError(
-            f"strategy {strategy.name!r} does not support --task {task} "
-            f"(it supports: {', '.join(sorted(strategy.supported_tasks))}). Choose another strategy or task."
-        )
-    if gradient_checkpointing and not traits(strategy).supports_gradient_checkpointing:
-        raise AdaptersError(
-            f"strategy {strategy.name!r} cannot be combined with --gradient-checkpointing. Drop that flag."
-        )
-
-
-def resolve_strategy(name: str, quantization: str | None = None,
-                     registry: Registry | None = None) -> tuple[Strategy, str, str]:
-    """(strategy, plugin, quantization) for ``NAME`` or ``NAME@QUANT``, the quantization checked."""
-    from .host import get_registry
-
-    registry = registry or get_registry()
-    name, quantization = split_strategy(name, quantization)
-    entry = registry.entry(name)
-    quantization = quantization or traits(entry.strategy).default_quantization
-    check_quantization(entry.strategy, quantization, registry)
-    return entry.strategy, entry.plugin, quantization
-
-
-def resolve(spec: RunSpec, *, data: bool = True, model: bool = True) -> Run:
+def resolve(spec: RunSpec, *, data: bool = True) -> Run:
     """Check everything a user can get wrong in ``spec``, before any model is loaded.
 
-    ``data=False`` skips loading the dataset; ``model=False`` (plan) skips resolving the model
-    name to a checkpoint and takes ``spec.task`` as given.
+    Typos (an unknown strategy, quantization, option or model, a count below 1) come first; then
+    what the strategy declares it cannot do (`StrategyRefused`); then the output directory and the
+    data, unless ``data=False`` (plan, and bench's parent process, which need no dataset).
     """
     from . import data as datasets
+    from .host import get_registry
     from .models import check_model_task, resolve_model
     from .store import check_output_dir
 
-    strategy, plugin, quantization = resolve_strategy(spec.strategy, spec.quantization)
+    registry = get_registry()
+    name, quantization = split_strategy(spec.strategy, spec.quantization)
+    entry = registry.entry(name)
+    strategy = entry.strategy
+    quantization = quantization or traits(strategy).default_quantization
+    check_known_quantization(quantization)
+    config = build_config(strategy.config_class, spec.options, strategy.name)
     check_at_least(1, max_steps=spec.max_steps, batch_size=spec.batch_size, seq_len=spec.seq_len,
                    gradient_accumulation_steps=spec.gradient_accumulation_steps)
-    model_spec = resolve_model(spec.model) if model else None
-    task = check_model_task(model_spec, spec.task) if model_spec else (spec.task or "causal-lm")
-    check_combination(strategy, task, spec.gradient_checkpointing)
-    config = build_config(strategy.config_class, spec.options, strategy.name)
+    model = resolve_model(spec.model)
+    task = check_model_task(model, spec.task)
+    check_supported(strategy, quantization, task, spec.gradient_checkpointing, registry)
     if spec.output:
         check_output_dir(spec.output, spec.overwrite)
     dataset = datasets.load_dataset(spec.data, task) if data else None
     lr = spec.learning_rate or traits(strategy).default_learning_rate
-    return Run(spec, strategy, plugin, config, quantization, task, model_spec, dataset, lr)
+    return Run(spec, strategy, entry.plugin, config, quantization, task, model, dataset, lr)

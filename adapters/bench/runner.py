@@ -32,14 +32,11 @@ def run_bench(settings: BenchSettings, progress: bool = True) -> dict[str, Any]:
     runs instead, and the report's result for it is the run at that value. Ctrl-C keeps what was
     measured and records the other strategies as cancelled.
     """
-    from ..models import resolve_model
-
-    _check_strategies(settings)
-    resolve_model(settings.model)
+    refusals = _refusals(settings)
     output = Path(settings.output) if settings.output else None
     if output is not None and output.exists():
         raise AdaptersError(f"--output {output}: exists. Choose a new file name; reports are never overwritten.")
-    outcome = _run_cases(settings, search_limit(settings), progress)
+    outcome = _run_cases(settings, refusals, search_limit(settings), progress)
     shapes: dict[str, Any] = {}
     for spec, result in outcome.measured:
         if result["status"] == "ok":
@@ -51,23 +48,25 @@ def run_bench(settings: BenchSettings, progress: bool = True) -> dict[str, Any]:
     return report
 
 
-def _check_strategies(settings: BenchSettings) -> None:
-    """Unknown strategy names are typos: refuse them before any work starts."""
-    from ..host import get_registry
-    from ..runspec import split_strategy
+def _refusals(settings: BenchSettings) -> dict[str, str]:
+    """Every case resolved before any work starts: a typo is an error; what a strategy declares it
+    cannot do (full-finetune on a quantized base) is its message, recorded as a refused row."""
+    from ..runspec import StrategyRefused, resolve
 
-    registry = get_registry()
     if not settings.strategies:
         raise AdaptersError("--strategies is empty. Name at least one, e.g. --strategies lora,full-finetune.")
+    refusals = {}
     for name in settings.strategies:
-        registry.entry(split_strategy(name, None)[0])
+        try:
+            resolve(settings.spec(name), data=False)
+        except StrategyRefused as exc:
+            refusals[name] = str(exc)
+    return refusals
 
 
-def _run_cases(settings: BenchSettings, limit: int | None, progress: bool) -> _Outcome:
+def _run_cases(settings: BenchSettings, refusals: dict[str, str], limit: int | None, progress: bool) -> _Outcome:
     """Each strategy measured (or its capacity searched) in its own process, in order."""
     from tqdm.auto import tqdm
-
-    from ..runspec import resolve
 
     outcome = _Outcome()
     measurement = settings.measurement()
@@ -75,12 +74,10 @@ def _run_cases(settings: BenchSettings, limit: int | None, progress: bool) -> _O
     try:
         for name in bar:
             bar.set_postfix(strategy=name)
-            spec = settings.spec(name)
-            try:
-                resolve(spec, data=False)
-            except AdaptersError as exc:  # e.g. full-finetune on a quantized base: recorded, not fatal
-                outcome.results.append({"strategy": name, "status": "refused", "message": str(exc)})
+            if name in refusals:
+                outcome.results.append({"strategy": name, "status": "refused", "message": refusals[name]})
                 continue
+            spec = settings.spec(name)
             if settings.find_max:
                 result, search = find_capacity(settings, name, limit, bar)
                 outcome.capacity.append(search)

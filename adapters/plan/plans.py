@@ -11,19 +11,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..contract import QUANTIZATIONS, ModelShape, RunShape, Strategy, traits
+from ..contract import QUANTIZATIONS, ModelShape, RunShape, Strategy
 from ..errors import AdaptersError
 from ..host import Registry, get_registry
-from ..options import build_config
-from ..runspec import (
-    DEFAULT_MODEL,
-    DEFAULT_STRATEGY,
-    check_at_least,
-    check_combination,
-    check_known_quantization,
-    check_quantization,
-    split_strategy,
-)
+from ..runspec import DEFAULT_MODEL, DEFAULT_STRATEGY, RunSpec, StrategyRefused, resolve, split_strategy
 from ..text import parse_size
 from .budget import with_budget
 from .memory import RUNTIME_OVERHEAD, Plan, estimate
@@ -47,12 +38,13 @@ class PlanSettings:
 
 @dataclass
 class _Asked:
-    """One strategy as asked for, its name and options checked."""
+    """One strategy as asked for, resolved; or refused, with the reason."""
 
     spec: str  # as asked, e.g. "lora@nf4"
     strategy: Strategy
     quantization: str
-    config: Any
+    config: Any = None
+    refusal: str | None = None
 
 
 def make_plans(settings: PlanSettings) -> dict[str, Any]:
@@ -60,7 +52,6 @@ def make_plans(settings: PlanSettings) -> dict[str, Any]:
     started = time.perf_counter()
     if settings.device not in RUNTIME_OVERHEAD:
         raise AdaptersError(f"--device {settings.device}: use cuda or cpu.")
-    check_at_least(1, batch_size=settings.batch_size, seq_len=settings.seq_len)
     budget = parse_size(settings.budget) if settings.budget else None
     registry = get_registry()
     asked = _asked(settings, registry)  # every name and option checked before any model is built
@@ -69,7 +60,7 @@ def make_plans(settings: PlanSettings) -> dict[str, Any]:
     for one in asked:
         run = RunShape(settings.batch_size, settings.seq_len, shape.task, one.quantization,
                        settings.gradient_checkpointing, settings.device)
-        plans.append(_plan(one, shape, run, budget, registry))
+        plans.append(_plan(one, shape, run, budget))
     return {
         "model": settings.model, "task": shape.task, "device": settings.device,
         "dtype": "bfloat16 (autocast)" if settings.device == "cuda" else "float32",
@@ -89,24 +80,26 @@ def _specs(settings: PlanSettings, registry: Registry) -> list[str]:
 
 
 def _asked(settings: PlanSettings, registry: Registry) -> list[_Asked]:
-    """The strategies asked for, with their quantization and config; a typo is an error."""
+    """Each strategy asked for, resolved as a run of ``settings``; a typo is an error, a refusal a row."""
     specs = _specs(settings, registry)
     if not specs:
         raise AdaptersError("--strategy is empty. Name one, e.g. --strategy lora, or --strategies all.")
-    named = []
-    for spec in specs:
-        name, quantization = split_strategy(spec, None)
-        strategy = registry.get(name)
-        quantization = quantization or traits(strategy).default_quantization
-        check_known_quantization(quantization)  # a typo; an unsupported one is a refusal row
-        named.append((spec, strategy, quantization))
-    several = len(named) > 1
+    strategies = [registry.get(split_strategy(spec, None)[0]) for spec in specs]
+    several = len(specs) > 1
     if several:
-        _check_shared_options(settings.options, [strategy for _, strategy, _ in named])
-    return [_Asked(spec, strategy, quantization,
-                   build_config(strategy.config_class,
-                                _accepted(strategy, settings.options) if several else settings.options, strategy.name))
-            for spec, strategy, quantization in named]
+        _check_shared_options(settings.options, strategies)
+    asked = []
+    for spec, strategy in zip(specs, strategies):
+        run_spec = RunSpec(model=settings.model, strategy=spec, task=settings.task, batch_size=settings.batch_size,
+                           seq_len=settings.seq_len, gradient_checkpointing=settings.gradient_checkpointing,
+                           options=_accepted(strategy, settings.options) if several else settings.options)
+        try:
+            run = resolve(run_spec, data=False)
+        except StrategyRefused as refused:
+            asked.append(_Asked(spec, refused.strategy, refused.quantization, refusal=str(refused)))
+        else:
+            asked.append(_Asked(spec, run.strategy, run.quantization, run.config))
+    return asked
 
 
 def _check_shared_options(options: dict[str, Any], strategies: list[Strategy]) -> None:
@@ -124,12 +117,9 @@ def _accepted(strategy: Strategy, options: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in options.items() if k.replace("-", "_") in names}
 
 
-def _plan(asked: _Asked, shape: ModelShape, run: RunShape, budget: int | None, registry: Registry) -> Plan:
+def _plan(asked: _Asked, shape: ModelShape, run: RunShape, budget: int | None) -> Plan:
     """One strategy's plan, or its refusal: what it declares it cannot do is a row, not an error."""
-    try:
-        check_quantization(asked.strategy, run.quantization, registry)
-        check_combination(asked.strategy, run.task, run.gradient_checkpointing)
-    except AdaptersError as exc:
-        return Plan(asked.spec, asked.strategy.name, run.quantization, "refused", str(exc))
+    if asked.refusal is not None:
+        return Plan(asked.spec, asked.strategy.name, asked.quantization, "refused", asked.refusal)
     plan = estimate(shape, asked.strategy, asked.config, run, asked.spec)
     return plan if budget is None else with_budget(plan, shape, asked.strategy, asked.config, run, budget)

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from ..contract import EstimatesMemory, Strategy, traits, validate_strategy
-from ..errors import AdaptersError
 from ..nn import count_parameters
+from ..runspec import StrategyRefused
 from .harness import LABELS, STEPS, Harness, Skip
 
 MEMORY_BATCH = (4, 128)  # the memory-estimate check's batch: large enough for activations to matter
@@ -229,7 +229,7 @@ def refused(h: Harness, task: str, quantization: str) -> str:
     undeclared = quantization if quantization not in h.strategy.supported_quantization else task
     try:
         h.resolve(task, quantization)
-    except AdaptersError as exc:
+    except StrategyRefused as exc:
         message = str(exc)
         if undeclared not in message or h.name not in message:
             raise AssertionError(f"refused, but the message names neither {h.name!r} nor {undeclared!r}: "
@@ -245,7 +245,7 @@ def gradient_checkpointing(h: Harness, task: str, quantization: str) -> str:
     if not traits(h.strategy).supports_gradient_checkpointing:
         try:
             h.resolve(task, quantization, gradient_checkpointing=True)
-        except AdaptersError as exc:
+        except StrategyRefused as exc:
             return f"refused up front: {exc}"
         raise AssertionError("supports_gradient_checkpointing is False, but adapters train accepted "
                              "--gradient-checkpointing")

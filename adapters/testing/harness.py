@@ -86,7 +86,7 @@ class Harness:
     def resolve(self, task: str, quantization: str, **settings) -> Run:
         """The run ``adapters train`` makes of these settings (checked by `resolve`), on the kit's data.
 
-        A refused combination raises `AdaptersError` here, before anything is loaded.
+        A refused combination raises `StrategyRefused` here, before anything is loaded.
         """
         settings = {"batch_size": BATCH[0], "seq_len": BATCH[1], **settings}
         spec = RunSpec(model=self.model, strategy=self.name, quantization=quantization, task=task, seed=self.seed,
