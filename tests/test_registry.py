@@ -102,6 +102,48 @@ def test_a_builtin_name_stays_the_builtins_and_the_collision_names_both_plugins(
     assert "the built-in wins" in message
 
 
+class AnyQuantization(Minimal):
+    supported_quantization = frozenset(adapters.QUANTIZATIONS)
+
+
+def plugin_aliasing(strategy, aliases):
+    class Plugin:
+        @adapters.hookimpl
+        def register_strategies(self, register):
+            register(strategy, aliases=aliases)
+
+    return Plugin()
+
+
+def test_a_third_party_alias_is_the_strategy_with_its_own_default_quantization(register_plugin):
+    strategy = AnyQuantization("norms-test")
+    register_plugin(plugin_aliasing(strategy, {"norms-test-4bit": "nf4"}), name="test_alias_plugin")
+    registry = adapters.get_registry()
+    alias = registry.entry("norms-test-4bit")
+    assert alias.plugin == "test_alias_plugin" and alias.alias_of == "norms-test"
+    assert adapters.traits(alias.strategy).default_quantization == "nf4"
+    assert adapters.traits(registry.get("norms-test")).default_quantization == "none"
+    assert alias.strategy.apply.__self__ is strategy  # the same object under another name
+    assert "norms-test-4bit" not in {e.strategy.name for e in registry.entries(aliases=False)}
+    run = adapters.resolve(adapters.RunSpec(model="random:tiny", strategy="norms-test-4bit"), data=False)
+    assert (run.strategy.name, run.quantization) == ("norms-test-4bit", "nf4")
+
+
+def test_an_alias_must_name_a_supported_quantization(register_plugin):
+    register_plugin(plugin_aliasing(Minimal("only-none"), {"only-none-4bit": "nf4"}), name="test_bad_alias")
+    with pytest.raises(adapters.AdaptersError, match="test_bad_alias.*invalid alias 'only-none-4bit'"):
+        adapters.get_registry()
+
+
+def test_a_third_party_alias_that_collides_with_a_builtin_is_dropped_alone(register_plugin):
+    register_plugin(plugin_aliasing(AnyQuantization("own-name"), {"qlora": "nf4", "own-name-8bit": "int8"}),
+                    name="test_alias_collision")
+    with pytest.warns(adapters.host.manager.PluginWarning, match="'qlora'.*the built-in wins"):
+        registry = adapters.get_registry()
+    assert registry.entry("qlora").plugin == "adapters_lora"
+    assert registry.entry("own-name").plugin == registry.entry("own-name-8bit").plugin == "test_alias_collision"
+
+
 def test_two_third_party_plugins_with_one_name_name_both(register_plugin):
     register_plugin(plugin_registering(Minimal("dup-name")), name="test_dup_plugin_a")
     register_plugin(plugin_registering(Minimal("dup-name")), name="test_dup_plugin_b")

@@ -266,14 +266,15 @@ def _register_all(pm: pluggy.PluginManager, registry: Registry) -> None:
             continue
         for entry in own.entries(aliases=False):
             aliases = own.aliases(entry.strategy.name)
-            names = [entry.strategy.name, *aliases]
-            taken = [n for n in names if (e := registry.find(n)) is not None and e.plugin in DEFAULT_PLUGINS]
-            for name in taken:
+            taken = [n for n in [entry.strategy.name, *aliases]
+                     if (e := registry.find(n)) is not None and e.plugin in DEFAULT_PLUGINS]
+            for name in taken:  # the built-in keeps the name
                 collision = Collision(name, plugin, distribution_of(plugin)[0], registry.find(name).plugin)
                 registry.collisions.append(collision)
                 _warn(collision.message())
-            if not taken:  # two third parties registering one name: an error naming both
-                registry.register(entry.strategy, plugin=plugin, aliases=aliases)
+            if entry.strategy.name not in taken:  # two third parties registering one name: an error naming both
+                registry.register(entry.strategy, plugin=plugin,
+                                  aliases={a: q for a, q in aliases.items() if a not in taken})
 
 
 def _registration_failed(registry: Registry, plugin: str, exc: Exception) -> None:

@@ -5,7 +5,7 @@ import difflib
 from dataclasses import dataclass
 from typing import Any
 
-from ..contract import QUANTIZATIONS, Strategy, validate_strategy
+from ..contract import Strategy, validate_strategy
 from ..errors import AdaptersError, UnknownStrategyError
 
 
@@ -47,24 +47,19 @@ class Registry:
         self.collisions: list = []  # adapters.host.manager.Collision
 
     def register(self, strategy: Strategy, plugin: str, aliases: dict[str, str] | None = None) -> None:
-        """Add ``strategy``, and each alias (name -> default quantization), for ``plugin``."""
-        problems = validate_strategy(strategy)
-        for alias, quantization in (aliases or {}).items():
-            if quantization not in QUANTIZATIONS or quantization not in getattr(strategy, "supported_quantization", ()):
-                problems.append(f"alias {alias!r} names quantization {quantization!r}, which it does not support")
-        if problems:
-            label = getattr(strategy, "name", type(strategy).__name__)
-            raise AdaptersError(
-                f"plugin {plugin!r} registered an invalid strategy {label!r}: {'; '.join(problems)}. "
-                "Fix the strategy to follow the contract in docs/plugins.md."
-            )
+        """Add ``strategy``, and each alias (name -> default quantization), for ``plugin``; all or nothing."""
         entries = [Entry(strategy, plugin)]
-        entries += [Entry(Alias(a, strategy, q), plugin, strategy.name) for a, q in (aliases or {}).items()]
+        if not validate_strategy(strategy):  # an alias of an invalid strategy would only repeat its problems
+            entries += [Entry(Alias(a, strategy, q), plugin, strategy.name) for a, q in (aliases or {}).items()]
         for entry in entries:
             problems = validate_strategy(entry.strategy)
             if problems:
-                raise AdaptersError(f"plugin {plugin!r} registered an invalid alias {entry.strategy.name!r}: "
-                                    f"{'; '.join(problems)}. Fix the alias's name.")
+                kind = "alias" if entry.alias_of else "strategy"
+                label = getattr(entry.strategy, "name", type(entry.strategy).__name__)
+                raise AdaptersError(
+                    f"plugin {plugin!r} registered an invalid {kind} {label!r}: {'; '.join(problems)}. "
+                    "Fix it to follow the contract in docs/plugins.md."
+                )
             existing = self._entries.get(entry.strategy.name)
             if existing is not None:
                 raise AdaptersError(
