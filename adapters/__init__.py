@@ -37,7 +37,7 @@ _EXPORTS = {
     "runspec": ("RunSpec", "TrainSettings", "resolve", "StrategyRefused"),
     "loading": ("BaseModel", "fingerprint", "load_base_model"),
     "store": ("Loaded", "load", "read_safetensors", "save"),
-    "training": ("TrainResult", "train"),
+    "trainer": ("TrainResult", "train"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted([*_WHERE, "get_strategy"])
@@ -99,4 +99,4 @@ if TYPE_CHECKING:  # for type checkers and editors: the names above, imported ea
     from .peft import PeftStrategy, load_peft, peft_task_type, save_peft  # noqa: F401
     from .runspec import RunSpec, StrategyRefused, TrainSettings, resolve  # noqa: F401
     from .store import Loaded, load, read_safetensors, save  # noqa: F401
-    from .training import TrainResult, train  # noqa: F401
+    from .trainer import TrainResult, train  # noqa: F401

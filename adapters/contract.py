@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 QUANTIZATIONS = ("none", "nf4", "fp4", "int8")
 TASKS = ("causal-lm", "sequence-classification")
 GRADIENT_FLOWS = ("inputs", "weights", "head")
+LR_SCHEDULERS = ("constant", "linear", "cosine")
 
 
 @runtime_checkable
@@ -58,6 +59,11 @@ class Traits:
     supports_gradient_checkpointing: bool = True
     # AdamW learning rate used when the user gives none.
     default_learning_rate: float = 1e-4
+    # The schedule, warm-up, weight decay and gradient clipping used when the user gives none.
+    default_lr_scheduler: str = "cosine"  # one of LR_SCHEDULERS
+    default_warmup_ratio: float = 0.0  # a fraction of the optimizer steps
+    default_weight_decay: float = 0.0
+    default_max_grad_norm: float = 1.0  # 0 turns clipping off
     # Training FLOPs per token in units of the base's parameter count N, for MFU: 6 when every
     # weight trains, ~4 when the base is frozen but backward runs through it, ~2 for forward only.
     flops_per_token_factor: float = 4
@@ -74,6 +80,10 @@ class StrategyBase:
     default_quantization: str = Traits.default_quantization
     supports_gradient_checkpointing: bool = Traits.supports_gradient_checkpointing
     default_learning_rate: float = Traits.default_learning_rate
+    default_lr_scheduler: str = Traits.default_lr_scheduler
+    default_warmup_ratio: float = Traits.default_warmup_ratio
+    default_weight_decay: float = Traits.default_weight_decay
+    default_max_grad_norm: float = Traits.default_max_grad_norm
     flops_per_token_factor: float = Traits.flops_per_token_factor
 
 
@@ -253,8 +263,11 @@ def validate_strategy(strategy: Any) -> list[str]:
     unknown_t = set(strategy.supported_tasks) - set(TASKS)
     if unknown_t:
         problems.append(f"supported_tasks has unknown values {sorted(unknown_t)}; use {TASKS}")
-    if traits(strategy).default_quantization not in strategy.supported_quantization:
+    declared = traits(strategy)
+    if declared.default_quantization not in strategy.supported_quantization:
         problems.append("default_quantization is not in supported_quantization")
+    if declared.default_lr_scheduler not in LR_SCHEDULERS:
+        problems.append(f"default_lr_scheduler {declared.default_lr_scheduler!r} is not one of {LR_SCHEDULERS}")
     if callable(getattr(strategy, "save", None)) != callable(getattr(strategy, "load", None)):
         problems.append("implements only one of save and load; implement both, or neither")
     return problems

@@ -8,10 +8,11 @@ check of user input is written here once, and fails before long work starts.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .contract import QUANTIZATIONS, Strategy, traits
+from .contract import LR_SCHEDULERS, QUANTIZATIONS, Strategy, traits
 from .errors import AdaptersError
 from .options import build_config, read_toml, settings_values
 
@@ -38,11 +39,22 @@ class RunSpec:
     gradient_accumulation_steps: int = 1
     seq_len: int = 128
     learning_rate: float | None = None  # None: the strategy's default
+    lr_scheduler: str | None = None  # constant, linear or cosine; None: the strategy's default (cosine)
+    warmup_steps: int | None = None  # or warmup_ratio, not both; None: the strategy's default ratio (0)
+    warmup_ratio: float | None = None
+    weight_decay: float | None = None  # None: the strategy's default (0)
+    max_grad_norm: float | None = None  # None: the strategy's default (1.0); 0 turns clipping off
     gradient_checkpointing: bool = False
     seed: int = 0
-    eval_batches: int = 8  # held-out batches evaluated before and after training
+    eval_batches: int = 8  # held-out batches evaluated before and after training, and at each --eval-every
+    eval_every: int | None = None  # also evaluate every N optimizer steps
+    log_every: int = 10  # optimizer steps between lines of metrics.jsonl (and the last step)
+    save_every: int | None = None  # write OUTPUT/checkpoints/step-N every N optimizer steps
+    keep_checkpoints: int | None = None  # keep the newest K checkpoints; None: all
+    report_to: list[str] = field(default_factory=list)  # Accelerate trackers: tensorboard, wandb, mlflow, ...
     output: str | None = None
     overwrite: bool = False
+    resume: bool = False  # continue from the newest complete checkpoint in `output`
     options: dict[str, Any] = field(default_factory=dict)  # strategy options, checked against its config
 
     def to_dict(self) -> dict[str, Any]:
@@ -65,6 +77,10 @@ class Run:
     model: ModelSpec
     dataset: Dataset | None  # None when resolved without data
     learning_rate: float
+    lr_scheduler: str = "cosine"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0  # 0: no clipping
 
 
 def spec_from(config_file: str | None, given: dict[str, Any], options: dict[str, Any]) -> RunSpec:
@@ -147,7 +163,6 @@ def resolve(spec: RunSpec, *, data: bool = True) -> Run:
     from . import data as datasets
     from .host import get_registry
     from .models import check_model_task, resolve_model
-    from .store import check_output_dir
 
     registry = get_registry()
     name, quantization = split_strategy(spec.strategy, spec.quantization)
@@ -161,8 +176,69 @@ def resolve(spec: RunSpec, *, data: bool = True) -> Run:
     model = resolve_model(spec.model)
     task = check_model_task(model, spec.task)
     check_supported(strategy, quantization, task, spec.gradient_checkpointing, registry)
-    if spec.output:
-        check_output_dir(spec.output, spec.overwrite)
+    optimization = _optimization(spec, strategy)
+    _check_run_outputs(spec)
     dataset = datasets.load_dataset(spec.data, task) if data else None
-    lr = spec.learning_rate or traits(strategy).default_learning_rate
-    return Run(spec, strategy, entry.plugin, config, quantization, task, model, dataset, lr)
+    return Run(spec, strategy, entry.plugin, config, quantization, task, model, dataset, **optimization)
+
+
+def _optimization(spec: RunSpec, strategy: Strategy) -> dict[str, Any]:
+    """The learning rate, schedule, warm-up, weight decay and clipping: given, or the strategy's defaults."""
+    declared = traits(strategy)
+    lr = declared.default_learning_rate if spec.learning_rate is None else spec.learning_rate
+    if not (math.isfinite(lr) and lr > 0):
+        raise AdaptersError(f"--learning-rate {lr}: must be a positive number, e.g. --learning-rate 1e-4.")
+    scheduler = spec.lr_scheduler or declared.default_lr_scheduler
+    if scheduler not in LR_SCHEDULERS:
+        raise AdaptersError(f"--lr-scheduler {scheduler}: use one of {', '.join(LR_SCHEDULERS)}.")
+    if spec.warmup_steps is not None and spec.warmup_ratio is not None:
+        raise AdaptersError("give --warmup-steps or --warmup-ratio, not both.")
+    if spec.warmup_steps is not None:
+        check_at_least(0, warmup_steps=spec.warmup_steps)
+        warmup = spec.warmup_steps
+    else:
+        ratio = declared.default_warmup_ratio if spec.warmup_ratio is None else spec.warmup_ratio
+        if not 0 <= ratio < 1:  # also false for NaN
+            raise AdaptersError(f"--warmup-ratio {ratio}: must be at least 0 and below 1, e.g. 0.05.")
+        warmup = math.ceil(ratio * spec.max_steps)
+    values = {"weight_decay": declared.default_weight_decay if spec.weight_decay is None else spec.weight_decay,
+              "max_grad_norm": declared.default_max_grad_norm if spec.max_grad_norm is None else spec.max_grad_norm}
+    for name, value in values.items():
+        if not (math.isfinite(value) and value >= 0):
+            raise AdaptersError(f"--{name.replace('_', '-')} {value}: must be 0 or more.")
+    return {"learning_rate": lr, "lr_scheduler": scheduler, "warmup_steps": warmup, **values}
+
+
+def _check_run_outputs(spec: RunSpec) -> None:
+    """Periodic work, trackers and the output directory: all checked before anything loads."""
+    from .store import check_output_dir
+
+    for name in ("eval_every", "save_every", "keep_checkpoints"):
+        if getattr(spec, name) is not None:
+            check_at_least(1, **{name: getattr(spec, name)})
+    check_at_least(1, log_every=spec.log_every)
+    _check_trackers(spec.report_to)
+    if spec.save_every is not None and not spec.output:
+        raise AdaptersError("--save-every writes checkpoints into --output: give --output DIR.")
+    if spec.resume:
+        from .checkpoints import latest_checkpoint
+
+        if not spec.output or latest_checkpoint(spec.output) is None:
+            raise AdaptersError(f"--resume {spec.output}: no complete checkpoint there. Give the --output "
+                                "directory of a run that was started with --save-every.")
+    elif spec.output:
+        check_output_dir(spec.output, spec.overwrite)
+
+
+def _check_trackers(names: list[str]) -> None:
+    if not names:
+        return
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
+
+    available = {str(t) for t in get_available_trackers()}
+    for name in names:
+        if name not in LOGGER_TYPE_TO_CLASS:
+            raise AdaptersError(f"--report-to {name}: unknown tracker. Use one of: {', '.join(LOGGER_TYPE_TO_CLASS)}.")
+        if name not in available:
+            raise AdaptersError(f"--report-to {name}: its package is not installed. Install it (pip install {name}), "
+                                "or drop --report-to.")

@@ -127,11 +127,13 @@ def save(
     overwrite: bool = False,
     training: dict[str, Any] | None = None,
     plugin_versions: dict[str, str] | None = None,
+    keep: tuple[str, ...] = (),
 ) -> Path:
     """Save a trained strategy to ``directory`` atomically; ``base`` is the `BaseModel` it was applied to.
 
     Nothing saved is ever lost: without ``overwrite`` an existing non-empty directory is refused,
-    and with it the old directory is replaced only once the new one is complete.
+    and with it the old directory is replaced only once the new one is complete. The entries named
+    in ``keep`` (a run's checkpoints and logs) move from the old directory into the new one.
     """
     from .loading import architecture
 
@@ -151,13 +153,13 @@ def save(
             files=sorted(p.name for p in tmp.iterdir()), versions=package_versions(plugin_versions), training=training,
         )
         write_json(tmp / MANIFEST, manifest.to_dict())
-        _replace_dir(tmp, directory)
+        _replace_dir(tmp, directory, keep)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return directory
 
 
-def _replace_dir(new: Path, target: Path) -> None:
+def _replace_dir(new: Path, target: Path, keep: tuple[str, ...] = ()) -> None:
     if target.exists():
         old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
         os.replace(target, old)
@@ -166,6 +168,9 @@ def _replace_dir(new: Path, target: Path) -> None:
         except BaseException:
             os.replace(old, target)  # put the previous save back where it was
             raise
+        for name in keep:
+            if (old / name).exists():
+                os.replace(old / name, target / name)
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(new, target)
@@ -223,9 +228,13 @@ def load(directory: str | Path, base: Any = None, *, device: Any = None) -> Load
             f"but {base.name!r} has other weights (fingerprint {base.fingerprint}). Load it onto the base it was "
             "trained on."
         )
+    return Loaded(restore(strategy, base.model, directory, config), base, strategy, config, manifest)
+
+
+def restore(strategy: Strategy, model: torch.nn.Module, directory: Path, config: Any) -> torch.nn.Module:
+    """``strategy`` applied to a fresh base ``model``, with the trained weights saved in ``directory``."""
     if isinstance(strategy, SavesOwnFormat):
-        model = strategy.load(base.model, directory, config)
-    else:
-        model = strategy.apply(base.model, config)
-        load_trainable(model, directory)
-    return Loaded(model, base, strategy, config, manifest)
+        return strategy.load(model, directory, config)
+    model = strategy.apply(model, config)
+    load_trainable(model, directory)
+    return model

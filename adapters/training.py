@@ -1,58 +1,22 @@
-"""The training pipeline: resolve the run spec -> load base -> apply strategy -> train -> evaluate -> save.
+"""The pieces of a training run that train, bench and the kit share: the Accelerator, loading the
+base and applying the strategy, tokenized batches, one training step, held-out evaluation.
 
-`adapters.runspec.resolve` checks everything a user can get wrong first; `train` then runs an
-Accelerate loop (prepare, accumulate, backward, gather), so ``accelerate launch --multi_gpu -m
-adapters train`` on GPUs, or ``torchrun --nproc_per_node N -m adapters train`` on the CPU, runs it
-data-parallel unchanged: one process saves and reports.
+`adapters.trainer.train` puts them together into the loop.
 """
 from __future__ import annotations
 
 import contextlib
 import math
-import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from . import data as datasets
 from .contract import declared_trainable
 from .errors import AdaptersError, TrainingFailed
-from .host import distribution_of
 from .loading import BaseModel, load_base_model
-from .nn import ParameterCount, count_parameters
-from .runspec import Run, RunSpec, resolve
-from .store import save
-
-
-@dataclass
-class TrainResult:
-    strategy: str
-    model: str
-    quantization: str
-    task: str
-    steps: int
-    parameters: ParameterCount
-    before: dict[str, float]
-    after: dict[str, float]
-    losses: list[float]
-    tokens_per_s: float
-    seconds: float
-    output: Path | None
-    processes: int = 1  # data-parallel processes (torchrun or accelerate launch)
-    main_process: bool = True  # False in the other processes of a data-parallel run
-
-    def summary(self) -> dict[str, Any]:
-        """What `adapters train --json` prints."""
-        return {
-            "strategy": self.strategy, "model": self.model, "quantization": self.quantization,
-            "task": self.task, "steps": self.steps,
-            "trainable_parameters": self.parameters.trainable, "total_parameters": self.parameters.total,
-            "heldout_before": self.before, "heldout_after": self.after,
-            "tokens_per_s": round(self.tokens_per_s, 1), "seconds": round(self.seconds, 2),
-            "processes": self.processes, "output": str(self.output) if self.output else None,
-        }
+from .nn import count_parameters
+from .runspec import Run
 
 
 def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
@@ -129,15 +93,20 @@ def evaluate(model, loader, task: str, accelerator, max_batches: int) -> dict[st
     return {"loss": mean, "accuracy": correct / max(count, 1.0)}
 
 
-def make_accelerator(gradient_accumulation_steps: int = 1):
-    """bf16 mixed precision on GPU, full precision on the CPU."""
+def make_accelerator(gradient_accumulation_steps: int = 1, log_with: list[str] | None = None,
+                     project_dir: str | Path | None = None):
+    """bf16 mixed precision on GPU, full precision on the CPU; ``log_with`` names Accelerate's trackers."""
     from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration
 
     cuda = torch.cuda.is_available()
     return Accelerator(
         mixed_precision="bf16" if cuda else "no",
         gradient_accumulation_steps=gradient_accumulation_steps,
         cpu=not cuda,  # without it, processes started by torchrun on a CPU machine would not join one group
+        # Each epoch's order follows from the seed and the epoch alone, so a resumed run can find its place.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        log_with=log_with or None, project_dir=project_dir,
     )
 
 
@@ -170,79 +139,29 @@ def build(run: Run, device: torch.device) -> tuple[BaseModel, torch.nn.Module, i
     return base, model, declared
 
 
-def training_step(model, batch, optimizer, accelerator, step: int) -> torch.Tensor:
-    """One micro-step: forward, backward, and an optimizer step when accumulation is complete."""
+def training_step(model, batch, optimizer, accelerator, step: int, scheduler=None,
+                  max_grad_norm: float = 0.0, check_finite: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One micro-step: forward, backward, and when accumulation is complete, clipping, an optimizer
+    step and a scheduler step. Returns the loss and the gradient norm before clipping (None when no
+    clipping ran), both left on the device.
+
+    ``check_finite`` stops at a non-finite loss at once, at the cost of a host synchronisation on
+    every micro-step; the training loop checks at its logging interval instead.
+    """
+    grad_norm = None
     with accelerator.accumulate(model):
         loss = model(**batch).loss
-        if not torch.isfinite(loss):
+        if check_finite and not torch.isfinite(loss):
             raise TrainingFailed(
                 f"loss became {loss.item()} at step {step}; stopped and saved nothing. "
                 "Lower --learning-rate, or check the data."
             )
         accelerator.backward(loss)
+        if accelerator.sync_gradients and max_grad_norm > 0:
+            grad_norm = accelerator.clip_grad_norm_(
+                [p for group in optimizer.param_groups for p in group["params"]], max_grad_norm)
         optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-    return loss.detach()
-
-
-def train(spec: RunSpec, progress: bool = True) -> TrainResult:
-    """Train a strategy on a base model and data, evaluate it before and after, and save it."""
-    from tqdm.auto import tqdm
-
-    run = resolve(spec)
-    s = run.spec
-    accelerator = make_accelerator(s.gradient_accumulation_steps)
-    base, model, _ = build(run, accelerator.device)
-    params = count_parameters(model)
-
-    train_set = make_batches(run.dataset.train, base, s.seq_len, "train")
-    eval_set = make_batches(run.dataset.heldout, base, s.seq_len, "held-out")
-    generator = torch.Generator().manual_seed(s.seed)
-    train_loader = torch.utils.data.DataLoader(train_set, batch_size=s.batch_size, shuffle=True, generator=generator)
-    eval_loader = torch.utils.data.DataLoader(eval_set, batch_size=s.batch_size)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=run.learning_rate)
-    model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
-
-    before = evaluate(model, eval_loader, run.task, accelerator, s.eval_batches)
-    model.train()
-    losses: list[float] = []
-    tokens = 0
-    bar = tqdm(total=s.max_steps, desc=f"train {run.strategy.name}", unit="step",
-               disable=not progress or not accelerator.is_local_main_process)
-    start = time.perf_counter()
-    batches = _forever(train_loader)
-    try:
-        for step in range(1, s.max_steps + 1):
-            step_loss = 0.0
-            for _ in range(s.gradient_accumulation_steps):
-                batch = next(batches)
-                loss = training_step(model, batch, optimizer, accelerator, step)
-                step_loss += loss.item() / s.gradient_accumulation_steps
-                tokens += _tokens(batch) * accelerator.num_processes
-            losses.append(step_loss)
-            bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{tokens / (time.perf_counter() - start):,.0f}")
-            bar.update()
-    finally:
-        bar.close()
-    seconds = time.perf_counter() - start
-    after = evaluate(model, eval_loader, run.task, accelerator, s.eval_batches)
-
-    output = None
-    if s.output:
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            dist, version = distribution_of(run.plugin)
-            output = save(
-                accelerator.unwrap_model(model), s.output, strategy=run.strategy, config=run.config,
-                base=base, overwrite=s.overwrite, plugin_versions={dist: version},
-                training={**{k: v for k, v in asdict(s).items() if k not in ("output", "overwrite")},
-                          "quantization": run.quantization, "task": run.task, "learning_rate": run.learning_rate},
-            )
-    return TrainResult(run.strategy.name, s.model, run.quantization, run.task, s.max_steps, params, before, after,
-                       losses, tokens / seconds if seconds else 0.0, seconds, output,
-                       accelerator.num_processes, accelerator.is_main_process)
-
-
-def _forever(loader):
-    while True:
-        yield from loader
+    return loss.detach(), grad_norm

@@ -7,7 +7,6 @@ parts, and, on a GPU, add MFU and energy; optionally held-out quality over a sho
 from __future__ import annotations
 
 import dataclasses
-import math
 import resource
 import statistics
 import time
@@ -18,7 +17,7 @@ from typing import Any
 import torch
 
 from ..contract import traits
-from ..errors import AdaptersError, TrainingFailed
+from ..errors import AdaptersError
 from ..nn import ParameterCount, count_parameters, trainable_parameters
 from ..runspec import Run, RunSpec, resolve
 from ..text import parse_size
@@ -111,7 +110,7 @@ def _set_up(run: Run) -> _Training:
     model.train()
 
     def step(i: int) -> torch.Tensor:
-        return training_step(model, batch, optimizer, accelerator, i)
+        return training_step(model, batch, optimizer, accelerator, i)[0]
 
     return _Training(model, optimizer, batch, step, load_s, params, declared)
 
@@ -285,16 +284,13 @@ class _Nvml:
 
 def _quality(spec: RunSpec, steps: int) -> tuple[dict[str, Any], list[str]]:
     """Held-out quality before and after ``steps`` training steps on the built-in real data."""
-    from ..training import train
+    from ..trainer import train
 
-    try:
-        result = train(dataclasses.replace(spec, max_steps=steps), progress=False)
-    except TrainingFailed as exc:
-        return {"steps": steps, "status": "failed", "message": str(exc)}, ["non-finite loss"]
+    result = train(dataclasses.replace(spec, max_steps=steps), progress=False)
+    if result.status != "completed":
+        return {"steps": steps, "status": "failed", "message": result.reason}, ["non-finite loss"]
     flags = []
-    if any(not math.isfinite(x) for x in result.losses):
-        flags.append("non-finite loss")
-    elif len(result.losses) > 1 and result.after["loss"] >= result.before["loss"]:
+    if len(result.losses) > 1 and result.after["loss"] >= result.before["loss"]:
         flags.append("held-out loss did not decrease over the quality steps")
     return {"steps": steps, "status": "ok", "before": result.before, "after": result.after,
             "losses": result.losses}, flags

@@ -6,7 +6,7 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
-from ..contract import QUANTIZATIONS, TASKS
+from ..contract import LR_SCHEDULERS, QUANTIZATIONS, TASKS
 from ..errors import AdaptersError
 from ..runspec import DEFAULT_MODEL, DEFAULT_STRATEGY, RunSpec
 from ..text import aligned_table
@@ -28,32 +28,63 @@ from .tables import plan_rows, train_summary
 @click.option("--gradient-accumulation-steps", type=int, default=RunSpec.gradient_accumulation_steps, show_default=True)
 @click.option("--seq-len", type=int, default=RunSpec.seq_len, show_default=True)
 @click.option("--learning-rate", type=float, default=None, help="Default: the strategy's own.")
+@click.option("--lr-scheduler", type=click.Choice(LR_SCHEDULERS), default=None,
+              help="Learning-rate schedule (default: the strategy's own, cosine).")
+@click.option("--warmup-steps", type=int, default=None, help="Steps of linear warm-up.")
+@click.option("--warmup-ratio", type=float, default=None, help="Warm-up as a fraction of --max-steps (default: 0).")
+@click.option("--weight-decay", type=float, default=None, help="AdamW's weight decay (default: the strategy's, 0).")
+@click.option("--max-grad-norm", type=float, default=None, help="Clip gradients to this norm; 0 turns it off "
+              "(default: the strategy's, 1.0).")
 @click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations in backward to save memory.")
 @click.option("--seed", type=int, default=RunSpec.seed, show_default=True)
 @click.option("--eval-batches", type=int, default=RunSpec.eval_batches, show_default=True)
-@click.option("--output", default=None, help="Directory to save the trained strategy in.")
+@click.option("--eval-every", type=int, default=None, help="Also evaluate the held-out split every N steps.")
+@click.option("--log-every", type=int, default=RunSpec.log_every, show_default=True,
+              help="Steps between lines of OUTPUT/metrics.jsonl.")
+@click.option("--save-every", type=int, default=None, help="Write OUTPUT/checkpoints/step-N every N steps.")
+@click.option("--keep-checkpoints", type=int, default=None, help="Keep only the newest K checkpoints.")
+@click.option("--report-to", "report_to", multiple=True, metavar="TRACKER",
+              help="An Accelerate tracker: tensorboard, wandb, mlflow, ... (repeatable); logs go to OUTPUT/logs.")
+@click.option("--output", default=None, help="Directory to save the trained strategy, its checkpoints and metrics in.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --output directory.")
+@click.option("--resume", "resume", default=None, metavar="OUTPUT",
+              help="Continue the run in OUTPUT from its newest checkpoint, with the settings recorded there.")
 @click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE", help="A strategy option (repeatable).")
 @click.option("--config", "config_file", default=None, help="TOML file of settings; flags given here win.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_context
-def train(
-    ctx: click.Context, assignments: tuple[str, ...], config_file: str | None, as_json: bool, **flags: Any
-) -> None:
-    """Train a strategy on a base model, evaluate it before and after, and save it."""
+def train(ctx: click.Context, assignments: tuple[str, ...], config_file: str | None, resume: str | None,
+          as_json: bool, **flags: Any) -> None:
+    """Train a strategy on a base model, evaluate it before and after, and save it.
+
+    Exits 130 when interrupted (after writing a checkpoint, with the command to resume), 1 when the
+    run failed (a non-finite loss).
+    """
+    from ..checkpoints import resume_spec
     from ..options import parse_assignments
     from ..runspec import spec_from
-    from ..training import train as run_training
+    from ..trainer import train as run_training
 
-    given = {k: v for k, v in flags.items() if ctx.get_parameter_source(k) == ParameterSource.COMMANDLINE}
-    settings = spec_from(config_file, given, parse_assignments(assignments))
-    result = run_training(settings, progress=True)
+    given = {k: (list(v) if isinstance(v, tuple) else v) for k, v in flags.items()
+             if ctx.get_parameter_source(k) == ParameterSource.COMMANDLINE}
+    options = parse_assignments(assignments)
+    if resume is not None:
+        if config_file:
+            raise AdaptersError("--resume takes the settings recorded in the run; drop --config.")
+        spec = resume_spec(resume, given, options)
+    else:
+        spec = spec_from(config_file, given, options)
+    if not spec.output:
+        click.echo("Note: no --output, so nothing of this run will be kept (give --output DIR to save the "
+                   "weights, checkpoints and metrics).", err=True)
+    result = run_training(spec, progress=True)
     if not result.main_process:  # in data-parallel runs, one process reports for all
         return
     if as_json:
         echo_json(result.summary())
-        return
-    click.echo(train_summary(result))
+    else:
+        click.echo(train_summary(result))
+    ctx.exit({"completed": 0, "interrupted": 130}.get(result.status, 1))
 
 
 @cli.command()

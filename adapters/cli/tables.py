@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any
 from ..text import GiB, MiB, aligned_table, format_bytes
 
 if TYPE_CHECKING:
-    from ..training import TrainResult
+    from ..trainer import TrainResult
 
 SUMMARY_HEADERS = ["strategy", "status", "trainable", "step ms", "tokens/s", "peak MiB", "plan MiB (error)",
                    "base / train+grad+opt / act MiB", "notes"]
@@ -128,12 +128,20 @@ def plan_size(n: int) -> str:
 
 
 def train_summary(result: TrainResult) -> str:
-    """What `adapters train` prints when it is done."""
+    """What `adapters train` prints when it is done, or stopped."""
     p = result.parameters
+    head = (f"{result.strategy} on {result.model} ({result.quantization}, {result.task}): "
+            f"{p.trainable:,} of {p.total:,} parameters trained ({100 * p.fraction:.2f}%)")
+    if result.status != "completed":
+        lines = [head, f"{result.status}: {result.reason}"]
+        if result.checkpoints:
+            lines.append(f"last checkpoint: {result.checkpoints[-1]}")
+        if result.resume_command:
+            lines.append(f"resume with: {result.resume_command}")
+        return "\n".join(lines)
     metric = "perplexity" if result.task == "causal-lm" else "accuracy"
     return (
-        f"{result.strategy} on {result.model} ({result.quantization}, {result.task}): "
-        f"{p.trainable:,} of {p.total:,} parameters trained ({100 * p.fraction:.2f}%)\n"
+        f"{head}\n"
         f"held-out loss {result.before['loss']:.4f} -> {result.after['loss']:.4f}, "
         f"{metric} {result.before[metric]:.4g} -> {result.after[metric]:.4g}\n"
         f"{result.steps} steps in {result.seconds:.1f} s, {result.tokens_per_s:,.0f} tokens/s"

@@ -270,7 +270,7 @@ def gradient_checkpointing(h: Harness, task: str, quantization: str) -> str:
 def pipeline(h: Harness, task: str, quantization: str) -> str:
     from ..runspec import RunSpec
     from ..store import load
-    from ..training import train
+    from ..trainer import train
 
     out = h.workdir / f"pipeline-{task}"
     result = train(RunSpec(model=h.model, strategy=h.name, quantization=quantization, task=task, max_steps=1,

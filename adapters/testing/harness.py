@@ -138,7 +138,7 @@ class Harness:
         losses = []
         for step in range(1, STEPS + 1):
             seed_everything(self.seed + step)  # the same dropout masks in every run
-            losses.append(training_step(model, batch, optimizer, self.accelerator, step).item())
+            losses.append(training_step(model, batch, optimizer, self.accelerator, step)[0].item())
         return losses, grads
 
     def run(self, task: str, quantization: str, replica: int = 0) -> Trained:
