@@ -16,5 +16,9 @@ class UnknownStrategyError(AdaptersError, KeyError):
     __str__ = Exception.__str__
 
 
+class NothingKept(UserWarning):
+    """A run without an output: it trains and reports, and keeps nothing."""
+
+
 class TrainingFailed(AdaptersError):
     """Training stopped before the end, e.g. on a non-finite loss; nothing was saved."""

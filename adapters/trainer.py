@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ from typing import Any
 import torch
 
 from . import checkpoints
+from .errors import NothingKept
 from .host import distribution_of
 from .interrupts import graceful_stop
 from .loading import BaseModel
@@ -89,6 +91,9 @@ def train(spec: RunSpec, progress: bool = True, stop: Callable[[int], bool] | No
                                    Path(s.output) / "logs" if s.output else None)
     resume_from = checkpoints.latest_checkpoint(s.output) if s.resume else None
     base, model = _model(run, accelerator.device, resume_from)
+    if not s.output:  # said once the model is ready, before the first step
+        warnings.warn("no --output, so nothing of this run will be kept: give --output DIR to save the weights, "
+                      "checkpoints and metrics.", NothingKept, stacklevel=2)
     loop = _Loop(run, accelerator, base, model)
     if resume_from is not None:
         loop.resume(resume_from)

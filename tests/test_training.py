@@ -1,6 +1,7 @@
 """The training loop and the choices it makes: checkpointing, quantized gradients, failures, seeds."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import pytest
@@ -153,11 +154,14 @@ class _PoisonPlugin:
 def test_non_finite_loss_stops_the_run_and_saves_nothing(register_plugin, tmp_path):
     register_plugin(_PoisonPlugin(), name="poison-plugin")
     out = tmp_path / "out"
-    with pytest.raises(adapters.TrainingFailed, match="step 1"):
-        adapters.train(adapters.TrainSettings(model="random:tiny", strategy="poison", output=str(out), **SMALL),
-                       progress=False)
-    assert not out.exists()
-    assert list(tmp_path.iterdir()) == []
+    result = adapters.train(adapters.TrainSettings(model="random:tiny", strategy="poison", output=str(out), **SMALL),
+                            progress=False)
+    assert result.status == "failed" and "step 1" in result.reason and result.output is None
+    assert result.losses[0] is None  # never a NaN as a number
+    # No weights saved: only the metrics of the failing step, its loss as null.
+    assert [p.name for p in out.iterdir()] == ["metrics.jsonl"]
+    line = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert line["loss"] is None and "loss" in line["non_finite"] and line["status"] == "failed"
 
 
 def test_same_seed_same_run_other_seed_other_run():

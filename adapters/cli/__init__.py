@@ -18,7 +18,7 @@ from typing import Any
 
 import click
 
-from ..errors import AdaptersError
+from ..errors import AdaptersError, NothingKept
 
 
 class _KernelNoticeFilter(logging.Filter):
@@ -51,6 +51,8 @@ def _format_warning(message, category, filename, lineno, line=None) -> str:
 
     if isinstance(category, type) and issubclass(category, PluginWarning):
         return f"Warning: {message}\n"
+    if isinstance(category, type) and issubclass(category, NothingKept):
+        return f"Note: {message}\n"
     return _FORMAT_WARNING(message, category, filename, lineno, line)
 
 

@@ -74,9 +74,6 @@ def train(ctx: click.Context, assignments: tuple[str, ...], config_file: str | N
         spec = resume_spec(resume, given, options)
     else:
         spec = spec_from(config_file, given, options)
-    if not spec.output:
-        click.echo("Note: no --output, so nothing of this run will be kept (give --output DIR to save the "
-                   "weights, checkpoints and metrics).", err=True)
     result = run_training(spec, progress=True)
     if not result.main_process:  # in data-parallel runs, one process reports for all
         return

@@ -281,6 +281,47 @@ def pipeline(h: Harness, task: str, quantization: str) -> str:
     return f"trained {result.parameters.trainable:,} parameters for 1 step, saved and reloaded"
 
 
+RESUME_STEPS, RESUME_STOP = 4, 2  # a run of 4 steps (2 micro-batches each), stopped after step 2
+
+
+@check("resume", each="task",
+       doc=f"a run stopped after step {RESUME_STOP} and resumed from its checkpoint ends with the same losses and "
+           "trainable weights as an uninterrupted run")
+def resume(h: Harness, task: str, quantization: str) -> str:
+    from ..checkpoints import resume_spec
+    from ..nn import trainable_parameters
+    from ..runspec import RunSpec
+    from ..trainer import train
+
+    spec = dict(model=h.model, strategy=h.name, quantization=quantization, task=task, max_steps=RESUME_STEPS,
+                gradient_accumulation_steps=2, batch_size=2, seq_len=32, eval_batches=1, seed=h.seed, save_every=2)
+    whole = train(RunSpec(**spec, output=str(h.workdir / f"resume-{task}-whole")), progress=False)
+    out = h.workdir / f"resume-{task}-stopped"
+    stopped = train(RunSpec(**spec, output=str(out)), progress=False, stop=lambda step: step == RESUME_STOP)
+    if stopped.status != "interrupted" or not stopped.checkpoints:
+        raise AssertionError(f"stopping after step {RESUME_STOP} gave status {stopped.status!r} "
+                             f"and {len(stopped.checkpoints)} checkpoint(s)")
+    resumed = train(resume_spec(out, {}, {}), progress=False)
+    if resumed.status != "completed" or resumed.steps != RESUME_STEPS:
+        raise AssertionError(f"the resumed run ended {resumed.status!r} after {resumed.steps} steps: {resumed.reason}")
+    expected, got = dict(trainable_parameters(whole.trained)), dict(trainable_parameters(resumed.trained))
+    if expected.keys() != got.keys():
+        raise AssertionError(f"the resumed run trains other parameters: {_names(expected.keys() ^ got.keys())}")
+    tolerance = 1e-6 if h.exact else 1e-3
+    diff = max(float((expected[n].float() - got[n].float()).abs().max()) for n in expected)
+    if diff > tolerance or not _close(whole.losses, resumed.losses, tolerance):
+        raise AssertionError(f"resumed weights differ by up to {diff:.3g} (tolerance {tolerance:g}), losses "
+                             f"{resumed.losses} against {whole.losses}: the checkpoint does not hold everything the "
+                             "run needs (weights, optimizer, data position, random state)")
+    return (f"stopped after step {RESUME_STOP}, resumed to step {RESUME_STEPS}: the same losses and "
+            f"{len(expected)} trainable tensors (max difference {diff:.1e})")
+
+
+def _close(a: list[float | None], b: list[float | None], tolerance: float) -> bool:
+    return len(a) == len(b) and all(x is not None and y is not None and abs(x - y) <= tolerance * max(1.0, abs(x))
+                                    for x, y in zip(a, b))
+
+
 @check("memory-estimate", each="strategy",
        doc="estimate_memory (if defined) declares as many trainable parameters as apply leaves, and the plan's "
            f"peak is within {100 * MEMORY_TOLERANCE:.0f}% of the CPU's measured peak")

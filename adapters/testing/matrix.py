@@ -123,7 +123,8 @@ def to_markdown(reports: list[CheckReport], model: str = TINY_MODEL) -> str:
         f"Probed by `adapters matrix` on `{model}` (causal-lm, and sequence-classification with two labels), "
         "not read from the declarations: **yes** means every check of `adapters check` passed there (apply, "
         "a training step, parameter counts, determinism, a save -> load round trip, and for one quantization "
-        "per task gradient checkpointing and a run of `adapters train`); **refused** means the strategy does "
+        "per task gradient checkpointing, a run of `adapters train`, and a run interrupted and resumed exactly); "
+        "**refused** means the strategy does "
         "not declare it and `adapters train` refuses it up front; **fails** names the checks that failed."
     )
     lines += ["", *textwrap.wrap(legend, 100, break_on_hyphens=False), ""]
