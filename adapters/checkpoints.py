@@ -106,7 +106,8 @@ def read(checkpoint: Path) -> tuple[Position, dict[str, Any]]:
 def resume_spec(output: str | Path, given: dict[str, Any], options: dict[str, Any]) -> RunSpec:
     """The settings recorded by the newest checkpoint in ``output``, for ``adapters train --resume``.
 
-    A flag given again must agree with what is recorded: a contradiction names both values.
+    A flag given again must agree with what the run used (after defaults and conversions): a
+    contradiction names both values. Only where a run goes (`RESUMABLE`) may change.
     """
     from .runspec import RunSpec
 
@@ -115,13 +116,27 @@ def resume_spec(output: str | Path, given: dict[str, Any], options: dict[str, An
         raise AdaptersError(f"--resume {output}: no complete checkpoint in {checkpoints_dir(output)}. Give the "
                             "--output directory of a run that was started with --save-every.")
     _, recorded = read(checkpoint)
-    for name, value in given.items():
-        if name not in RESUMABLE and recorded.get(name) != value:
-            raise AdaptersError(f"--{name.replace('_', '-')} {value} contradicts the run being resumed, which has "
-                                f"{recorded.get(name)} ({checkpoint / STATE}). Drop the flag, or start a new run.")
-    for name, value in options.items():
-        if recorded["options"].get(name) != value:
-            raise AdaptersError(f"--set {name}={value} contradicts the run being resumed, which has "
-                                f"{name}={recorded['options'].get(name)}. Drop the flag, or start a new run.")
     kept = {k: v for k, v in given.items() if k in RESUMABLE}
+    asked = {**recorded, **{k: v for k, v in given.items() if k not in RESUMABLE},
+             "options": {**recorded.get("options", {}), **options}}
+    used, wanted = _resolved(RunSpec(**recorded)), _resolved(RunSpec(**asked))
+    for key, value in wanted.items():
+        if used.get(key) != value:
+            flag = f"--set {key[4:]}={value}" if key.startswith("set ") else f"--{key.replace('_', '-')} {value}"
+            had = f"{key[4:]}={used.get(key)}" if key.startswith("set ") else f"{used.get(key)}"
+            raise AdaptersError(f"{flag} contradicts the run being resumed, which has {had} "
+                                f"({checkpoint / STATE}). Drop the flag, or start a new run.")
     return RunSpec(**{**recorded, **kept, "output": str(output), "resume": True, "overwrite": False})
+
+
+def _resolved(spec: RunSpec) -> dict[str, Any]:
+    """What a run computes with: its settings after the strategy's defaults and the options' types."""
+    from .runspec import resolve
+
+    run = resolve(dataclasses.replace(spec, output=None, resume=False, save_every=None), data=False)
+    chosen = {"quantization": run.quantization, "task": run.task, "learning_rate": run.learning_rate,
+              "lr_scheduler": run.lr_scheduler, "warmup_steps": run.warmup_steps, "weight_decay": run.weight_decay,
+              "max_grad_norm": run.max_grad_norm}
+    values = {k: v for k, v in dataclasses.asdict(spec).items()
+              if k not in (*RESUMABLE, *chosen, "options", "warmup_ratio", "save_every")}
+    return {**values, **chosen, **{f"set {k}": v for k, v in dataclasses.asdict(run.config).items()}}

@@ -144,7 +144,9 @@ class _Loop:
         optimizer = torch.optim.AdamW(trainable, lr=run.learning_rate, weight_decay=run.weight_decay)
         # Accelerate steps a prepared schedule once per process per optimizer step.
         n = accelerator.num_processes
-        scheduler = get_scheduler(run.lr_scheduler, optimizer, num_warmup_steps=run.warmup_steps * n,
+        # transformers' plain "constant" ignores the warm-up; its "constant_with_warmup" is the same without one.
+        name = "constant_with_warmup" if run.lr_scheduler == "constant" else run.lr_scheduler
+        scheduler = get_scheduler(name, optimizer, num_warmup_steps=run.warmup_steps * n,
                                   num_training_steps=s.max_steps * n)
         self.model, self.optimizer, self.train_loader, self.eval_loader, self.scheduler = accelerator.prepare(
             model, optimizer, train_loader, eval_loader, scheduler)
@@ -233,10 +235,17 @@ class _Loop:
                   "tokens_per_s": p.tokens / p.seconds if p.seconds else None}
         bad = next((i for i, v in enumerate(losses) if not math.isfinite(v)), None)
         if bad is not None:
-            step = p.step - len(losses) + bad + 1
+            what = f"the loss became {losses[bad]} at step {p.step - len(losses) + bad + 1}"
+        elif values["grad_norm"] is not None and not math.isfinite(values["grad_norm"]):
+            what = f"the gradient norm became {values['grad_norm']} at step {p.step}"
+        elif not all(bool(torch.isfinite(w).all()) for w in self.optimizer_params()):
+            what = f"a trainable weight became non-finite by step {p.step}"
+        else:
+            what = None
+        if what is not None:
             self.status = FAILED
-            self.reason = (f"loss became {losses[bad]} at step {step}; stopped there and kept the last good "
-                           "checkpoint. Lower --learning-rate, or check the data.")
+            self.reason = f"{what}; stopped there and kept the last good checkpoint. Lower --learning-rate, or " \
+                          "check the data."
             self.metrics.log(p.step, **values, status=FAILED)
             return False
         if _due(p.step, self.spec.eval_every):
@@ -246,6 +255,9 @@ class _Loop:
         bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{values['learning_rate']:.2e}",
                         tok_s=f"{values['tokens_per_s'] or 0:,.0f}")
         return True
+
+    def optimizer_params(self) -> list[torch.Tensor]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
 
     def _checkpoint(self) -> None:
         s, run, accelerator = self.spec, self.run, self.accelerator

@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
         exc.show()
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
-        click.echo("Interrupted; nothing was saved.", err=True)
+        click.echo("Interrupted.", err=True)
         sys.exit(130)
     sys.exit(code if isinstance(code, int) else 0)
 
