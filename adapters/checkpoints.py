@@ -46,6 +46,7 @@ class Position(msgspec.Struct):
     seconds: float
     losses: list[float | None]
     before: dict[str, float] = msgspec.field(default_factory=dict)  # held-out metrics before step 1
+    trainable: dict[str, list[int]] = msgspec.field(default_factory=dict)  # name -> shape, as the optimizer holds them
 
 
 def checkpoints_dir(output: str | Path) -> Path:

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from . import checkpoints
-from .errors import NothingKept
+from .errors import AdaptersError, NothingKept
 from .host import distribution_of
 from .interrupts import graceful_stop
 from .loading import BaseModel
@@ -120,7 +120,17 @@ def _model(run: Run, device: torch.device, checkpoint: Path | None) -> tuple[Bas
         base, model, _ = build(run, device)
         return base, model
     base = load_base(run, device)
-    return base, restore(run.strategy, base.model, checkpoint / checkpoints.MODEL, run.config)
+    model = restore(run.strategy, base.model, checkpoint / checkpoints.MODEL, run.config)
+    position, _ = checkpoints.read(checkpoint)
+    if _trainable(model) != position.trainable:  # e.g. PEFT's prefix with projection saves only what inference uses
+        raise AdaptersError(f"{checkpoint}: strategy {run.strategy.name!r} restores other trainable weights than "
+                            "the run trained (it saves these options for inference), so this run cannot be resumed. "
+                            "Start it again without --resume.")
+    return base, model
+
+
+def _trainable(model: torch.nn.Module) -> dict[str, list[int]]:
+    return {name: list(p.shape) for name, p in model.named_parameters() if p.requires_grad}
 
 
 class _Loop:
@@ -153,7 +163,8 @@ class _Loop:
         # Checkpoints hold the trainable weights in the strategy's format, not the frozen base.
         accelerator.register_save_state_pre_hook(lambda models, weights, output_dir: weights.clear())
         accelerator.register_load_state_pre_hook(lambda models, input_dir: models.clear())
-        self.position = checkpoints.Position(step=0, epoch=0, batch=0, tokens=0, seconds=0.0, losses=[])
+        self.position = checkpoints.Position(step=0, epoch=0, batch=0, tokens=0, seconds=0.0, losses=[],
+                                             trainable=_trainable(model))
         self.before: dict[str, float] = {}
         self.written: list[Path] = []
         self.status, self.reason = COMPLETED, None

@@ -52,7 +52,7 @@ class IA3(adapters.PeftStrategy):
             raise adapters.AdaptersError(f"ia3: feedforward_modules {', '.join(stray)} are not among target_modules; "
                                          "list them there too.")
         return IA3Config(task_type=adapters.peft_task_type(model), target_modules=targets,
-                         feedforward_modules=feedforward, inference_mode=loading)
+                         feedforward_modules=feedforward)
 
     def estimate_memory(self, model: adapters.ModelShape, config: IA3Options, run: adapters.RunShape):
         """Lets `adapters plan` predict IA3's memory: fp32 vectors, and what their products keep."""
