@@ -11,35 +11,17 @@ import pytest
 import torch
 
 import adapters
-from adapters.cli import main as cli_main
+
+from cli_helpers import assert_user_error, run_cli, run_in_process
 
 TINY = ["--model", "random:tiny"]
 QUICK = ["--max-steps", "1", "--batch-size", "2", "--seq-len", "32", "--eval-batches", "1"]
 
 
-def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "ADAPTERS_LOAD_PLUGINS": ""}
-    return subprocess.run([sys.executable, "-m", "adapters", *args], capture_output=True, text=True, env=env,
-                          cwd=cwd, timeout=300)
 
 
-def run_in_process(capsys, *args: str) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as info:
-        cli_main(list(args))
-    captured = capsys.readouterr()
-    return info.value.code, captured.out, captured.err
 
 
-def assert_user_error(code: int, out: str, err: str, *needles: str) -> str:
-    """Exit 2, and exactly one stderr line: ``Error: ...`` containing every needle; no traceback."""
-    assert code == 2, (code, out, err)
-    assert "Traceback" not in err and "Traceback" not in out
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, f"expected one stderr line, got:\n{err}"
-    assert lines[0].startswith("Error: "), lines[0]
-    for needle in needles:
-        assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
-    return lines[0]
 
 
 # --------------------------------------------------------------------------------------------

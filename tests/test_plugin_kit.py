@@ -23,10 +23,11 @@ import adapters
 import adapters.host.hookspecs
 import adapters.host.manager
 import adapters.testing
-from adapters.cli import main as cli_main
 from adapters.contract import Traits
 from adapters.host.manager import PluginWarning
 from adapters.testing import CHECKS, matrix, plugin_for
+
+from cli_helpers import run_in_process
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -35,11 +36,6 @@ BUILTINS = ["full-finetune", "linear-probe", "lora", "prefix-tuning", "qlora"]
 ONE_CELL = {"tasks": ["causal-lm"], "quantizations": ["none"]}
 
 
-def run_in_process(capsys, *args: str) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as info:
-        cli_main(list(args))
-    captured = capsys.readouterr()
-    return info.value.code, captured.out, captured.err
 
 
 def _adapters(*args: str, env: dict[str, str], cwd: Path | None = None) -> subprocess.CompletedProcess:

@@ -24,8 +24,9 @@ import torch
 
 import adapters
 from adapters.checkpoints import latest_checkpoint, resume_spec
-from adapters.cli import main as cli_main
 from adapters.testing import plugin_for
+
+from cli_helpers import assert_user_error, run_in_process
 
 TINY = dict(model="random:tiny", batch_size=2, seq_len=32, eval_batches=1)
 TINY_ARGS = ["--model", "random:tiny", "--batch-size", "2", "--seq-len", "32", "--eval-batches", "1"]
@@ -58,23 +59,8 @@ def read_metrics(output: Path) -> list[dict]:
     return [json.loads(line, parse_constant=_refuse_constant) for line in lines]
 
 
-def run_in_process(capsys, *args: str) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as info:
-        cli_main(list(args))
-    captured = capsys.readouterr()
-    return info.value.code, captured.out, captured.err
 
 
-def assert_user_error(code: int, out: str, err: str, *needles: str) -> str:
-    """Exit 2, and exactly one stderr line: ``Error: ...`` containing every needle; no traceback."""
-    assert code == 2, (code, out, err)
-    assert "Traceback" not in err and "Traceback" not in out
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, f"expected one stderr line, got:\n{err}"
-    assert lines[0].startswith("Error: "), lines[0]
-    for needle in needles:
-        assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
-    return lines[0]
 
 
 @pytest.fixture
