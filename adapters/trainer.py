@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import shutil
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -33,7 +34,7 @@ from .metrics import METRICS, MetricsLog
 from .nn import ParameterCount, count_parameters
 from .runspec import Run, RunSpec, resolve
 from .store import restore, save
-from .training import build, evaluate, load_base, make_accelerator, make_batches, training_step
+from .training import build, evaluate, load_base, make_accelerator, make_batches, optimized, training_step
 
 # What a run writes into its output besides the final save; kept when the final save replaces it.
 RUN_FILES = (checkpoints.CHECKPOINTS, METRICS, "logs")
@@ -90,13 +91,14 @@ def train(spec: RunSpec, progress: bool = True, stop: Callable[[int], bool] | No
     accelerator = make_accelerator(s.gradient_accumulation_steps, s.report_to,
                                    Path(s.output) / "logs" if s.output else None)
     resume_from = checkpoints.latest_checkpoint(s.output) if s.resume else None
-    base, model = _model(run, accelerator.device, resume_from)
+    position = checkpoints.read(resume_from)[0] if resume_from is not None else None
+    base, model = _model(run, accelerator.device, resume_from, position)
     if not s.output:  # said once the model is ready, before the first step
         warnings.warn("no --output, so nothing of this run will be kept: give --output DIR to save the weights, "
                       "checkpoints and metrics.", NothingKept, stacklevel=2)
     loop = _Loop(run, accelerator, base, model)
     if resume_from is not None:
-        loop.resume(resume_from)
+        loop.resume(resume_from, position)
     with graceful_stop(announce=progress and accelerator.is_local_main_process) as request:
         loop.train(lambda step: bool(request) or (stop is not None and stop(step)), progress)
     return loop.finish()
@@ -104,8 +106,6 @@ def train(spec: RunSpec, progress: bool = True, stop: Callable[[int], bool] | No
 
 def _clear_run_files(output: Path) -> None:
     """A new run into an existing output (--overwrite): the old run's checkpoints and logs go."""
-    import shutil
-
     for name in RUN_FILES:
         path = output / name
         if path.is_dir():
@@ -114,14 +114,14 @@ def _clear_run_files(output: Path) -> None:
             path.unlink()
 
 
-def _model(run: Run, device: torch.device, checkpoint: Path | None) -> tuple[BaseModel, torch.nn.Module]:
+def _model(run: Run, device: torch.device, checkpoint: Path | None,
+           position: checkpoints.Position | None) -> tuple[BaseModel, torch.nn.Module]:
     """The base and the model to train: freshly applied, or restored from a checkpoint's weights."""
-    if checkpoint is None:
+    if checkpoint is None or position is None:
         base, model, _ = build(run, device)
         return base, model
     base = load_base(run, device)
     model = restore(run.strategy, base.model, checkpoint / checkpoints.MODEL, run.config)
-    position, _ = checkpoints.read(checkpoint)
     if _trainable(model) != position.trainable:  # e.g. PEFT's prefix with projection saves only what inference uses
         raise AdaptersError(f"{checkpoint}: strategy {run.strategy.name!r} restores other trainable weights than "
                             "the run trained (it saves these options for inference), so this run cannot be resumed. "
@@ -172,10 +172,10 @@ class _Loop:
         if s.report_to:
             accelerator.init_trackers(f"adapters-{run.strategy.name}", config=_flat(s))
 
-    def resume(self, checkpoint: Path) -> None:
+    def resume(self, checkpoint: Path, position: checkpoints.Position) -> None:
         self.accelerator.load_state(str(checkpoint))
-        self.position, _ = checkpoints.read(checkpoint)
-        self.before = self.position.before
+        self.position = position
+        self.before = position.before
 
     def evaluate(self) -> dict[str, float]:
         return evaluate(self.model, self.eval_loader, self.run.task, self.accelerator, self.spec.eval_batches)
@@ -249,7 +249,7 @@ class _Loop:
             what = f"the loss became {losses[bad]} at step {p.step - len(losses) + bad + 1}"
         elif values["grad_norm"] is not None and not math.isfinite(values["grad_norm"]):
             what = f"the gradient norm became {values['grad_norm']} at step {p.step}"
-        elif not all(bool(torch.isfinite(w).all()) for w in self.optimizer_params()):
+        elif not all(bool(torch.isfinite(w).all()) for w in optimized(self.optimizer)):
             what = f"a trainable weight became non-finite by step {p.step}"
         else:
             what = None
@@ -267,23 +267,18 @@ class _Loop:
                         tok_s=f"{values['tokens_per_s'] or 0:,.0f}")
         return True
 
-    def optimizer_params(self) -> list[torch.Tensor]:
-        return [p for group in self.optimizer.param_groups for p in group["params"]]
-
     def _checkpoint(self) -> None:
         s, run, accelerator = self.spec, self.run, self.accelerator
         accelerator.wait_for_everyone()
         if not s.output:
             return
-        state_dir = None
         if accelerator.is_main_process:
             def save_model(directory: Path) -> None:
                 save(accelerator.unwrap_model(self.model), directory, strategy=run.strategy, config=run.config,
                      base=self.base, plugin_versions=dict([distribution_of(run.plugin)]))
 
-            state_dir = checkpoints.write(s.output, self.position, s, save_model,
-                                          lambda d: accelerator.save_state(str(d)), s.keep_checkpoints)
-            self.written.append(state_dir)
+            self.written.append(checkpoints.write(s.output, self.position, s, save_model,
+                                                  lambda d: accelerator.save_state(str(d)), s.keep_checkpoints))
         accelerator.wait_for_everyone()
 
     def finish(self) -> TrainResult:

@@ -139,6 +139,11 @@ def build(run: Run, device: torch.device) -> tuple[BaseModel, torch.nn.Module, i
     return base, model, declared
 
 
+def optimized(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The parameters ``optimizer`` updates."""
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
 def training_step(model, batch, optimizer, accelerator, step: int, scheduler=None,
                   max_grad_norm: float = 0.0, check_finite: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One micro-step: forward, backward, and when accumulation is complete, clipping, an optimizer
@@ -158,8 +163,7 @@ def training_step(model, batch, optimizer, accelerator, step: int, scheduler=Non
             )
         accelerator.backward(loss)
         if accelerator.sync_gradients and max_grad_norm > 0:
-            grad_norm = accelerator.clip_grad_norm_(
-                [p for group in optimizer.param_groups for p in group["params"]], max_grad_norm)
+            grad_norm = accelerator.clip_grad_norm_(optimized(optimizer), max_grad_norm)
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
