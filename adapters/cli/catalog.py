@@ -40,10 +40,23 @@ def strategies(as_json: bool) -> None:
 
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def plugins(as_json: bool) -> None:
+@click.option("--no-import", "no_import", is_flag=True,
+              help="List the installed entry points from package metadata, importing none of them.")
+def plugins(as_json: bool, no_import: bool) -> None:
     """List the loaded plugins, with their distributions, hooks and strategies."""
-    from ..host import list_plugins
+    from ..host import entry_points, list_plugins
 
+    if no_import:  # works even when a plugin breaks the tool at import: find it, then disable it
+        rows = entry_points()
+        if as_json:
+            echo_json(rows)
+            return
+        click.echo(aligned_table(
+            [[r["name"], r["value"], f"{r['distribution']} {r['version']}",
+              "yes" if r["loads"] else f"no ({r['reason']})"] for r in rows],
+            ["entry point", "value", "distribution", "loads"],
+        ))
+        return
     rows = list_plugins()
     if as_json:
         echo_json(rows)

@@ -5,6 +5,7 @@ from .manager import (
     ENTRY_POINT_GROUP,
     PluginWarning,
     distribution_of,
+    entry_points,
     get_plugin_manager,
     get_registry,
     list_plugins,
@@ -12,4 +13,4 @@ from .manager import (
 from .registry import Entry, Registry
 
 __all__ = ["hookimpl", "hookspec", "DEFAULT_PLUGINS", "ENTRY_POINT_GROUP", "PluginWarning", "distribution_of",
-           "get_plugin_manager", "get_registry", "list_plugins", "Entry", "Registry"]
+           "entry_points", "get_plugin_manager", "get_registry", "list_plugins", "Entry", "Registry"]

@@ -12,7 +12,10 @@ Environment variables:
 A third-party plugin that fails to import, fails to register (raises in its hook, or registers an
 invalid strategy), or implements a misspelled or wrong-signature hook is skipped with a
 `PluginWarning` naming the entry point, distribution and exception, and is listed with its error
-by `adapters plugins`; the rest of the tool keeps working. A third-party strategy whose name a
+by `adapters plugins`; the rest of the tool keeps working. A plugin that calls ``sys.exit()``
+while it is imported or registers is one of these: it is skipped the same way ("called
+sys.exit(3) at import") instead of ending the command. `entry_points` lists what is installed
+without importing any of it (``adapters plugins --no-import``). A third-party strategy whose name a
 built-in already has is dropped (the built-in wins) and the collision is reported the same way.
 Built-in plugins are never isolated: a failure there is a bug, and raises.
 """
@@ -43,7 +46,7 @@ class PluginFailure:
 
     entry_point: str  # the entry point's name (the plugin's name in the plugin manager)
     distribution: str
-    error: str  # "ExceptionType: message"
+    error: str  # "ExceptionType: message", or "called sys.exit(3) at import"
     stage: str = "import"  # "import" (loading the entry point) or "registration" (its hook)
 
 
@@ -96,7 +99,9 @@ def strict() -> bool:
     return os.environ.get("ADAPTERS_STRICT_PLUGINS", "").strip().lower() not in ("", "0", "false", "no")
 
 
-def _describe(exc: BaseException) -> str:
+def _describe(exc: BaseException, where: str = "at import") -> str:
+    if isinstance(exc, SystemExit):  # not an error of its own: what the plugin did is the error
+        return f"called sys.exit({'' if exc.code is None else repr(exc.code)}) {where}"
     return f"{type(exc).__name__}: {exc}".strip()
 
 
@@ -165,9 +170,18 @@ def _entry_point_distribution(ep: importlib.metadata.EntryPoint) -> tuple[str, s
         return "unknown", "unknown"
 
 
-def _load_entry_points(pm: pluggy.PluginManager) -> None:
+def _not_loaded_because(name: str, dist: str) -> str | None:
+    """Why the allow and block lists keep entry point ``name`` of distribution ``dist`` from loading, or None."""
     allowed = _names("ADAPTERS_LOAD_PLUGINS")
     blocked = _names("ADAPTERS_DISABLE_PLUGINS") or set()
+    if _normalize(dist) in blocked or _normalize(name) in blocked:
+        return "ADAPTERS_DISABLE_PLUGINS"
+    if allowed is not None and _normalize(dist) not in allowed:
+        return "not in ADAPTERS_LOAD_PLUGINS"
+    return None
+
+
+def _load_entry_points(pm: pluggy.PluginManager) -> None:
     try:
         entry_points = list(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
     except Exception as exc:  # unreadable metadata somewhere on sys.path
@@ -175,21 +189,44 @@ def _load_entry_points(pm: pluggy.PluginManager) -> None:
         return
     for ep in entry_points:
         dist, version = _entry_point_distribution(ep)
-        if (allowed is not None and _normalize(dist) not in allowed) or _normalize(dist) in blocked \
-                or _normalize(ep.name) in blocked:
+        if _not_loaded_because(ep.name, dist):
             continue
         try:
             if pm.has_plugin(ep.name):
                 owner = _distributions.get(ep.name, (DISTRIBUTION, ""))[0]
                 raise AdaptersError(f"the plugin name {ep.name!r} is already taken by distribution {owner!r}")
             register_checked(pm, ep.load(), name=ep.name)
-        except Exception as exc:  # a broken plugin must not take the tool down with it
+        # A broken plugin must not take the tool down with it, nor end it with sys.exit() at import.
+        except (Exception, SystemExit) as exc:
             _entry_point_failed(PluginFailure(ep.name, dist, _describe(exc)), exc)
         else:
             _distributions[ep.name] = (dist, version)
 
 
-def _entry_point_failed(failure: PluginFailure, exc: Exception) -> None:
+def entry_points() -> list[dict]:
+    """Every installed ``adapters`` entry point, read from package metadata: nothing is imported.
+
+    Each row: ``name``, ``value`` (``module:object``), ``distribution``, ``version``, and ``loads``
+    (whether the allow and block lists let it load) with ``reason`` when they do not. For
+    ``adapters plugins --no-import``: it works even when a plugin breaks the tool on import.
+    """
+    try:
+        found = list(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
+    except Exception as exc:  # unreadable metadata somewhere on sys.path
+        raise AdaptersError(f"cannot read the installed packages' entry points: {_describe(exc)}. "
+                            "Reinstall the package whose metadata is broken.") from exc
+    rows = []
+    for ep in found:
+        dist, version = _entry_point_distribution(ep)
+        reason = _not_loaded_because(ep.name, dist)
+        row = {"name": ep.name, "value": ep.value, "distribution": dist, "version": version, "loads": reason is None}
+        if reason:
+            row["reason"] = reason
+        rows.append(row)
+    return sorted(rows, key=lambda r: (r["distribution"], r["name"]))
+
+
+def _entry_point_failed(failure: PluginFailure, exc: BaseException) -> None:
     if strict():
         raise AdaptersError(
             f"plugin entry point {failure.entry_point!r} from distribution {failure.distribution!r} failed to "
@@ -261,7 +298,7 @@ def _register_all(pm: pluggy.PluginManager, registry: Registry) -> None:
         try:
             impl.function(register=lambda strategy, aliases=None, plugin=plugin, own=own:
                           own.register(strategy, plugin=plugin, aliases=aliases))
-        except Exception as exc:  # the plugin's own code, or its invalid strategies
+        except (Exception, SystemExit) as exc:  # the plugin's own code, or its invalid strategies
             _registration_failed(registry, plugin, exc)
             continue
         for entry in own.entries(aliases=False):
@@ -277,9 +314,9 @@ def _register_all(pm: pluggy.PluginManager, registry: Registry) -> None:
                                   aliases={a: q for a, q in aliases.items() if a not in taken})
 
 
-def _registration_failed(registry: Registry, plugin: str, exc: Exception) -> None:
+def _registration_failed(registry: Registry, plugin: str, exc: BaseException) -> None:
     dist = distribution_of(plugin)[0]
-    failure = PluginFailure(plugin, dist, _describe(exc), stage="registration")
+    failure = PluginFailure(plugin, dist, _describe(exc, "in register_strategies"), stage="registration")
     if strict() or plugin in _strict_plugins:
         if isinstance(exc, AdaptersError):
             raise exc

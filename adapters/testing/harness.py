@@ -5,11 +5,14 @@ first needs it, and the checks of the cell share those runs.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import random
 import string
-from dataclasses import dataclass
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -45,6 +48,37 @@ class Trained:
     declared: int | None  # expected_trainable_parameters(base model, config), when the strategy defines it
     losses: list[float]
     grads: dict[str, torch.Tensor | None]  # gradients of the first step
+    # What torch warned has no deterministic implementation, while this run trained.
+    nondeterministic_ops: list[str] = field(default_factory=list)
+
+
+@contextlib.contextmanager
+def reproducible() -> Iterator[None]:
+    """One intra-op thread and deterministic algorithms for the block; every setting is restored afterwards.
+
+    Split over threads, a reduction is summed in an order that depends on how many threads the machine
+    grants at that moment, so a busy machine can change the last bits of a gradient. AdamW's first steps
+    turn such a difference in a gradient near zero into a step of up to the learning rate, and the
+    losses of two runs under one seed part. With one thread, deterministic algorithms (warn only: an op
+    without a deterministic version warns, and the determinism check names it) and the deterministic
+    modes of oneDNN and cuDNN, nothing is left to scheduling. Tiny models gain nothing from threads.
+    """
+    threads = torch.get_num_threads()
+    algorithms = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    backends = (torch.backends.mkldnn.deterministic, torch.backends.cudnn.deterministic,
+                torch.backends.cudnn.benchmark)
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.mkldnn.deterministic = True
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(algorithms, warn_only=warn_only)
+        (torch.backends.mkldnn.deterministic, torch.backends.cudnn.deterministic,
+         torch.backends.cudnn.benchmark) = backends
 
 
 def seed_everything(seed: int) -> None:
@@ -119,8 +153,12 @@ class Harness:
         before = {n: p.detach().clone() for n, p in trainable.items()}
         frozen = {n: p.detach().clone() for n, p in params.items() if not p.requires_grad}
         count = count_parameters(model)
-        losses, grads = self._steps(run, model, trainable, self.batch(run, base)) if trainable else ([], {})
-        return Trained(run, base, model, list(trainable), before, frozen, count, declared, losses, grads)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            losses, grads = self._steps(run, model, trainable, self.batch(run, base)) if trainable else ([], {})
+        ops = sorted({str(w.message).split(" does not have a deterministic")[0] for w in caught
+                      if "does not have a deterministic implementation" in str(w.message)})
+        return Trained(run, base, model, list(trainable), before, frozen, count, declared, losses, grads, ops)
 
     def _steps(self, run: Run, model: torch.nn.Module, trainable: dict[str, torch.nn.Parameter],
                batch: dict[str, torch.Tensor]) -> tuple[list[float], dict[str, torch.Tensor | None]]:

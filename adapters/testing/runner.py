@@ -8,17 +8,15 @@ import json
 import tempfile
 import traceback
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from ..contract import QUANTIZATIONS, TASKS, Strategy, traits, validate_strategy
 from ..errors import AdaptersError
 from .checks import REGISTRY, Check
 from .fixtures import plugin_for, registered
-from .harness import TINY_MODEL, Harness, Skip
+from .harness import TINY_MODEL, Harness, Skip, reproducible
 from .report import FAIL, PASS, SKIP, CheckReport, CheckResult, ConformanceError
 
 
@@ -82,17 +80,6 @@ class _Runner:
                     if check.each == "task":
                         self.record(check, task, preferred)
                 h.release(task, preferred)
-
-
-@contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
-    """Tiny models gain nothing from intra-op threads, and lose a lot to them on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _resolve_strategy(strategy: str | Strategy) -> tuple[Strategy, str, bool]:
@@ -166,7 +153,7 @@ def run_checks(
         stack.enter_context(warnings.catch_warnings())
         warnings.simplefilter("ignore")  # library chatter (PEFT, bitsandbytes) is not a result
         stack.enter_context(quiet_transformers())
-        stack.enter_context(_one_thread())
+        stack.enter_context(reproducible())  # one thread, deterministic algorithms; restored after
         harness = Harness(obj, quantizations, tasks, model, seed, device, workdir)
         report.results = _Runner(harness).run_all()
     return report
