@@ -27,12 +27,15 @@ __distribution__ = "adapters-lab"
 
 # name -> the module that defines it
 _EXPORTS = {
-    "errors": ("AdaptersError", "TrainingFailed", "UnknownStrategyError"),
+    "errors": ("AdaptersError", "TrainingFailed", "UnknownStrategyError", "NothingKept", "OtherBase",
+               "OutOfMemoryBackoff", "TokenizerFallback"),
     "host": ("hookimpl", "get_plugin_manager", "get_registry"),
     "contract": ("QUANTIZATIONS", "TASKS", "Strategy", "StrategyBase", "Traits", "traits", "SavesOwnFormat",
-                 "DeclaresTrainable", "EstimatesMemory", "ModelShape", "LinearShape", "RunShape", "StrategyMemory"),
+                 "DeclaresTrainable", "EstimatesMemory", "RefusesModels", "ModelShape", "LinearShape", "RunShape",
+                 "StrategyMemory"),
     "nn": ("ParameterCount", "count_parameters", "freeze", "linear_module_names", "output_head_name", "task_of",
-           "trainable_parameters", "match_targets", "targeted_linears", "head_parameters"),
+           "trainable_parameters", "match_targets", "targeted_linears", "head_parameters", "is_linear",
+           "linear_features"),
     "peft": ("PeftStrategy", "load_peft", "save_peft", "peft_task_type"),
     "runspec": ("RunSpec", "TrainSettings", "resolve", "StrategyRefused"),
     "loading": ("BaseModel", "fingerprint", "load_base_model"),
@@ -73,6 +76,7 @@ if TYPE_CHECKING:  # for type checkers and editors: the names above, imported ea
         EstimatesMemory,
         LinearShape,
         ModelShape,
+        RefusesModels,
         RunShape,
         SavesOwnFormat,
         Strategy,
@@ -81,7 +85,15 @@ if TYPE_CHECKING:  # for type checkers and editors: the names above, imported ea
         Traits,
         traits,
     )
-    from .errors import AdaptersError, TrainingFailed, UnknownStrategyError  # noqa: F401
+    from .errors import (  # noqa: F401
+        AdaptersError,
+        NothingKept,
+        OtherBase,
+        OutOfMemoryBackoff,
+        TokenizerFallback,
+        TrainingFailed,
+        UnknownStrategyError,
+    )
     from .host import get_plugin_manager, get_registry, hookimpl  # noqa: F401
     from .loading import BaseModel, fingerprint, load_base_model  # noqa: F401
     from .nn import (  # noqa: F401
@@ -89,6 +101,8 @@ if TYPE_CHECKING:  # for type checkers and editors: the names above, imported ea
         count_parameters,
         freeze,
         head_parameters,
+        is_linear,
+        linear_features,
         linear_module_names,
         match_targets,
         output_head_name,

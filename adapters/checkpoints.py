@@ -33,7 +33,7 @@ STATE = "state.json"
 MODEL = "model"
 _STEP = re.compile(r"step-(\d+)")
 # The settings a resumed run may change: where it goes, not what it computes.
-RESUMABLE = ("output", "overwrite", "resume", "report_to", "keep_checkpoints", "log_every")
+RESUMABLE = ("output", "overwrite", "resume", "report_to", "keep_checkpoints", "log_every", "allow_other_base")
 
 
 class Position(msgspec.Struct):
@@ -45,8 +45,10 @@ class Position(msgspec.Struct):
     tokens: int
     seconds: float
     losses: list[float | None]
-    before: dict[str, float] = msgspec.field(default_factory=dict)  # held-out metrics before step 1
+    before: dict[str, float | None] = msgspec.field(default_factory=dict)  # held-out metrics at step 0
     trainable: dict[str, list[int]] = msgspec.field(default_factory=dict)  # name -> shape, as the optimizer holds them
+    micro_batch: int | None = None  # rows per forward after out-of-memory back-offs; None: the whole batch
+    backoffs: list[dict[str, Any]] = msgspec.field(default_factory=list)  # those back-offs, in order
 
 
 def checkpoints_dir(output: str | Path) -> Path:
@@ -58,7 +60,9 @@ def complete(output: str | Path) -> list[Path]:
     root = checkpoints_dir(output)
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP.fullmatch(p.name)) and (p / STATE).is_file()]
+    # A symbolic link is never a checkpoint: it could point out of the output directory.
+    found = [(int(m.group(1)), p) for p in root.iterdir()
+             if (m := _STEP.fullmatch(p.name)) and not p.is_symlink() and (p / STATE).is_file()]
     return [p for _, p in sorted(found)]
 
 

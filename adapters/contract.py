@@ -5,8 +5,9 @@ A strategy is any object with the six members of `Strategy`. Everything else is 
 - the optional settings of `StrategyBase` (its typed class attributes, with the core's defaults);
   a strategy that does not subclass it gets those defaults too, through `traits`;
 - one small Protocol per optional capability: `SavesOwnFormat` (its own files, e.g. PEFT's),
-  `DeclaresTrainable` (how many parameters ``apply`` will leave trainable) and `EstimatesMemory`
-  (its part of a step's memory, for ``adapters plan``). The core checks for a capability with
+  `DeclaresTrainable` (how many parameters ``apply`` will leave trainable), `EstimatesMemory`
+  (its part of a step's memory, for ``adapters plan``) and `RefusesModels` (the model families it
+  cannot apply to, told from their config). The core checks for a capability with
   ``isinstance(strategy, SavesOwnFormat)``;
 - the shape types an estimate works with: `ModelShape`, `LinearShape`, `RunShape`, and the
   `StrategyMemory` it returns.
@@ -130,6 +131,19 @@ class EstimatesMemory(Protocol):
     def estimate_memory(self, model: ModelShape, config: Any, run: RunShape) -> StrategyMemory | None: ...
 
 
+@runtime_checkable
+class RefusesModels(Protocol):
+    """A strategy that can tell from a model's config alone that it cannot apply to it (a family
+    whose layers it does not know how to adapt).
+
+    ``model_config`` is the base's transformers config; nothing is loaded yet. Return why not, as one
+    sentence naming what the model lacks, or None when the strategy can apply. train then stops
+    before loading (`StrategyRefused`), and plan and bench show a refused row.
+    """
+
+    def refuses_model(self, model_config: Any) -> str | None: ...
+
+
 def declared_trainable(strategy: Strategy, model: torch.nn.Module, config: Any) -> int | None:
     """The trainable count ``strategy`` declares for ``model`` before apply, or None."""
     if not isinstance(strategy, DeclaresTrainable):
@@ -159,6 +173,12 @@ class RunShape:
     def compute_bytes(self) -> int:
         """Bytes per element of weights and activations in the compute dtype (bf16 on CUDA, fp32 on CPU)."""
         return 2 if self.device == "cuda" else 4
+
+    @property
+    def master_bytes(self) -> int:
+        """Bytes per element of a base weight the strategy trains: float32 on every device, since the
+        core keeps float32 master weights of trainable weights that a bf16 base loaded in bf16."""
+        return 4
 
     @property
     def dropout_mask_bytes(self) -> int:

@@ -20,5 +20,17 @@ class NothingKept(UserWarning):
     """A run without an output: it trains and reports, and keeps nothing."""
 
 
+class TokenizerFallback(UserWarning):
+    """A checkpoint without a tokenizer gets the byte-level one; said, since real weights will not fit it."""
+
+
+class OtherBase(UserWarning):
+    """A save was loaded onto a base with other weights, as ``allow_other_base`` asked."""
+
+
+class OutOfMemoryBackoff(UserWarning):
+    """A training step ran out of memory and is tried again with half the micro-batch."""
+
+
 class TrainingFailed(AdaptersError):
     """Training stopped before the end, e.g. on a non-finite loss; nothing was saved."""

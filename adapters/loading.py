@@ -2,12 +2,21 @@
 
 Frozen modules that are not quantized stay in the compute dtype (bf16 on GPU): there is no fp32
 upcast, which is what makes the common QLoRA recipe use more memory than bf16 LoRA.
+
+The fingerprint identifies the base's weights by the content of its checkpoint files: a sha256 over
+every weight file, so it covers every tensor and depends neither on quantization nor on the dtype a
+load uses. Hashing a file is cached by its path, size and modification time. Saves from 0.1
+recorded a weaker fingerprint (the config and a sample of embedding rows), still available as
+`BaseModel.weak_fingerprint` to check them against.
 """
 from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import logging
+import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,8 +24,17 @@ from typing import Any
 import torch
 
 from .contract import QUANTIZATIONS
-from .errors import AdaptersError
-from .models import RANDOM_SHAPES, check_model_task, quiet_transformers, resolve_model
+from .errors import AdaptersError, TokenizerFallback
+from .models import (
+    RANDOM_SHAPES,
+    cache_dir,
+    check_model_task,
+    classification_labels,
+    quiet_transformers,
+    read_config,
+    resolve_model,
+    weight_files,
+)
 
 # Output heads stay in the compute dtype under quantization: they are what the probe and
 # classification heads train, and quantizing them saves little.
@@ -30,6 +48,7 @@ class ByteTokenizer:
     bos_token_id = 1
     eos_token_id = 2
     _offset = 3
+    vocab_size = 256 + _offset
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         return [b + self._offset for b in text.encode("utf-8")]
@@ -48,7 +67,11 @@ class BaseModel:
     quantization: str
     task: str
     labels: list[str] = field(default_factory=list)
-    fingerprint: str = ""  # of the weights as loaded, before any training changes them
+    fingerprint: str = ""  # "sha256:...", of the checkpoint's weight files (see `fingerprint`)
+    weak_fingerprint: str = ""  # 0.1's fingerprint, to check saves from 0.1 against (see `weak_fingerprint`)
+    # Parameters the checkpoint lacked, which the load initialised at random (a new classification
+    # head), by their names in ``model``.
+    new_weights: list[str] = field(default_factory=list)
 
 
 def bnb_config(quantization: str, compute_dtype: torch.dtype):
@@ -99,8 +122,10 @@ def load_base_model(
         raise AdaptersError(f"unknown quantization {quantization!r}. Use one of: {', '.join(QUANTIZATIONS)}.")
     spec = resolve_model(name)
     task = check_model_task(spec, task)
-    if task == "sequence-classification" and not labels:
-        raise AdaptersError("task sequence-classification needs labels; pass the dataset's label names.")
+    if task == "sequence-classification":
+        if not labels:
+            raise AdaptersError("task sequence-classification needs labels; pass the dataset's label names.")
+        check_labels(name, labels)
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
     checkpoint = spec.locate()
@@ -108,16 +133,26 @@ def load_base_model(
         return _load(name, checkpoint, quantization, task, labels, device, dtype)
 
 
-def _load(name, checkpoint, quantization, task, labels, device, dtype) -> BaseModel:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-
-    config = AutoConfig.from_pretrained(checkpoint)
-    if getattr(config, "auto_map", None):
+def check_labels(name: str, labels: list[str]) -> None:
+    """A checkpoint fine-tuned for classification keeps its head: the data must have as many labels."""
+    trained = classification_labels(name)
+    if trained is not None and trained != len(labels):
         raise AdaptersError(
-            f"model {name!r} needs remote code (its config has auto_map); adapters never runs it. "
-            "Use a model that transformers supports natively."
+            f"--model {name} is a sequence-classification checkpoint with {trained} labels, but the data has "
+            f"{len(labels)} ({', '.join(map(str, labels[:5]))}{', ...' if len(labels) > 5 else ''}). "
+            f"Use data with its {trained} labels, or the base model it was fine-tuned from."
         )
-    kwargs: dict[str, Any] = dict(dtype=dtype, device_map={"": device}, trust_remote_code=False)
+
+
+def _load(name, checkpoint, quantization, task, labels, device, dtype) -> BaseModel:
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    config = read_config(checkpoint, name)  # a readable config, as one error line rather than a traceback
+    # The tokenizer before the weights: one that cannot serve is refused before they load.
+    vocab_size = getattr(config.get_text_config(), "vocab_size", None)
+    tokenizer = ByteTokenizer() if name in _random_names() else _load_tokenizer(checkpoint, name, vocab_size)
+    kwargs: dict[str, Any] = dict(dtype=dtype, device_map={"": device}, trust_remote_code=False,
+                                  use_safetensors=True, output_loading_info=True)
     quant_config = bnb_config(quantization, dtype)
     if quant_config is not None:
         kwargs["quantization_config"] = quant_config
@@ -126,9 +161,9 @@ def _load(name, checkpoint, quantization, task, labels, device, dtype) -> BaseMo
         # burying the progress bar.
         logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
     if task == "causal-lm":
-        model = AutoModelForCausalLM.from_pretrained(checkpoint, **kwargs)
+        model, info = AutoModelForCausalLM.from_pretrained(checkpoint, **kwargs)
     else:
-        model = AutoModelForSequenceClassification.from_pretrained(
+        model, info = AutoModelForSequenceClassification.from_pretrained(
             checkpoint, num_labels=len(labels), id2label=dict(enumerate(labels)),
             label2id={label: i for i, label in enumerate(labels)}, **kwargs,
         )
@@ -139,35 +174,135 @@ def _load(name, checkpoint, quantization, task, labels, device, dtype) -> BaseMo
         for module in model.modules():
             if hasattr(module, "support_avx512bf16_for_cpu"):
                 module.support_avx512bf16_for_cpu = False
-    tokenizer = _load_tokenizer(checkpoint, AutoTokenizer) if name not in _random_names() else ByteTokenizer()
     if getattr(tokenizer, "pad_token_id", None) is None:
         tokenizer.pad_token = tokenizer.eos_token
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    return BaseModel(name, model, tokenizer, quantization, task, list(labels or []), fingerprint(model))
+    return BaseModel(name, model, tokenizer, quantization, task, list(labels or []), fingerprint(checkpoint),
+                     weak_fingerprint(model), sorted(info["missing_keys"]))
 
 
 def _random_names() -> set[str]:
     return {f"random:{s}" for s in RANDOM_SHAPES}
 
 
-def _load_tokenizer(checkpoint: Path, auto_tokenizer: Any) -> Any:
+_SAMPLE = "The capital of France is Paris; the quick brown fox jumps over the lazy dog."
+MIN_DISTINCT_IDS = 4  # a real tokenizer gives the sample far more; a stand-in built from nothing gives 0 or 1
+# The files a transformers tokenizer is read from; a folder with none of them has no tokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "vocab.txt",
+                   "merges.txt", "spiece.model", "sentencepiece.bpe.model", "tokenizer.model.v3")
+
+
+def _load_tokenizer(checkpoint: Path, name: str, vocab_size: int | None) -> Any:
+    """The checkpoint's own tokenizer, checked to tokenize real text into more than a handful of ids.
+
+    A folder without tokenizer files gets the byte-level tokenizer, with a `TokenizerFallback`
+    warning (transformers would build a stand-in from the config alone, which maps every text to
+    nothing or to one unknown token). Tokenizer files that fail to load, or that map real text to
+    fewer than `MIN_DISTINCT_IDS` ids, are an error.
+    """
+    from transformers import AutoTokenizer
+
+    if not any((checkpoint / f).exists() for f in TOKENIZER_FILES):
+        if vocab_size is not None and vocab_size < ByteTokenizer.vocab_size:
+            raise AdaptersError(
+                f"--model {name}: the folder has no tokenizer files, and its vocabulary ({vocab_size}) is too small "
+                f"for the byte-level tokenizer ({ByteTokenizer.vocab_size}). Add the model's tokenizer files."
+            )
+        warnings.warn(f"--model {name}: the folder has no tokenizer files, so text becomes UTF-8 bytes as token ids, "
+                      "which only a model trained on them understands. Add the model's tokenizer files otherwise.",
+                      TokenizerFallback, stacklevel=4)
+        return ByteTokenizer()
     try:
-        tokenizer = auto_tokenizer.from_pretrained(checkpoint)
-    except (OSError, ValueError):
-        return ByteTokenizer()
-    # A checkpoint without tokenizer files can still yield a tokenizer with an empty vocabulary
-    # (transformers 5 builds one from the config), which turns any text into no tokens at all.
-    if not tokenizer.encode("The capital of France is Paris.", add_special_tokens=False):
-        return ByteTokenizer()
+        tokenizer = AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=False)
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise AdaptersError(f"--model {name}: its tokenizer files cannot be loaded "
+                            f"({(str(exc).strip().splitlines() or [type(exc).__name__])[0]}). "
+                            "Restore them from where the model came from.") from None
+    distinct = len(set(tokenizer.encode(_SAMPLE, add_special_tokens=False)))
+    if distinct < MIN_DISTINCT_IDS:
+        raise AdaptersError(
+            f"--model {name}: its tokenizer ({type(tokenizer).__name__}) maps real text to {distinct} distinct "
+            "token id(s), so it is no real tokenizer (a placeholder, or files saved from one). Restore the "
+            "model's tokenizer files (tokenizer.json or tokenizer.model)."
+        )
     return tokenizer
 
 
-def fingerprint(model: torch.nn.Module) -> str:
-    """A short hash that identifies a base model's weights, independent of quantization and dtype.
+FINGERPRINT_KIND = "sha256:"
+_FINGERPRINT_CACHE = "fingerprints.json"
 
-    It hashes the architecture shape and a sample of rows of the input embeddings, which
-    bitsandbytes never quantizes, rounded to bf16 so fp32 and bf16 loads agree.
+
+def fingerprint(checkpoint: str | os.PathLike[str] | torch.nn.Module) -> str:
+    """The fingerprint of a base checkpoint: ``"sha256:"`` and a sha256 over its weight files.
+
+    ``checkpoint`` is a checkpoint directory, or a transformers model loaded from one (its
+    ``name_or_path``): the fingerprint is of the files, not of weights changed in memory since.
+    Every tensor is covered; quantization and the dtype of a load change nothing. Each file's hash
+    is cached in the adapters cache directory by its path, size and modification time, so only the
+    first load of a checkpoint reads its files through.
+    """
+    if isinstance(checkpoint, torch.nn.Module):
+        checkpoint = checkpoint.name_or_path
+    directory = Path(checkpoint)
+    cache = _read_fingerprint_cache()
+    before = dict(cache)
+    digest = hashlib.sha256()
+    for path in weight_files(directory, str(directory)):
+        digest.update(f"{path.name}\0{_file_sha256(path, cache)}\n".encode())
+    if cache != before:
+        _write_fingerprint_cache(cache)
+    return FINGERPRINT_KIND + digest.hexdigest()
+
+
+def _file_sha256(path: Path, cache: dict[str, Any]) -> str:
+    stat = path.stat()
+    key = str(path.resolve())
+    known = cache.get(key)
+    if isinstance(known, list) and known[:2] == [stat.st_size, stat.st_mtime_ns] and len(known) == 3:
+        return str(known[2])
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    cache[key] = [stat.st_size, stat.st_mtime_ns, digest.hexdigest()]
+    return digest.hexdigest()
+
+
+def _read_fingerprint_cache() -> dict[str, Any]:
+    try:
+        cache = json.loads((cache_dir() / _FINGERPRINT_CACHE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return cache if isinstance(cache, dict) else {}
+
+
+def _write_fingerprint_cache(cache: dict[str, Any]) -> None:
+    """Best effort: a cache that cannot be written only means hashing again next time."""
+    from .files import write_json
+
+    try:
+        cache_dir().mkdir(parents=True, exist_ok=True)
+        write_json(cache_dir() / _FINGERPRINT_CACHE, {k: v for k, v in cache.items() if os.path.exists(k)})
+    except OSError:
+        pass
+
+
+def is_weak_fingerprint(saved: str) -> bool:
+    """Whether a manifest's fingerprint is 0.1's weak one (config and sampled embedding rows)."""
+    return not saved.startswith(FINGERPRINT_KIND)
+
+
+def base_fingerprint(base: BaseModel, saved: str) -> str:
+    """``base``'s fingerprint of the kind ``saved`` (a manifest's) is: its weak one for a save from 0.1."""
+    return base.weak_fingerprint if is_weak_fingerprint(saved) else base.fingerprint
+
+
+def weak_fingerprint(model: torch.nn.Module) -> str:
+    """The fingerprint adapters 0.1 recorded: a hash of the architecture and a sample of embedding rows.
+
+    It misses weights outside the embeddings (decoder layers, an untied head); kept only to check
+    saves from 0.1 against. Rounded to bf16, so fp32 and bf16 loads agree.
     """
     config = model.config
     shape = {k: getattr(config, k, None) for k in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")}

@@ -12,9 +12,14 @@ from typing import Any
 
 import msgspec
 
+from .checkpoints import CHECKPOINTS
 from .errors import AdaptersError
+from .files import recover_dir
+from .metrics import METRICS
 
 MANIFEST = "adapters.json"
+# What a training run writes into its output beside the save; a save over it keeps them.
+RUN_ENTRIES = (CHECKPOINTS, METRICS, "logs")
 FORMAT_VERSION = 1
 _SECRET_KEYS = ("trust_remote_code", "auto_map")
 
@@ -34,6 +39,11 @@ class Manifest(msgspec.Struct, kw_only=True):
     files: list[str] = msgspec.field(default_factory=list)  # the files written beside the manifest
     versions: dict[str, str] = msgspec.field(default_factory=dict)  # packages and plugins
     training: dict[str, Any] | None = None  # the run's settings, for runs saved by `adapters train`
+    # Where things were on the machine that saved it (``base_path``: a local base's folder), and only there.
+    local: dict[str, str] | None = None
+    # Loaded onto a base with other weights on purpose (--allow-other-base): the base it was trained on
+    # before, as {"base_model": ..., "fingerprint": ...}.
+    other_base: dict[str, str] | None = None
 
     def __getitem__(self, key: str) -> Any:
         # Dict-style reads, as `Loaded.manifest` offered in 0.1.
@@ -50,6 +60,7 @@ def read_manifest(directory: str | Path) -> Manifest:
     """The manifest of a saved directory, checked; unknown keys from newer versions are warned about."""
     directory = Path(directory)
     path = directory / MANIFEST
+    recover_dir(directory, RUN_ENTRIES)  # a save killed between its two renames left the previous one aside
     if not directory.is_dir():
         raise AdaptersError(f"{directory}: not a directory. Give the --output directory of a training run.")
     if not path.exists():
@@ -90,3 +101,13 @@ def _check_raw(raw: dict[str, Any], path: Path) -> None:
     for key in _SECRET_KEYS:
         if key in raw or (isinstance(raw["config"], dict) and key in raw["config"]):
             raise AdaptersError(f"{path}: contains {key!r}, which adapters never honours. Remove it from the file.")
+    files = raw.get("files")
+    if isinstance(files, list):  # names of entries beside the manifest, never paths out of it
+        bad = [f for f in files if isinstance(f, str) and not _plain_name(f)]
+        if bad:
+            raise AdaptersError(f"{path}: files lists {bad[0]!r}, which is not a plain file name in the directory. "
+                                "Re-save the directory.")
+
+
+def _plain_name(name: str) -> bool:
+    return bool(name) and name not in (".", "..") and not any(c in name for c in "/\\\0")

@@ -1,7 +1,8 @@
 """What a training run logs while it runs: ``OUTPUT/metrics.jsonl`` and Accelerate's trackers.
 
 One strict-JSON line per logged step: a value that is not finite is written as null, never as a
-number, with the names of such values under ``"non_finite"``.
+number, with the names of such values under ``"non_finite"``. Something that happened at a step
+(an out-of-memory back-off) is a line of its own with an ``"event"`` key; the trackers get none.
 """
 from __future__ import annotations
 
@@ -32,10 +33,20 @@ class MetricsLog:
         line, bad = clean(values)
         record = {"step": step, **line, **({"non_finite": bad} if bad else {})}
         if self.accelerator.is_main_process:
-            if self.path is not None:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                with self.path.open("a") as f:  # a line at a time: a crash loses at most the last one
-                    f.write(json.dumps(record, allow_nan=False) + "\n")
+            self._write(record)
             if self.trackers:
                 self.accelerator.log({k: v for k, v in line.items() if isinstance(v, (int, float))}, step=step)
         return record
+
+    def event(self, step: int, event: str, **values: Any) -> dict[str, Any]:
+        """Record that ``event`` happened at optimizer step ``step``, in ``metrics.jsonl`` only."""
+        record = {"step": step, "event": event, **clean(values)[0]}
+        if self.accelerator.is_main_process:
+            self._write(record)
+        return record
+
+    def _write(self, record: dict[str, Any]) -> None:
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a") as f:  # a line at a time: a crash loses at most the last one
+                f.write(json.dumps(record, allow_nan=False) + "\n")

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import os
 import shutil
+import struct
 import sys
 import uuid
 from collections.abc import Callable
@@ -124,8 +126,9 @@ def _smollm2_dir() -> Path:
 
         print("Converting SmolLM2-135M from GGUF to a safetensors cache (once; later loads take seconds)",
               file=sys.stderr)
-        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=_SMOLLM2_GGUF)
-        model = AutoModelForCausalLM.from_pretrained(source, gguf_file=_SMOLLM2_GGUF, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=_SMOLLM2_GGUF, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(source, gguf_file=_SMOLLM2_GGUF, dtype=torch.float32,
+                                                     trust_remote_code=False)
         # The GGUF loader dequantizes but leaves a quantization marker that blocks save_pretrained.
         model.hf_quantizer = None
         model.is_quantized = False
@@ -169,7 +172,7 @@ def _random_dir(shape: str) -> Path:
         print(f"Generating random:{shape} once (seed 0) into {cache_dir()}", file=sys.stderr)
         torch.manual_seed(0)
         with torch.device(device), quiet_transformers():  # on a GPU this takes seconds even for 8B
-            model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, trust_remote_code=False)
             model.save_pretrained(tmp)
 
     return _atomic_checkpoint(cache_dir() / f"random-{shape}", generate)
@@ -205,7 +208,10 @@ for _shape in RANDOM_SHAPES:
 
 
 def resolve_model(name: str) -> ModelSpec:
-    """The spec for a model name, a local checkpoint directory, or a hub id."""
+    """The spec for a model name, a local checkpoint directory, or a hub id.
+
+    A local directory is checked here, before transformers reads any of it (`check_checkpoint`).
+    """
     if name in MODELS:
         return MODELS[name]
     if name.startswith("random:"):
@@ -214,9 +220,15 @@ def resolve_model(name: str) -> ModelSpec:
     if path.is_dir():
         if not (path / "config.json").exists():
             raise AdaptersError(f"--model {name}: directory has no config.json. Point it at a transformers checkpoint.")
-        return ModelSpec(name, "local checkpoint", TASKS, lambda: path, lambda: True)
+        tasks = checkpoint_tasks(check_checkpoint(path, name), name)
+        return ModelSpec(name, "local checkpoint", tasks, lambda: _with_weights(path, name), lambda: True)
     if "/" in name and not name.startswith((".", "/")):
-        return ModelSpec(name, "hub model", TASKS, lambda: Path(_download(name)), lambda: False)
+        def download() -> Path:
+            directory = Path(_download(name))
+            check_checkpoint(directory, name)
+            return _with_weights(directory, name)
+
+        return ModelSpec(name, "hub model", TASKS, download, lambda: False)
     raise AdaptersError(
         f"unknown model {name!r}: not a named model nor a local directory. "
         f"Named models: {', '.join(MODELS)}. Run `adapters models` to see which are available."
@@ -225,7 +237,7 @@ def resolve_model(name: str) -> ModelSpec:
 
 def model_config(name: str):
     """A model's transformers config, read without loading or downloading its weights."""
-    from transformers import AutoConfig, LlamaConfig
+    from transformers import LlamaConfig
 
     if name.startswith("random:"):
         return random_config(name.partition(":")[2])
@@ -236,14 +248,181 @@ def model_config(name: str):
         from huggingface_hub import hf_hub_download
 
         try:
-            return AutoConfig.from_pretrained(Path(hf_hub_download(name, "config.json")).parent)
+            directory = Path(hf_hub_download(name, "config.json")).parent
         except Exception as exc:
             raise AdaptersError(f"--model {name}: could not fetch its config.json from the hub ({exc}). "
                                 "Point --model at a local checkpoint directory instead.") from None
-    config = AutoConfig.from_pretrained(spec.locate())
-    if getattr(config, "auto_map", None):
-        raise AdaptersError(f"model {name!r} needs remote code (its config has auto_map); adapters never runs it.")
+        check_no_remote_code(directory, name)
+        return read_config(directory, name)
+    # A local folder's config is read without locating it for loading, which checks its weights too.
+    return read_config(Path(name).expanduser() if spec.description == "local checkpoint" else spec.locate(), name)
+
+
+def read_config(directory: Path, name: str):
+    """The transformers config of a checkpoint directory already checked for remote code."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(directory, trust_remote_code=False)
+    except (ValueError, KeyError, OSError, TypeError) as exc:
+        raise AdaptersError(f"--model {name}: transformers cannot read its config.json "
+                            f"({_first_line(exc)}). Fix or replace the file.") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+# ------------------------------------------------------------------------ checking a local checkpoint
+
+_WEIGHTS = "model.safetensors"
+_WEIGHTS_INDEX = "model.safetensors.index.json"
+_PICKLED = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def check_checkpoint(directory: Path, name: str) -> dict[str, Any]:
+    """Check a local checkpoint's config before transformers reads any of it; returns its config.json.
+
+    Refused, each with a one-line error: a config.json or tokenizer_config.json that is not a JSON
+    object or holds an ``auto_map`` (remote code, which adapters never runs), and a ``model_type`` this
+    transformers does not know. The weights are checked when the checkpoint is located for loading
+    (`weight_files`): planning needs only config.json.
+    """
+    config = check_no_remote_code(directory, name)
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    model_type = config.get("model_type")
+    if model_type not in CONFIG_MAPPING_NAMES:
+        import transformers
+
+        raise AdaptersError(
+            f"--model {name}: config.json has model_type {model_type!r}, which transformers "
+            f"{transformers.__version__} does not know. Use a model that transformers supports natively."
+        )
     return config
+
+
+def check_no_remote_code(directory: Path, name: str) -> dict[str, Any]:
+    """Refuse a checkpoint whose config.json or tokenizer_config.json has an ``auto_map``, read as plain
+    JSON before transformers sees them (transformers would ask on stdin whether to run the code);
+    returns config.json."""
+    config = _read_json(directory / "config.json", name)
+    for path in (directory / "config.json", directory / "tokenizer_config.json"):
+        data = config if path.name == "config.json" else _read_json(path, name) if path.exists() else {}
+        if _has_key(data, "auto_map"):
+            raise AdaptersError(
+                f"--model {name}: {path.name} has an auto_map, so it needs remote code (Python files of its "
+                "own), which adapters never runs. Use a model that transformers supports natively."
+            )
+    return config
+
+
+def _read_json(path: Path, name: str) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise AdaptersError(f"--model {name}: {path.name} is not valid JSON ({_first_line(exc)}). "
+                            "Restore the file from where the model came from.") from None
+    if not isinstance(data, dict):
+        raise AdaptersError(f"--model {name}: {path.name} is not a JSON object. "
+                            "Restore the file from where the model came from.")
+    return data
+
+
+def _has_key(data: Any, key: str) -> bool:
+    if isinstance(data, dict):
+        return key in data or any(_has_key(v, key) for v in data.values())
+    return isinstance(data, list) and any(_has_key(v, key) for v in data)
+
+
+def weight_files(directory: Path, name: str) -> list[Path]:
+    """The safetensors files that hold a checkpoint's weights, each checked to be whole.
+
+    ``model.safetensors``, or the shards that ``model.safetensors.index.json`` names. Pickled
+    weights (``pytorch_model.bin``) are refused: adapters never unpickles.
+    """
+    if not directory.is_dir():
+        raise AdaptersError(f"--model {name}: {directory} is not a checkpoint directory. Point it at one.")
+    if (directory / _WEIGHTS_INDEX).exists():
+        weight_map = _read_json(directory / _WEIGHTS_INDEX, name).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise AdaptersError(f"--model {name}: {_WEIGHTS_INDEX} has no weight_map. "
+                                "Restore the file from where the model came from.")
+        files = sorted({directory / str(f) for f in weight_map.values()})
+    elif (directory / _WEIGHTS).exists():
+        files = [directory / _WEIGHTS]
+    else:
+        pickled = sorted(p.name for p in directory.iterdir() if p.suffix in _PICKLED)
+        if pickled:
+            raise AdaptersError(
+                f"--model {name}: holds only pickled weights ({pickled[0]}), and adapters never unpickles. "
+                "Convert them to safetensors where you trust the file (save_pretrained does by default)."
+            )
+        raise AdaptersError(f"--model {name}: no {_WEIGHTS} in the folder. Add the checkpoint's weights.")
+    for path in files:
+        _check_safetensors(path, name)
+    return files
+
+
+def _check_safetensors(path: Path, name: str) -> None:
+    """A safetensors file's header, and its length against the header's offsets (no tensor is read)."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            head = f.read(8)
+            (header_len,) = struct.unpack("<Q", head) if len(head) == 8 else (size,)
+            if header_len > size - 8:
+                raise ValueError("shorter than its header")
+            header = json.loads(f.read(header_len))
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        if 8 + header_len + end > size:
+            raise ValueError(f"{size} bytes, but its tensors end at byte {8 + header_len + end}")
+    except FileNotFoundError:
+        raise AdaptersError(f"--model {name}: {path.name} is missing. Add the checkpoint's weights.") from None
+    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+        raise AdaptersError(f"--model {name}: {path.name} is truncated or not a safetensors file "
+                            f"({_first_line(exc)}). Copy or download it again.") from None
+
+
+def checkpoint_tasks(config: dict[str, Any], name: str) -> tuple[str, ...]:
+    """The tasks transformers has a model class for, for a checkpoint's config.json; a checkpoint
+    fine-tuned for classification (its ``architectures``) serves that first."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+    )
+
+    mappings = {"causal-lm": MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                "sequence-classification": MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES}
+    tasks = [task for task in TASKS if config.get("model_type") in mappings[task]]
+    if not tasks:
+        raise AdaptersError(f"--model {name}: transformers has no causal-lm or sequence-classification model "
+                            f"for model_type {config.get('model_type')!r}. Use another model.")
+    if set(config.get("architectures") or ()) & set(MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES.values()):
+        tasks.sort(key=lambda task: task != "sequence-classification")
+    return tuple(tasks)
+
+
+def classification_labels(name: str) -> int | None:
+    """How many labels a local checkpoint fine-tuned for sequence classification was trained on;
+    None for any other model (a new head gets the data's labels)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+
+    path = Path(name).expanduser()
+    if name in MODELS or not path.is_dir():
+        return None
+    config = _read_json(path / "config.json", name)
+    if not set(config.get("architectures") or ()) & set(MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES.values()):
+        return None
+    id2label, num_labels = config.get("id2label"), config.get("num_labels", 2)
+    if isinstance(id2label, dict) and id2label:
+        return len(id2label)
+    return num_labels if isinstance(num_labels, int) else None
+
+
+def _with_weights(directory: Path, name: str) -> Path:
+    weight_files(directory, name)
+    return directory
 
 
 def _download(repo_id: str) -> str:

@@ -55,29 +55,63 @@ def freeze(model: torch.nn.Module) -> None:
 
 
 def task_of(model: torch.nn.Module) -> str:
-    """The task a loaded transformers model was built for: "causal-lm" or "sequence-classification"."""
-    names = [cls.__name__ for cls in type(getattr(model, "get_base_model", lambda: model)()).__mro__]
-    if any(n.endswith("ForSequenceClassification") for n in names):
+    """The task a loaded transformers model was built for: "causal-lm" or "sequence-classification".
+
+    Read from transformers' own auto mappings (the class ``AutoModelForCausalLM`` or
+    ``AutoModelForSequenceClassification`` builds for each model type), so GPT-2's
+    ``GPT2LMHeadModel`` is a causal LM like any ``...ForCausalLM``; a subclass counts as its base.
+    """
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+    )
+
+    names = {cls.__name__ for cls in type(getattr(model, "get_base_model", lambda: model)()).__mro__}
+    if names & set(MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES.values()):
         return "sequence-classification"
-    if any(n.endswith("ForCausalLM") for n in names):
+    if names & set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()):
         return "causal-lm"
-    raise ValueError(f"cannot tell the task of {type(model).__name__}")
+    raise ValueError(f"cannot tell the task of {type(model).__name__}: transformers maps no model type to it "
+                     "for causal-lm or sequence-classification")
+
+
+def is_linear(module: torch.nn.Module) -> bool:
+    """A linear layer: torch's (plain or bitsandbytes-quantized), or the transposed ``Conv1D`` of GPT-2."""
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, (torch.nn.Linear, Conv1D))
+
+
+def linear_features(module: torch.nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a linear layer (`is_linear`)."""
+    if isinstance(module, torch.nn.Linear):
+        return module.in_features, module.out_features
+    return module.nx, module.nf  # Conv1D: weight is (in, out)
 
 
 def linear_module_names(model: torch.nn.Module) -> list[str]:
-    """Full names of the linear layers (plain or bitsandbytes-quantized) in ``model``."""
-    return [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
+    """Full names of the linear layers (`is_linear`) in ``model``."""
+    return [name for name, module in model.named_modules() if is_linear(module)]
+
+
+CLASSIFICATION_HEADS = ("score", "classifier")  # what transformers names the head of ...ForSequenceClassification
 
 
 def output_head_name(model: torch.nn.Module) -> str:
-    """Name of the module that maps the final hidden state to logits (lm_head, score, classifier)."""
+    """Name of the module that maps the final hidden state to logits: the LM head (``lm_head``), or a
+    classification head (``score``, ``classifier``), which may be more than one layer (RoBERTa's is a
+    dense layer and ``out_proj``)."""
     if task_of(model) == "causal-lm":
         head = model.get_output_embeddings()
         return next(n for n, m in model.named_modules() if m is head)
-    for name in ("score", "classifier"):
-        if isinstance(getattr(model, name, None), torch.nn.Linear):
+    for name in CLASSIFICATION_HEADS:
+        if isinstance(getattr(model, name, None), torch.nn.Module):
             return name
-    raise ValueError(f"{type(model).__name__} has no linear classification head")
+    raise ValueError(f"{type(model).__name__} has no classification head named {' or '.join(CLASSIFICATION_HEADS)}")
+
+
+def _in_head(name: str, head: str) -> bool:
+    return name == head or name.startswith(head + ".")
 
 
 def _names(target_modules: str | list[str]) -> list[str]:
@@ -99,8 +133,11 @@ def match_targets(model: torch.nn.Module, target_modules: str | list[str], optio
     anything changes. ``option`` is the option's name in that message.
     """
     head = output_head_name(model)
-    linear = [n for n in linear_module_names(model) if n != head]
+    linear = [n for n in linear_module_names(model) if not _in_head(n, head)]
     leaves = sorted({n.rsplit(".", 1)[-1] for n in linear})
+    if not leaves:
+        raise AdaptersError(f"{option}: this model has no linear layer besides its output head. "
+                            "Choose a strategy that does not adapt linear layers.")
     if target_modules == "all-linear":
         return leaves
     wanted = _names(target_modules)
@@ -113,9 +150,11 @@ def match_targets(model: torch.nn.Module, target_modules: str | list[str], optio
     return wanted
 
 
-def targeted_linears(model: torch.nn.Module, targets: list[str]) -> list[tuple[str, torch.nn.Linear]]:
-    """(name, module) of every linear layer that ``targets`` (from `match_targets`) selects."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and matches(n, targets)]
+def targeted_linears(model: torch.nn.Module, targets: list[str]) -> list[tuple[str, torch.nn.Module]]:
+    """(name, module) of every linear layer (`is_linear`) that ``targets`` (from `match_targets`) selects,
+    output head excluded; `linear_features` gives each one's widths."""
+    head = output_head_name(model)
+    return [(n, m) for n, m in model.named_modules() if is_linear(m) and matches(n, targets) and not _in_head(n, head)]
 
 
 def head_parameters(model: torch.nn.Module) -> int:

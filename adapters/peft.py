@@ -7,6 +7,7 @@ loads it) and strict loading come from here.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +18,8 @@ if TYPE_CHECKING:
     import torch
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
+PEFT_CONFIG = "adapter_config.json"
+MODEL_CARD = "README.md"
 PEFT_TASK_TYPES = {"causal-lm": "CAUSAL_LM", "sequence-classification": "SEQ_CLS"}
 
 
@@ -25,6 +28,32 @@ def peft_task_type(model: torch.nn.Module) -> str:
     from .nn import task_of
 
     return PEFT_TASK_TYPES[task_of(model)]
+
+
+def name_base(directory: Path, base_model: torch.nn.Module, name: str) -> None:
+    """Call the base ``name`` in the files PEFT wrote into ``directory``, instead of the path it was loaded from.
+
+    PEFT writes the base's ``name_or_path`` into ``adapter_config.json`` (``base_model_name_or_path``)
+    and into its model card (``README.md``); a local path there tells where the files were on the
+    machine that saved them, and means nothing anywhere else. (PEFT needs the path while it saves, to
+    compare the vocabulary with the base's own config, so the files are renamed afterwards.)
+    """
+    from .files import write_atomic, write_json
+
+    config = directory / PEFT_CONFIG
+    if config.exists():
+        data = json.loads(config.read_text())
+        if isinstance(data, dict) and data.get("base_model_name_or_path"):
+            write_json(config, {**data, "base_model_name_or_path": name})
+    card = directory / MODEL_CARD
+    hf_config = getattr(base_model, "config", None)
+    known = (getattr(hf_config, "_name_or_path", None), getattr(base_model, "name_or_path", None))
+    paths = sorted({str(p) for p in known if p and str(p) != name}, key=len, reverse=True)  # longest first
+    if card.exists() and paths:
+        text = card.read_text()
+        for path in paths:
+            text = text.replace(path, name)
+        write_atomic(card, text)
 
 
 def save_peft(model: torch.nn.Module, directory: Path) -> None:
@@ -69,7 +98,12 @@ class PeftStrategy(StrategyBase):
     def apply(self, model: torch.nn.Module, config: Any) -> torch.nn.Module:
         from peft import get_peft_model
 
-        return get_peft_model(model, self.peft_config(model, config))
+        peft_config = self.peft_config(model, config)
+        try:
+            return get_peft_model(model, peft_config)
+        except ValueError as exc:  # PEFT's word on modules it cannot adapt (checked on the weightless model first)
+            raise AdaptersError(f"strategy {self.name!r} cannot apply to {type(model).__name__}: {exc} "
+                                "Choose other --set target_modules=..., or another strategy.") from None
 
     def save(self, model: torch.nn.Module, directory: Path, config: Any) -> None:
         save_peft(model, directory)

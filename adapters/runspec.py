@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .contract import LR_SCHEDULERS, QUANTIZATIONS, Strategy, traits
+from .contract import LR_SCHEDULERS, QUANTIZATIONS, RefusesModels, Strategy, traits
 from .errors import AdaptersError
 from .options import build_config, read_toml, settings_values
 
@@ -55,6 +55,7 @@ class RunSpec:
     output: str | None = None
     overwrite: bool = False
     resume: bool = False  # continue from the newest complete checkpoint in `output`
+    allow_other_base: bool = False  # resume onto a base whose weights differ from the checkpoint's
     options: dict[str, Any] = field(default_factory=dict)  # strategy options, checked against its config
 
     def to_dict(self) -> dict[str, Any]:
@@ -136,8 +137,11 @@ class StrategyRefused(AdaptersError):
 
 
 def check_supported(strategy: Strategy, quantization: str, task: str, gradient_checkpointing: bool,
-                    registry: Registry) -> None:
-    """Raise `StrategyRefused` for anything ``strategy`` declares it cannot do."""
+                    registry: Registry, model_config: Any = None) -> None:
+    """Raise `StrategyRefused` for anything ``strategy`` declares it cannot do, the model whose
+    transformers config is ``model_config`` included (`RefusesModels`)."""
+    model_refusal = strategy.refuses_model(model_config) if (
+        model_config is not None and isinstance(strategy, RefusesModels)) else None
     if quantization not in strategy.supported_quantization:
         others = [e.strategy.name for e in registry.entries() if quantization in e.strategy.supported_quantization]
         message = (f"strategy {strategy.name!r} cannot train on a {quantization}-quantized base "
@@ -148,6 +152,9 @@ def check_supported(strategy: Strategy, quantization: str, task: str, gradient_c
                    f"(it supports: {', '.join(sorted(strategy.supported_tasks))}). Choose another strategy or task.")
     elif gradient_checkpointing and not traits(strategy).supports_gradient_checkpointing:
         message = f"strategy {strategy.name!r} cannot be combined with --gradient-checkpointing. Drop that flag."
+    elif model_refusal:
+        message = (f"strategy {strategy.name!r} cannot apply to {getattr(model_config, 'model_type', 'this')} "
+                   f"models: {model_refusal.rstrip('.')}. Choose another strategy or model.")
     else:
         return
     raise StrategyRefused(message, strategy, quantization)
@@ -162,7 +169,7 @@ def resolve(spec: RunSpec, *, data: bool = True) -> Run:
     """
     from . import data as datasets
     from .host import get_registry
-    from .models import check_model_task, resolve_model
+    from .models import check_model_task, model_config, resolve_model
 
     registry = get_registry()
     name, quantization = split_strategy(spec.strategy, spec.quantization)
@@ -173,13 +180,33 @@ def resolve(spec: RunSpec, *, data: bool = True) -> Run:
     config = build_config(strategy.config_class, spec.options, strategy.name)
     check_at_least(1, max_steps=spec.max_steps, batch_size=spec.batch_size, seq_len=spec.seq_len,
                    gradient_accumulation_steps=spec.gradient_accumulation_steps)
+    check_at_least(0, eval_batches=spec.eval_batches, seed=spec.seed)  # 0 batches: the held-out loss is not measured
+    if spec.seed >= 2**32:  # what torch, numpy and random all accept
+        raise AdaptersError(f"--seed must be below 2**32 ({2**32}), not {spec.seed}.")
     model = resolve_model(spec.model)
     task = check_model_task(model, spec.task)
-    check_supported(strategy, quantization, task, spec.gradient_checkpointing, registry)
+    hf_config = model_config(spec.model)
+    check_supported(strategy, quantization, task, spec.gradient_checkpointing, registry, hf_config)
     optimization = _optimization(spec, strategy)
     _check_run_outputs(spec)
     dataset = datasets.load_dataset(spec.data, task) if data else None
+    if dataset is not None:
+        _check_model_fits(spec.model, strategy, config, hf_config, task, dataset.labels)
     return Run(spec, strategy, entry.plugin, config, quantization, task, model, dataset, **optimization)
+
+
+def _check_model_fits(name: str, strategy: Strategy, config: Any, hf_config: Any, task: str,
+                      labels: list[str]) -> None:
+    """For a run about to train on its data, what only the model can tell, still before any weight
+    loads: a classification checkpoint must have the data's labels, and the strategy must apply to
+    the model's weightless skeleton (`adapters.plan.skeleton.check_applies`), so that target_modules
+    matching nothing fail here. (Plan estimates from the skeleton itself; bench's workers train.)"""
+    from .loading import check_labels
+    from .plan.skeleton import check_applies
+
+    if task == "sequence-classification":
+        check_labels(name, labels)
+    check_applies(strategy, config, hf_config, task, len(labels) or 2)
 
 
 def _optimization(spec: RunSpec, strategy: Strategy) -> dict[str, Any]:
@@ -187,7 +214,8 @@ def _optimization(spec: RunSpec, strategy: Strategy) -> dict[str, Any]:
     declared = traits(strategy)
     lr = declared.default_learning_rate if spec.learning_rate is None else spec.learning_rate
     if not (math.isfinite(lr) and lr > 0):
-        raise AdaptersError(f"--learning-rate {lr}: must be a positive number, e.g. --learning-rate 1e-4.")
+        raise AdaptersError(f"--learning-rate {lr}: must be a positive number (0 would train nothing), "
+                            "e.g. --learning-rate 1e-4.")
     scheduler = spec.lr_scheduler or declared.default_lr_scheduler
     if scheduler not in LR_SCHEDULERS:
         raise AdaptersError(f"--lr-scheduler {scheduler}: use one of {', '.join(LR_SCHEDULERS)}.")

@@ -5,8 +5,29 @@ prepare, accumulate, backward, clip, step the optimizer and the learning-rate sc
 (``transformers.get_scheduler``). Along the way it logs ``OUTPUT/metrics.jsonl`` and Accelerate's
 trackers, evaluates the held-out split every ``eval_every`` steps, and writes a checkpoint every
 ``save_every`` steps (`adapters.checkpoints`). A first SIGINT or SIGTERM ends the run after the
-current step with a checkpoint; a non-finite loss ends it as failed, keeping the last good
-checkpoint. Losses stay on the device between logging steps: no host synchronisation per step.
+current step with a checkpoint. Losses stay on the device between logging steps: no host
+synchronisation per step.
+
+A run ends as failed, naming what and where, and saves nothing (its last good checkpoint and any
+earlier save in its output stay) when a loss, the gradient norm or a trainable weight stops being
+finite (checked at each logging step), when a trainable weight is not finite at the end, or when a
+held-out metric after training is not finite. A metric that was not measured (``eval_batches``
+0) is None, never 0.
+
+Out of memory in a training step: the step is tried again with half the micro-batch and twice the
+accumulation, which keeps the effective batch and the data: the loader still draws batches of
+``batch_size`` in the same order, and the step splits each into pieces (`optimizer_step`), so
+every optimizer step sees the same examples as without the back-off. Each back-off is recorded in
+the result, as an ``"event": "oom_backoff"`` line of ``metrics.jsonl`` and in the manifest's
+``training`` (``batch_size`` and ``gradient_accumulation_steps`` as the run ended with them,
+``requested_batch_size``, ``requested_gradient_accumulation_steps`` and ``oom_backoffs``). When
+even a micro-batch of 1 does not fit, the run ends as failed. Checkpoints record the micro-batch
+and the back-offs, so a resumed run goes on with the micro-batch that fitted. Held-out evaluation
+keeps batches of ``batch_size``. In a data-parallel run each process backs off on its own; they
+are not coordinated.
+
+Precision: see `adapters.training` (float32 master weights under bf16 autocast on a GPU); the
+manifest's ``training["precision"]`` records it.
 
 ``accelerate launch --multi_gpu -m adapters train`` on GPUs, or ``torchrun --nproc_per_node N -m
 adapters train`` on the CPU, runs it data-parallel unchanged: one process saves and reports.
@@ -14,6 +35,7 @@ adapters train`` on the CPU, runs it data-parallel unchanged: one process saves 
 from __future__ import annotations
 
 import dataclasses
+import gc
 import math
 import shutil
 import time
@@ -26,18 +48,31 @@ from typing import Any
 import torch
 
 from . import checkpoints
-from .errors import AdaptersError, NothingKept
+from .contract import SavesOwnFormat
+from .errors import AdaptersError, NothingKept, OutOfMemoryBackoff
 from .host import distribution_of
 from .interrupts import graceful_stop
 from .loading import BaseModel
-from .metrics import METRICS, MetricsLog
+from .manifest import RUN_ENTRIES, read_manifest
+from .metrics import MetricsLog, clean
 from .nn import ParameterCount, count_parameters
 from .runspec import Run, RunSpec, resolve
-from .store import restore, save
-from .training import build, evaluate, load_base, make_accelerator, make_batches, optimized, training_step
+from .store import check_base, load_trainable, restore, save
+from .training import (
+    apply_strategy,
+    evaluate,
+    is_out_of_memory,
+    keep_float32_trainable,
+    load_base,
+    make_accelerator,
+    make_batches,
+    optimizer_step,
+    restore_dtypes,
+    trainable_dtypes,
+)
 
 # What a run writes into its output besides the final save; kept when the final save replaces it.
-RUN_FILES = (checkpoints.CHECKPOINTS, METRICS, "logs")
+RUN_FILES = RUN_ENTRIES
 COMPLETED, INTERRUPTED, FAILED = "completed", "interrupted", "failed"
 
 
@@ -63,16 +98,24 @@ class TrainResult:
     resume_command: str | None = None  # how to continue an interrupted run
     trained: torch.nn.Module | None = field(default=None, repr=False)  # the model, still in memory
     base: BaseModel | None = field(default=None, repr=False)
+    batch_size: int | None = None  # the micro-batch the run ended with: smaller after out-of-memory back-offs
+    gradient_accumulation_steps: int | None = None  # ... and the accumulation that keeps the effective batch
+    backoffs: list[dict[str, Any]] = field(default_factory=list)  # each out-of-memory back-off, in order
+    # base_dtype: the frozen weights'; trainable_dtype: the trained weights' while training; master_weights: the
+    # dtypes the strategy gave the weights kept as float32 master weights (rounded back to them at the end); autocast.
+    precision: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
-        """What `adapters train --json` prints."""
+        """What `adapters train --json` prints: strict JSON, a non-finite metric as null."""
         return {
             "status": self.status, "reason": self.reason,
             "strategy": self.strategy, "model": self.model, "quantization": self.quantization,
             "task": self.task, "steps": self.steps,
             "trainable_parameters": self.parameters.trainable, "total_parameters": self.parameters.total,
-            "heldout_before": self.before, "heldout_after": self.after,
+            "heldout_before": clean(self.before)[0], "heldout_after": clean(self.after)[0],
             "tokens_per_s": round(self.tokens_per_s, 1), "seconds": round(self.seconds, 2),
+            "batch_size": self.batch_size, "gradient_accumulation_steps": self.gradient_accumulation_steps,
+            "oom_backoffs": self.backoffs, "precision": self.precision,
             "processes": self.processes, "output": str(self.output) if self.output else None,
             "checkpoints": [str(c) for c in self.checkpoints], "resume_command": self.resume_command,
         }
@@ -88,15 +131,14 @@ def train(spec: RunSpec, progress: bool = True, stop: Callable[[int], bool] | No
     s = run.spec
     if s.output and s.overwrite and not s.resume:
         _clear_run_files(Path(s.output))
-    accelerator = make_accelerator(s.gradient_accumulation_steps, s.report_to,
-                                   Path(s.output) / "logs" if s.output else None)
+    accelerator = make_accelerator(s.report_to, Path(s.output) / "logs" if s.output else None)
     resume_from = checkpoints.latest_checkpoint(s.output) if s.resume else None
     position = checkpoints.read(resume_from)[0] if resume_from is not None else None
-    base, model = _model(run, accelerator.device, resume_from, position)
+    model = _model(run, accelerator, resume_from, position)
     if not s.output:  # said once the model is ready, before the first step
         warnings.warn("no --output, so nothing of this run will be kept: give --output DIR to save the weights, "
                       "checkpoints and metrics.", NothingKept, stacklevel=2)
-    loop = _Loop(run, accelerator, base, model)
+    loop = _Loop(run, accelerator, model)
     if resume_from is not None:
         loop.resume(resume_from, position)
     with graceful_stop(announce=progress and accelerator.is_local_main_process) as request:
@@ -114,36 +156,69 @@ def _clear_run_files(output: Path) -> None:
             path.unlink()
 
 
-def _model(run: Run, device: torch.device, checkpoint: Path | None,
-           position: checkpoints.Position | None) -> tuple[BaseModel, torch.nn.Module]:
+@dataclass
+class _Model:
+    """The base, the model to train, and the precision it trains in."""
+
+    base: BaseModel
+    model: torch.nn.Module
+    dtypes: dict[str, torch.dtype]  # the strategy's dtype of each weight that trains as a float32 master weight
+    precision: dict[str, Any]
+    other_base: dict[str, str] | None = None  # resumed onto other weights (--allow-other-base)
+
+
+def _model(run: Run, accelerator, checkpoint: Path | None, position: checkpoints.Position | None) -> _Model:
     """The base and the model to train: freshly applied, or restored from a checkpoint's weights."""
+    base = load_base(run, accelerator.device)
+    base_dtype = str(base.model.dtype).removeprefix("torch.")
+    other_base = None
     if checkpoint is None or position is None:
-        base, model, _ = build(run, device)
-        return base, model
-    base = load_base(run, device)
-    model = restore(run.strategy, base.model, checkpoint / checkpoints.MODEL, run.config)
-    if _trainable(model) != position.trainable:  # e.g. PEFT's prefix with projection saves only what inference uses
-        raise AdaptersError(f"{checkpoint}: strategy {run.strategy.name!r} restores other trainable weights than "
-                            "the run trained (it saves these options for inference), so this run cannot be resumed. "
-                            "Start it again without --resume.")
-    return base, model
+        model, _, dtypes = apply_strategy(run, base)
+    else:
+        saved = checkpoint / checkpoints.MODEL
+        other_base = check_base(saved, read_manifest(saved), base, run.spec.allow_other_base)
+        model = restore(run.strategy, base.model, saved, run.config)
+        dtypes = keep_float32_trainable(model)
+        if dtypes and not isinstance(run.strategy, SavesOwnFormat):
+            # The checkpoint holds the float32 master weights; restoring went through the strategy's dtype.
+            load_trainable(model, checkpoint / checkpoints.MODEL)
+        if _trainable(model) != position.trainable:  # e.g. PEFT's prefix with projection saves only what inference uses
+            raise AdaptersError(f"{checkpoint}: strategy {run.strategy.name!r} restores other trainable weights "
+                                "than the run trained (it saves these options for inference), so this run cannot "
+                                "be resumed. Start it again without --resume.")
+    precision = {"base_dtype": base_dtype, "trainable_dtype": trainable_dtypes(model),
+                 "master_weights": sorted({str(d).removeprefix("torch.") for d in dtypes.values()}),
+                 "autocast": None if accelerator.mixed_precision == "no" else accelerator.mixed_precision}
+    return _Model(base, model, dtypes, precision, other_base)
 
 
 def _trainable(model: torch.nn.Module) -> dict[str, list[int]]:
     return {name: list(p.shape) for name, p in model.named_parameters() if p.requires_grad}
 
 
+def _non_finite_weight(model: torch.nn.Module) -> str | None:
+    """The name of the first trainable weight holding a NaN or an infinity, or None (one host synchronisation)."""
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        return None
+    finite = [torch.isfinite(p).all() for _, p in named]
+    finite = torch.stack([f.to(finite[0].device) for f in finite])
+    return None if bool(finite.all()) else named[int((~finite).nonzero()[0])][0]
+
+
 class _Loop:
     """One run's state between the steps: what is prepared, where it is, what it logged."""
 
-    def __init__(self, run: Run, accelerator, base: BaseModel, model: torch.nn.Module) -> None:
+    def __init__(self, run: Run, accelerator, built: _Model) -> None:
         from transformers import get_scheduler
 
         s = self.spec = run.spec
-        self.run, self.accelerator, self.base = run, accelerator, base
+        model = built.model
+        self.run, self.accelerator, self.base = run, accelerator, built.base
+        self.dtypes, self.precision, self.other_base = built.dtypes, built.precision, built.other_base
         self.parameters = count_parameters(model)
-        train_set = make_batches(run.dataset.train, base, s.seq_len, "train")
-        eval_set = make_batches(run.dataset.heldout, base, s.seq_len, "held-out")
+        train_set = make_batches(run.dataset.train, self.base, s.seq_len, "train")
+        eval_set = make_batches(run.dataset.heldout, self.base, s.seq_len, "held-out")
         # Loaders draw their workers' seeds from their own generators, never from the global one that
         # dropout uses, so where a run is resumed does not change its random numbers.
         train_loader = torch.utils.data.DataLoader(train_set, batch_size=s.batch_size, shuffle=True,
@@ -165,9 +240,12 @@ class _Loop:
         accelerator.register_load_state_pre_hook(lambda models, input_dir: models.clear())
         self.position = checkpoints.Position(step=0, epoch=0, batch=0, tokens=0, seconds=0.0, losses=[],
                                              trainable=_trainable(model))
-        self.before: dict[str, float] = {}
+        self.before: dict[str, float | None] = {}
         self.written: list[Path] = []
         self.status, self.reason = COMPLETED, None
+        # Out-of-memory back-offs: the micro-batch each loaded batch is split into, and the steps it takes.
+        self.micro_batch, self.accumulation = s.batch_size, s.gradient_accumulation_steps
+        self.backoffs: list[dict[str, Any]] = []
         self.metrics = MetricsLog(s.output, accelerator, bool(s.report_to))
         if s.report_to:
             accelerator.init_trackers(f"adapters-{run.strategy.name}", config=_flat(s))
@@ -176,8 +254,16 @@ class _Loop:
         self.accelerator.load_state(str(checkpoint))
         self.position = position
         self.before = position.before
+        if position.micro_batch is not None:  # go on with the micro-batch that fitted
+            self._set_micro_batch(position.micro_batch)
+        self.backoffs = list(position.backoffs)
 
-    def evaluate(self) -> dict[str, float]:
+    def _set_micro_batch(self, rows: int) -> None:
+        s = self.spec
+        self.micro_batch = rows
+        self.accumulation = s.gradient_accumulation_steps * math.ceil(s.batch_size / rows)
+
+    def evaluate(self) -> dict[str, float | None]:
         return evaluate(self.model, self.eval_loader, self.run.task, self.accelerator, self.spec.eval_batches)
 
     def train(self, stop: Callable[[int], bool], progress: bool) -> None:
@@ -185,7 +271,8 @@ class _Loop:
 
         s, p = self.spec, self.position
         if not self.before:
-            self.before = p.before = self.evaluate()
+            self.before = self.evaluate()
+            p.before = clean(self.before)[0]
         self.model.train()
         bar = tqdm(total=s.max_steps, initial=p.step, desc=f"train {self.run.strategy.name}", unit="step",
                    disable=not progress or not self.accelerator.is_local_main_process)
@@ -196,13 +283,13 @@ class _Loop:
         start = time.perf_counter() - p.seconds
         try:
             while p.step < s.max_steps:
-                step_loss = torch.zeros((), device=self.accelerator.device)
-                for _ in range(s.gradient_accumulation_steps):
-                    batch = next(batches)
-                    loss, norm = training_step(self.model, batch, self.optimizer, self.accelerator, p.step + 1,
-                                               self.scheduler, self.run.max_grad_norm, check_finite=False)
-                    step_loss += loss / s.gradient_accumulation_steps
-                    grad_norm = norm if norm is not None else grad_norm
+                step_batches = [next(batches) for _ in range(s.gradient_accumulation_steps)]
+                done = self._step(step_batches)
+                if done is None:
+                    return  # failed: out of memory even with a micro-batch of 1
+                step_loss, norm = done
+                grad_norm = norm if norm is not None else grad_norm
+                for batch in step_batches:
                     tokens += _tokens(batch)
                 p.step += 1
                 pending.append(step_loss)
@@ -212,7 +299,7 @@ class _Loop:
                 if saving or _due(p.step, s.log_every) or _due(p.step, s.eval_every) or p.step == s.max_steps:
                     p.seconds = time.perf_counter() - start
                     if not self._log(pending, tokens, grad_norm, bar):
-                        return  # failed: a non-finite loss; the last good checkpoint stays
+                        return  # failed: something not finite; the last good checkpoint stays
                     pending = []
                 if saving:
                     self._checkpoint()
@@ -221,6 +308,49 @@ class _Loop:
                     return
         finally:
             bar.close()
+
+    def _step(self, batches: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """One optimizer step; after an out-of-memory error, again with half the micro-batch. None when
+        even a micro-batch of 1 does not fit (the run has then failed)."""
+        while True:
+            try:
+                return optimizer_step(self.model, batches, self.optimizer, self.accelerator, self.scheduler,
+                                      self.run.max_grad_norm, self.micro_batch)
+            except RuntimeError as exc:  # torch.OutOfMemoryError is one
+                if not is_out_of_memory(exc):
+                    raise
+                error = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            # Out of the handler, the traceback and the tensors its frames held are gone.
+            self.optimizer.zero_grad(set_to_none=True)  # the failed try's partial gradients
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if not self._back_off(error):
+                return None
+
+    def _back_off(self, error: str) -> bool:
+        """Halve the micro-batch and record it; False (the run has failed) when it is already 1."""
+        s, step = self.spec, self.position.step + 1
+        if self.micro_batch == 1:
+            self.status = FAILED
+            self.reason = (f"out of memory at step {step} even with a micro-batch of 1 ({error}); stopped there and "
+                           "kept the last good checkpoint. Lower --seq-len, add --gradient-checkpointing, or "
+                           "choose a strategy that trains fewer weights.")
+            self.metrics.event(step, "out_of_memory", batch_size=self.micro_batch, status=FAILED, error=error)
+            return False
+        previous = {"from_batch_size": self.micro_batch, "from_gradient_accumulation_steps": self.accumulation}
+        self._set_micro_batch(math.ceil(self.micro_batch / 2))
+        record = {"step": step, "batch_size": self.micro_batch, "gradient_accumulation_steps": self.accumulation,
+                  **previous, "error": error}
+        self.backoffs.append(record)
+        self.position.micro_batch, self.position.backoffs = self.micro_batch, list(self.backoffs)  # for a resume
+        self.metrics.event(step, "oom_backoff", **{k: v for k, v in record.items() if k != "step"})
+        if self.accelerator.is_local_main_process:
+            warnings.warn(f"out of memory at step {step}: trying again with micro-batch {self.micro_batch} x "
+                          f"{self.accumulation} accumulation steps (was {previous['from_batch_size']} x "
+                          f"{previous['from_gradient_accumulation_steps']}); the effective batch stays "
+                          f"{s.batch_size * s.gradient_accumulation_steps}.", OutOfMemoryBackoff, stacklevel=2)
+        return True
 
     def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
         """Micro-batches from where the position says, epoch after epoch; the position follows."""
@@ -235,8 +365,13 @@ class _Loop:
                 yield batch
             p.epoch, p.batch = p.epoch + 1, 0
 
+    def _fail(self, what: str) -> None:
+        self.status = FAILED
+        self.reason = (f"{what}; stopped there and saved nothing (the last good checkpoint and any earlier save "
+                       "stay). Lower --learning-rate, or check the data.")
+
     def _log(self, pending: list[torch.Tensor], tokens: torch.Tensor, grad_norm, bar) -> bool:
-        """One line of metrics (and an evaluation when due); False when a loss was not finite."""
+        """One line of metrics (and an evaluation when due); False when something was not finite."""
         p = self.position
         losses = torch.stack(pending).tolist()  # the one host synchronisation of the interval
         p.losses += [v if math.isfinite(v) else None for v in losses]
@@ -249,19 +384,18 @@ class _Loop:
             what = f"the loss became {losses[bad]} at step {p.step - len(losses) + bad + 1}"
         elif values["grad_norm"] is not None and not math.isfinite(values["grad_norm"]):
             what = f"the gradient norm became {values['grad_norm']} at step {p.step}"
-        elif not all(bool(torch.isfinite(w).all()) for w in optimized(self.optimizer)):
-            what = f"a trainable weight became non-finite by step {p.step}"
+        elif (name := _non_finite_weight(self.accelerator.unwrap_model(self.model))) is not None:
+            what = f"the trainable weight {name} became non-finite by step {p.step}"
+        elif _due(p.step, self.spec.eval_every):
+            values.update({f"eval_{k}": v for k, v in self.evaluate().items()})
+            self.model.train()
+            what = _non_finite_metric(values, "eval_", f"at step {p.step}")
         else:
             what = None
         if what is not None:
-            self.status = FAILED
-            self.reason = f"{what}; stopped there and kept the last good checkpoint. Lower --learning-rate, or " \
-                          "check the data."
+            self._fail(what)
             self.metrics.log(p.step, **values, status=FAILED)
             return False
-        if _due(p.step, self.spec.eval_every):
-            values.update({f"eval_{k}": v for k, v in self.evaluate().items()})
-            self.model.train()
         self.metrics.log(p.step, **values)
         bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{values['learning_rate']:.2e}",
                         tok_s=f"{values['tokens_per_s'] or 0:,.0f}")
@@ -275,7 +409,7 @@ class _Loop:
         if accelerator.is_main_process:
             def save_model(directory: Path) -> None:
                 save(accelerator.unwrap_model(self.model), directory, strategy=run.strategy, config=run.config,
-                     base=self.base, plugin_versions=dict([distribution_of(run.plugin)]))
+                     base=self.base, plugin_versions=dict([distribution_of(run.plugin)]), other_base=self.other_base)
 
             self.written.append(checkpoints.write(s.output, self.position, s, save_model,
                                                   lambda d: accelerator.save_state(str(d)), s.keep_checkpoints))
@@ -283,11 +417,22 @@ class _Loop:
 
     def finish(self) -> TrainResult:
         s, run, p, accelerator = self.spec, self.run, self.position, self.accelerator
-        after: dict[str, float | None] = {k: None for k in self.before}
+        model = accelerator.unwrap_model(self.model)
+        after: dict[str, float | None] = dict.fromkeys(self.before)
         output = None
         if self.status == COMPLETED:
-            after = self.evaluate()
-            output = self._final_save()
+            # The result in the dtypes the strategy gave it (what adapters.load gives back), then checked.
+            restore_dtypes(model, self.dtypes)
+            if (name := _non_finite_weight(model)) is not None:
+                self._fail(f"the trainable weight {name} is not finite at the end, after step {p.step}")
+            else:
+                after = self.evaluate()
+                if (what := _non_finite_metric(after, "", f"after step {p.step}")) is not None:
+                    self._fail(what)
+            if self.status == COMPLETED:
+                output = self._final_save()
+            else:
+                self.metrics.log(p.step, **{f"eval_{k}": v for k, v in after.items()}, status=FAILED)
         if s.report_to:
             accelerator.end_training()
         resume = f"adapters train --resume {s.output}" if self.status == INTERRUPTED and s.output else None
@@ -295,20 +440,35 @@ class _Loop:
             run.strategy.name, s.model, run.quantization, run.task, p.step, self.parameters, self.before, after,
             p.losses, p.tokens / p.seconds if p.seconds else 0.0, p.seconds, output,
             accelerator.num_processes, accelerator.is_main_process, self.status, self.reason,
-            [c for c in self.written if c.exists()], resume, accelerator.unwrap_model(self.model), self.base)
+            [c for c in self.written if c.exists()], resume, model, self.base,
+            batch_size=self.micro_batch, gradient_accumulation_steps=self.accumulation,
+            backoffs=list(self.backoffs), precision=dict(self.precision))
 
     def _final_save(self) -> Path | None:
         s, run = self.spec, self.run
         self.accelerator.wait_for_everyone()
         if not s.output or not self.accelerator.is_main_process:
             return None
-        training = {**{k: v for k, v in dataclasses.asdict(s).items() if k not in ("output", "overwrite", "resume")},
+        training = {**{k: v for k, v in dataclasses.asdict(s).items()
+                       if k not in ("output", "overwrite", "resume", "allow_other_base")},
                     "quantization": run.quantization, "task": run.task, "learning_rate": run.learning_rate,
-                    "lr_scheduler": run.lr_scheduler, "warmup_steps": run.warmup_steps}
+                    "lr_scheduler": run.lr_scheduler, "warmup_steps": run.warmup_steps,
+                    # The batch as the run ended with it, after any out-of-memory back-off.
+                    "batch_size": self.micro_batch, "gradient_accumulation_steps": self.accumulation,
+                    "requested_batch_size": s.batch_size,
+                    "requested_gradient_accumulation_steps": s.gradient_accumulation_steps,
+                    "oom_backoffs": list(self.backoffs), "precision": dict(self.precision)}
         # The run made this directory (or was allowed to replace it): replace it, keeping its checkpoints.
         return save(self.accelerator.unwrap_model(self.model), s.output, strategy=run.strategy, config=run.config,
                     base=self.base, overwrite=True, plugin_versions=dict([distribution_of(run.plugin)]),
-                    training=training, keep=RUN_FILES)
+                    training=training, keep=RUN_FILES, other_base=self.other_base)
+
+
+def _non_finite_metric(values: dict[str, Any], prefix: str, where: str) -> str | None:
+    """What held-out metric in ``values`` (named ``prefix``...) is not finite, said with ``where``."""
+    bad = next(((k, v) for k, v in values.items()
+                if k.startswith(prefix) and isinstance(v, float) and not math.isfinite(v)), None)
+    return None if bad is None else f"the held-out {bad[0].removeprefix(prefix)} became {bad[1]} {where}"
 
 
 def _due(step: int, every: int | None) -> bool:

@@ -1,7 +1,20 @@
 """The pieces of a training run that train, bench and the kit share: the Accelerator, loading the
-base and applying the strategy, tokenized batches, one training step, held-out evaluation.
+base and applying the strategy, tokenized batches, one optimizer step, held-out evaluation.
 
 `adapters.trainer.train` puts them together into the loop.
+
+Precision: on a GPU the base is loaded in bf16 and computes under bf16 autocast, but the weights a
+strategy trains are kept in float32 (`keep_float32_trainable`, called by `build`): master weights,
+so that updates smaller than bf16's resolution (about 1/128 of a weight's size; a learning rate of
+1e-5 gives far smaller ones) accumulate instead of rounding away. This is the usual mixed-precision
+recipe, rather than pure bf16 training. It costs memory where a strategy trains weights of the
+base itself (full fine-tuning, a probe's head, norms): 4 bytes a weight instead of 2, and the same
+again for their gradients and for each of AdamW's two moments, which follow the weights' dtype.
+LoRA's adapter weights are float32 already (PEFT keeps them so), so nothing changes for them. A
+completed run rounds the master weights back to the dtype the strategy gave them (`restore_dtypes`)
+before its final evaluation and save, so the result is what ``adapters.load`` gives back;
+checkpoints keep them in float32, so a resumed run continues from them exactly. On the CPU the base
+is float32 and nothing changes.
 """
 from __future__ import annotations
 
@@ -69,8 +82,15 @@ def _tokens(batch: dict[str, torch.Tensor]) -> int:
 
 
 @torch.no_grad()
-def evaluate(model, loader, task: str, accelerator, max_batches: int) -> dict[str, float]:
-    """Held-out loss and perplexity (causal-lm) or loss and accuracy (classification)."""
+def evaluate(model, loader, task: str, accelerator, max_batches: int) -> dict[str, float | None]:
+    """Held-out loss and perplexity (causal-lm) or loss and accuracy (classification).
+
+    Each is None when nothing was measured (``max_batches`` 0), never 0. A value may be NaN or
+    infinite; the caller decides what that means.
+    """
+    names = ("loss", "perplexity") if task == "causal-lm" else ("loss", "accuracy")
+    if max_batches < 1:
+        return dict.fromkeys(names)
     was_training = model.training
     model.eval()
     total_loss = total_weight = correct = count = 0.0
@@ -87,22 +107,25 @@ def evaluate(model, loader, task: str, accelerator, max_batches: int) -> dict[st
             correct += float((pred == gold).sum())
             count += pred.numel()
     model.train(was_training)
-    mean = total_loss / max(total_weight, 1.0)
+    if not total_weight:  # an empty held-out split
+        return dict.fromkeys(names)
+    mean = total_loss / total_weight
     if task == "causal-lm":
-        return {"loss": mean, "perplexity": math.exp(min(mean, 700.0))}
+        return {"loss": mean, "perplexity": math.exp(min(mean, 700.0)) if math.isfinite(mean) else mean}
     return {"loss": mean, "accuracy": correct / max(count, 1.0)}
 
 
-def make_accelerator(gradient_accumulation_steps: int = 1, log_with: list[str] | None = None,
-                     project_dir: str | Path | None = None):
-    """bf16 mixed precision on GPU, full precision on the CPU; ``log_with`` names Accelerate's trackers."""
+def make_accelerator(log_with: list[str] | None = None, project_dir: str | Path | None = None):
+    """bf16 mixed precision on GPU, full precision on the CPU; ``log_with`` names Accelerate's trackers.
+
+    Gradient accumulation is `optimizer_step`'s, not Accelerate's: its losses are never divided again.
+    """
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration
 
     cuda = torch.cuda.is_available()
     return Accelerator(
         mixed_precision="bf16" if cuda else "no",
-        gradient_accumulation_steps=gradient_accumulation_steps,
         cpu=not cuda,  # without it, processes started by torchrun on a CPU machine would not join one group
         # Each epoch's order follows from the seed and the epoch alone, so a resumed run can find its place.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
@@ -126,17 +149,53 @@ def load_base(run: Run, device: torch.device) -> BaseModel:
 
 
 def build(run: Run, device: torch.device) -> tuple[BaseModel, torch.nn.Module, int | None]:
-    """Load the base for ``run`` (`load_base`) and apply its strategy.
+    """Load the base for ``run`` (`load_base`) and apply its strategy (`apply_strategy`).
 
     Returns the base, the model to train, and the trainable count the strategy declared for this
     base before applying (None when it declares none).
     """
     base = load_base(run, device)
+    model, declared, _ = apply_strategy(run, base)
+    return base, model, declared
+
+
+def apply_strategy(run: Run, base: BaseModel) -> tuple[torch.nn.Module, int | None, dict[str, torch.dtype]]:
+    """Apply ``run``'s strategy to ``base`` and keep what it trains as float32 master weights.
+
+    Returns the model, the trainable count the strategy declared (None when it declares none), and
+    the dtypes the strategy gave the weights that became float32 (`keep_float32_trainable`).
+    """
     declared = declared_trainable(run.strategy, base.model, run.config)
     model = run.strategy.apply(base.model, run.config)
     if count_parameters(model).trainable == 0:
         raise AdaptersError(f"strategy {run.strategy.name!r} left no parameter trainable; check its options.")
-    return base, model, declared
+    return model, declared, keep_float32_trainable(model)
+
+
+def keep_float32_trainable(model: torch.nn.Module) -> dict[str, torch.dtype]:
+    """Trainable weights in bf16 or fp16 become float32 master weights (see the module's docstring).
+
+    Returns the dtype each one had, by name, for `restore_dtypes`. Tied weights are one parameter
+    and stay one.
+    """
+    cast: dict[str, torch.dtype] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16):
+            cast[name] = p.dtype
+            p.data = p.data.to(torch.float32)
+    return cast
+
+
+def restore_dtypes(model: torch.nn.Module, dtypes: dict[str, torch.dtype]) -> None:
+    """Round the master weights that `keep_float32_trainable` made back to the dtypes they had."""
+    for name, p in model.named_parameters():
+        if name in dtypes:
+            p.data = p.data.to(dtypes[name])
+
+
+def trainable_dtypes(model: torch.nn.Module) -> list[str]:
+    """The distinct dtypes of ``model``'s trainable weights, by name: ``["float32"]`` on master weights."""
+    return sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.requires_grad})
 
 
 def optimized(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
@@ -144,28 +203,62 @@ def optimized(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     return [p for group in optimizer.param_groups for p in group["params"]]
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    """An allocator's out-of-memory error: torch's own type, or a RuntimeError saying so (CUDA, MPS, XPU)."""
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
+
+
+def _rows(batch: dict[str, torch.Tensor]) -> int:
+    return int(batch["input_ids"].shape[0])
+
+
+def split_batch(batch: dict[str, torch.Tensor], rows: int | None) -> list[dict[str, torch.Tensor]]:
+    """``batch`` in pieces of at most ``rows`` rows, in order (None: the batch whole)."""
+    if rows is None or _rows(batch) <= rows:
+        return [batch]
+    pieces = {k: torch.split(v, rows) for k, v in batch.items()}
+    return [{k: v[i] for k, v in pieces.items()} for i in range(len(pieces["input_ids"]))]
+
+
+def optimizer_step(model, batches: list[dict[str, torch.Tensor]], optimizer, accelerator, scheduler=None,
+                   max_grad_norm: float = 0.0, micro_batch: int | None = None, step: int | None = None,
+                   check_finite: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One optimizer step over ``batches`` (the micro-batches it accumulates): forward and backward of
+    each, in pieces of at most ``micro_batch`` rows; then clipping, the optimizer and the scheduler.
+
+    Each piece's loss counts by its share of the step's rows, so the update is that of one batch of
+    all the rows however they are split (exactly so where the loss is a mean over equal rows, as
+    it is here). Gradients are synchronised between processes on the last piece only. Returns the
+    step's loss and the gradient norm before clipping (None when no clipping ran), both left on the
+    device. ``accelerator`` must not accumulate itself (`make_accelerator` does not).
+
+    ``check_finite`` stops at a non-finite loss at once (`TrainingFailed`), at the cost of a host
+    synchronisation per piece; the training loop checks at its logging interval instead. An error
+    (out of memory, say) leaves gradients behind: clear them with ``optimizer.zero_grad``.
+    """
+    pieces = [piece for batch in batches for piece in split_batch(batch, micro_batch)]
+    rows = sum(_rows(piece) for piece in pieces)
+    total = torch.zeros((), device=accelerator.device)
+    for i, piece in enumerate(pieces):
+        share = _rows(piece) / rows
+        with contextlib.nullcontext() if i == len(pieces) - 1 else accelerator.no_sync(model):
+            loss = model(**piece).loss
+            if check_finite and not torch.isfinite(loss):
+                raise TrainingFailed(f"loss became {loss.item()} at step {step}; stopped and saved nothing. "
+                                     "Lower --learning-rate, or check the data.")
+            accelerator.backward(loss * share)
+        total += loss.detach().float() * share
+    grad_norm = accelerator.clip_grad_norm_(optimized(optimizer), max_grad_norm) if max_grad_norm > 0 else None
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total, grad_norm
+
+
 def training_step(model, batch, optimizer, accelerator, step: int, scheduler=None,
                   max_grad_norm: float = 0.0, check_finite: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One micro-step: forward, backward, and when accumulation is complete, clipping, an optimizer
-    step and a scheduler step. Returns the loss and the gradient norm before clipping (None when no
-    clipping ran), both left on the device.
-
-    ``check_finite`` stops at a non-finite loss at once, at the cost of a host synchronisation on
-    every micro-step; the training loop checks at its logging interval instead.
-    """
-    grad_norm = None
-    with accelerator.accumulate(model):
-        loss = model(**batch).loss
-        if check_finite and not torch.isfinite(loss):
-            raise TrainingFailed(
-                f"loss became {loss.item()} at step {step}; stopped and saved nothing. "
-                "Lower --learning-rate, or check the data."
-            )
-        accelerator.backward(loss)
-        if accelerator.sync_gradients and max_grad_norm > 0:
-            grad_norm = accelerator.clip_grad_norm_(optimized(optimizer), max_grad_norm)
-        optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-    return loss.detach(), grad_norm
+    """One optimizer step on one batch (`optimizer_step`), stopping at a non-finite loss by default."""
+    return optimizer_step(model, [batch], optimizer, accelerator, scheduler, max_grad_norm, step=step,
+                          check_finite=check_finite)

@@ -38,13 +38,15 @@ class Lora(adapters.PeftStrategy):
     def peft_config(self, model, config: LoraOptions, loading: bool = False):
         from peft import LoraConfig
 
-        return LoraConfig(r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout,
-                          target_modules=adapters.match_targets(model, config.target_modules),
-                          task_type=adapters.peft_task_type(model))
+        targets = adapters.match_targets(model, config.target_modules)
+        # GPT-2 style Conv1D layers store their weight transposed.
+        transposed = any(type(m).__name__ == "Conv1D" for _, m in adapters.targeted_linears(model, targets))
+        return LoraConfig(r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=targets,
+                          fan_in_fan_out=transposed, task_type=adapters.peft_task_type(model))
 
     def expected_trainable_parameters(self, model, config: LoraOptions) -> int:
         targets = adapters.match_targets(model, config.target_modules)
-        count = sum(config.r * (m.in_features + m.out_features) for _, m in adapters.targeted_linears(model, targets))
+        count = sum(config.r * sum(adapters.linear_features(m)) for _, m in adapters.targeted_linears(model, targets))
         if adapters.task_of(model) == "sequence-classification":  # PEFT trains a copy of the new head
             count += adapters.head_parameters(model)
         return count
@@ -54,7 +56,7 @@ class Lora(adapters.PeftStrategy):
         targets = adapters.match_targets(model.meta_model, config.target_modules)
         trainable = self.expected_trainable_parameters(model.meta_model, config)
         matched = [m for _, m in adapters.targeted_linears(model.meta_model, targets)]
-        largest = max([config.r * max(m.in_features, m.out_features) for m in matched], default=0)
+        largest = max([config.r * max(adapters.linear_features(m)) for m in matched], default=0)
         leaves = {t.rsplit(".", 1)[-1] for t in targets}
         per_layer = [lin for lin in model.layer_linears if lin.name in leaves]
         n, cuda = run.tokens, run.device == "cuda"

@@ -38,9 +38,9 @@ class LinearProbe(adapters.StrategyBase):
         return adapters.head_parameters(model)
 
     def estimate_memory(self, model: adapters.ModelShape, config: ProbeOptions, run: adapters.RunShape):
-        """The head in the compute dtype; for causal-lm a new untied copy, for classification the base's own."""
+        """The head as a float32 master weight; for causal-lm a new untied copy, for classification the base's own."""
         trainable = self.expected_trainable_parameters(model.meta_model, config)
-        size = trainable * run.compute_bytes
+        size = trainable * run.master_bytes
         meta = model.meta_model
         tied = meta.get_output_embeddings() is not None and \
             meta.get_output_embeddings().weight is meta.get_input_embeddings().weight

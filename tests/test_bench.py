@@ -2,11 +2,16 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
 import textwrap
+import time
+from pathlib import Path
 
 import jsonschema
 import pytest
@@ -14,10 +19,32 @@ import pytest
 import adapters
 from adapters.bench import BenchSettings, ProfilerUnavailable, cpu_peak_tensor_bytes, run_bench, settings_from
 from adapters.bench.measure import measure
+from adapters.reports import as_report, compare_reports, schema
+from adapters.reports import load_report as typed_report
 from adapters.reports import read_report as load_report  # the plain JSON data, checked through the model
-from adapters.reports import schema
+from adapters.testing import plugin_for
+
+from cli_helpers import assert_user_error, run_in_process
 
 TINY = dict(model="random:tiny", batch_size=2, seq_len=32, steps=2, warmup=1)
+SUITE_REPORT = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "cpu-2core-default-suite.json"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """random:tiny gains nothing from threads; on a busy 2-core machine they make each step far slower.
+    The bench's worker processes inherit it through OMP_NUM_THREADS."""
+    import torch
+
+    before, env = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    yield
+    torch.set_num_threads(before)
+    if env is None:
+        os.environ.pop("OMP_NUM_THREADS", None)
+    else:
+        os.environ["OMP_NUM_THREADS"] = env
 
 
 def measure_tiny(strategy, **changes):
@@ -28,10 +55,12 @@ def measure_tiny(strategy, **changes):
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
+    """A real bench of three strategies, written over an earlier report (which --overwrite may replace)."""
     out = tmp_path_factory.mktemp("bench") / "report.json"
+    shutil.copy(SUITE_REPORT, out)
     settings = BenchSettings(**TINY, strategies=["lora", "full-finetune@nf4", "linear-probe"], quality_steps=2,
-                             output=str(out))
-    run_bench(settings, progress=False)
+                             repeats=2, output=str(out))  # two repeats: two loads, so load time has a spread
+    run_bench(settings, progress=False, overwrite=True)
     return out
 
 
@@ -81,6 +110,45 @@ def test_existing_report_is_never_overwritten(report):
     with pytest.raises(adapters.AdaptersError, match="exists"):
         run_bench(BenchSettings(**TINY, strategies=["lora"], output=str(report)), progress=False)
     assert report.read_bytes() == before
+
+
+def test_overwrite_replaced_an_earlier_report_atomically(report):
+    data = json.loads(report.read_text())
+    assert data["settings"]["model"] == "random:tiny" and data["settings"]["output"] == str(report)
+    assert [p.name for p in report.parent.iterdir()] == ["report.json"]  # no temp file left behind
+
+
+@pytest.mark.parametrize("content", ["my thesis\n", '{"results": []}\n', None], ids=["text", "other-json", "dir"])
+def test_overwrite_refuses_anything_but_a_report_before_any_work(tmp_path, capsys, content):
+    """Issue 14, item 1: --overwrite replaces only an adapters report, recognised by loading as one."""
+    target = tmp_path / "thesis.json"
+    if content is None:
+        target.mkdir()
+        (target / "chapter.txt").write_text("x")
+    else:
+        target.write_text(content)
+    before = sorted((p.name, p.read_bytes()) for p in tmp_path.rglob("*") if p.is_file())
+    args = ["bench", "--model", "random:tiny", "--strategies", "lora", "--output", str(target)]
+    started = time.monotonic()
+    code, out, err = run_in_process(capsys, *args, "--overwrite")
+    needle = "is a directory" if content is None else "is not a report written by `adapters bench`"
+    assert_user_error(code, out, err, str(target), needle)
+    if content is not None:
+        assert_user_error(*run_in_process(capsys, *args), str(target), "exists", "--overwrite")
+    assert time.monotonic() - started < 5  # refused before any model loads
+    assert sorted((p.name, p.read_bytes()) for p in tmp_path.rglob("*") if p.is_file()) == before
+
+
+def test_the_load_time_spread_and_what_the_rows_ran_with_are_recorded(report):
+    """Issue 14, verdicts: the report holds each run's loads, so compare judges load time by them."""
+    for r in json.loads(report.read_text())["results"]:
+        if r["status"] == "ok":
+            assert len(r["load_s_repeats"]) == 2 and r["load_s_repeats"][0] == r["load_s"]
+            assert all(t > 0 for t in r["load_s_repeats"])
+            assert (r["batch_size"], r["gradient_accumulation_steps"]) == (TINY["batch_size"], 1)
+    same = compare_reports(typed_report(report), typed_report(report))
+    assert {row.verdict for row in same.rows if row.metric == "load_time"} == {"noise"}
+    assert not [w for w in same.warnings if "settings" in w]  # rows that record what was asked: no mismatch
 
 
 def test_unknown_strategy_is_refused_before_any_work(tmp_path):
@@ -271,3 +339,186 @@ def test_short_data_still_gives_the_asked_batch_shape(monkeypatch):
     monkeypatch.setattr(pipeline, "make_batches", one_row)
     result = measure_tiny("lora", batch_size=4)
     assert result["tokens_per_step"] == 4 * TINY["seq_len"]  # rows repeated, never a smaller batch
+
+
+# --------------------------------------------------------------------------------------------
+# Interrupts: the report is always written with what was measured, and the exit code says so
+
+
+def strict_json(path: Path) -> dict:
+    return json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+
+
+def test_ctrl_c_in_the_middle_writes_the_report_and_exits_130(tmp_path):
+    """Issue 14, item 5: Ctrl-C in the middle recorded cancelled rows but exited 0.
+
+    A real Ctrl-C: SIGINT to the whole process group (the command and its worker), once the first
+    strategy's row is in."""
+    out, err_path = tmp_path / "r.json", tmp_path / "stderr"
+    env = {**os.environ, "ADAPTERS_LOAD_PLUGINS": "", "OMP_NUM_THREADS": "1"}
+    with open(err_path, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "adapters", "bench", "--model", "random:tiny", "--strategies",
+                                 "linear-probe,lora,full-finetune", "--steps", "1", "--warmup", "0", "--seq-len", "32",
+                                 "--output", str(out)], stdout=subprocess.PIPE, stderr=err, text=True, env=env,
+                                start_new_session=True)
+        try:
+            deadline = time.monotonic() + 240
+            while "1/3" not in err_path.read_text():  # tqdm: the first strategy is done, the second starting
+                assert proc.poll() is None and time.monotonic() < deadline, err_path.read_text()[-2000:]
+                time.sleep(0.05)
+            os.killpg(proc.pid, signal.SIGINT)
+            stdout, _ = proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    stderr = err_path.read_text()
+    assert proc.returncode == 130, (stdout, stderr[-3000:])
+    assert "Traceback" not in stderr and f"report written to {out}" in stdout
+    assert f"Interrupted: the report {out} holds what was measured" in stderr
+    data = strict_json(out)
+    jsonschema.validate(data, schema())
+    report = typed_report(out)
+    assert report.interrupted and data["interrupted"] is True
+    assert [(r.strategy, r.status) for r in report.results] == [
+        ("linear-probe", "ok"), ("lora", "cancelled"), ("full-finetune", "cancelled")]
+    measured = report.results[0]
+    assert measured.tokens_per_s > 0 and measured.memory.peak_bytes > 0 and measured.load_s_repeats == [measured.load_s]
+    assert "interrupted (SIGINT)" in report.results[1].message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "stderr"]
+
+
+def _measure_here(spec, measurement):
+    """The worker's job in this process: the same measurement, without a fresh interpreter's start-up."""
+    from adapters.bench.worker import finite
+
+    return finite(measure(spec, measurement))
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_during_the_predictions_still_writes_the_report(tmp_path, capsys, monkeypatch, signum):
+    """Issue 14, item 5: after the last strategy, while predictions ran, Ctrl-C printed "Aborted."
+    (exit 130) and wrote no report. Here a real signal reaches the command as the first prediction starts."""
+    import adapters.bench.runner as runner
+
+    real_predict, calls = runner.predict, []
+
+    def predict_after_a_signal(spec, result, shapes):
+        calls.append(spec.strategy)
+        os.kill(os.getpid(), signum)
+        return real_predict(spec, result, shapes)
+
+    monkeypatch.setattr(runner, "run_case", _measure_here)
+    monkeypatch.setattr(runner, "predict", predict_after_a_signal)
+    out = tmp_path / "r.json"
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    code, stdout, stderr = run_in_process(capsys, "bench", "--model", "random:tiny", "--strategies",
+                                          "linear-probe,full-finetune@nf4", "--steps", "1", "--warmup", "0",
+                                          "--seq-len", "32", "--output", str(out))
+    assert code == 130, (stdout, stderr)
+    assert {s: signal.getsignal(s) for s in before} == before  # the command's handlers are gone again
+    assert calls == ["linear-probe"] and "Aborted." not in stderr and "Traceback" not in stderr
+    report = typed_report(out)
+    assert report.interrupted
+    assert [(r.strategy, r.status) for r in report.results] == [("linear-probe", "ok"),
+                                                                ("full-finetune@nf4", "refused")]
+    assert report.results[0].prediction.status == "cancelled"
+    assert f"report written to {out}" in stdout
+
+
+def test_a_file_that_appears_at_the_output_during_the_run_is_kept(tmp_path, monkeypatch, capsys):
+    """Neither the user's file nor the measurements are lost: the report goes beside it."""
+    import adapters.bench.runner as runner
+
+    out = tmp_path / "r.json"
+
+    def measure_while_someone_writes(spec, measurement):
+        out.write_text("written by someone else meanwhile\n")
+        return _measure_here(spec, measurement)
+
+    monkeypatch.setattr(runner, "run_case", measure_while_someone_writes)
+    report = run_bench(BenchSettings(**{**TINY, "steps": 1, "warmup": 0}, strategies=["linear-probe"],
+                                     output=str(out)), progress=False)
+    assert out.read_text() == "written by someone else meanwhile\n"
+    moved = tmp_path / "r.1.json"
+    assert report["settings"]["output"] == str(moved) and typed_report(moved).results[0].status == "ok"
+    assert f"Writing the report to {moved} instead" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# Non-finite numbers: null, with a status, never a crashed worker
+
+
+def _diverging_probe(learning_rate: float = 1e30, nan_in_eval: bool = False):
+    """The shipped linear probe, with a learning rate that blows its head up, or a head that gives NaN
+    logits in evaluation (held-out quality) while training normally."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "plugins"))
+    try:
+        from adapters_probe import LinearProbe
+    finally:
+        sys.path.pop(0)
+
+    class Diverging(LinearProbe):
+        name = "nan-in-eval" if nan_in_eval else "diverging-probe"
+        description = "test strategy whose numbers stop being finite"
+        default_learning_rate = learning_rate
+
+        def apply(self, model, config):
+            model = super().apply(model, config)
+            if nan_in_eval:
+                def nan_when_evaluating(module, args, output):
+                    return output if module.training else output * float("nan")
+
+                model.get_output_embeddings().register_forward_hook(nan_when_evaluating)
+            return model
+
+    return Diverging()
+
+
+def _work(tmp_path, strategy: str, **changes) -> dict:
+    from adapters.bench.worker import work
+    from adapters.files import write_json
+
+    settings = BenchSettings(**{**TINY, **changes})
+    case, out = tmp_path / "case.json", tmp_path / "result.json"
+    write_json(case, {"spec": settings.spec(strategy).to_dict(), "measurement": settings.measurement().to_dict()})
+    assert work(str(case), str(out)) == 0
+    return strict_json(out)
+
+
+def test_a_loss_that_stops_being_finite_is_a_failed_row_with_a_null_loss(tmp_path, register_plugin):
+    """Issue 14, item 4 in bench: a diverging run is recorded as failed, its loss null, not a crashed worker."""
+    register_plugin(plugin_for(_diverging_probe()), name="diverging")
+    result = _work(tmp_path, "diverging-probe")
+    assert result["status"] == "failed" and result["final_loss"] is None
+    assert re.search(r"loss became (nan|inf)", result["message"]), result["message"]
+
+
+def test_a_held_out_metric_that_is_not_finite_fails_the_quality_not_the_row(tmp_path, register_plugin):
+    register_plugin(plugin_for(_diverging_probe(1e-3, nan_in_eval=True)), name="nan-in-eval")
+    result = _work(tmp_path, "nan-in-eval", steps=1, warmup=0, quality_steps=1)
+    assert result["status"] == "ok" and result["tokens_per_s"] > 0  # speed and memory were measured
+    quality = result["quality"]
+    assert quality["status"] == "failed" and "nan" in quality["message"].lower(), quality
+    assert all(v is None for part in ("before", "after") for v in (quality.get(part) or {}).values())
+    assert any("quality" in flag and "nan" in flag.lower() for flag in result["flags"]), result["flags"]
+
+
+def test_non_finite_numbers_become_null_with_a_status(report):
+    """Every place a NaN or infinity can take in a real result: an extra (MFU) is null with a flag,
+    the held-out quality fails, anything else fails the row."""
+    from adapters.bench.worker import finite
+
+    real = next(r for r in json.loads(report.read_text())["results"] if r["strategy"] == "lora")
+    extra = finite({**real, "mfu": float("inf")})
+    assert extra["status"] == "ok" and extra["mfu"] is None
+    assert "non-finite mfu = inf, recorded as null" in extra["flags"]
+    quality = finite({**real, "quality": {**real["quality"], "after": {**real["quality"]["after"], "loss": math.nan}}})
+    assert quality["status"] == "ok" and quality["quality"]["status"] == "failed"
+    assert quality["quality"]["after"]["loss"] is None and "quality.after.loss = nan" in quality["quality"]["message"]
+    core = finite({**real, "final_loss": math.nan, "step_s": {**real["step_s"], "max": math.inf}})
+    assert core == {"strategy": "lora", "status": "failed", "final_loss": None,
+                    "message": "non-finite step_s.max = inf, final_loss = nan in the measurement (recorded as failed)"}
+    for result in (extra, quality, core):  # strict JSON that loads as a report row
+        text = json.dumps(result, allow_nan=False)
+        data = {**json.loads(report.read_text()), "results": [json.loads(text)]}
+        as_report(data)

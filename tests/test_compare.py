@@ -19,8 +19,11 @@ MiB = 2**20
 
 
 def result(strategy: str, median: float = 0.1, spread: float = 0.1, peak_mib: float = 100, load_s: float = 2.0,
-           loss: float | None = 3.0, accuracy: float | None = None, tokens_per_step: int = 256) -> dict:
-    """An ok result whose steps took ``median`` ± ``spread``/2 (relative) seconds."""
+           loss: float | None = 3.0, accuracy: float | None = None, tokens_per_step: int = 256,
+           loads: list[float] | None = None, **ran_with) -> dict:
+    """An ok result whose steps took ``median`` ± ``spread``/2 (relative) seconds; ``loads`` are the
+    load times after the first (``load_s``), absent as in older reports; ``ran_with`` the batch_size
+    and gradient_accumulation_steps it records having run with."""
     low, high = median * (1 - spread / 2), median * (1 + spread / 2)
     peak = int(peak_mib * MiB)
     after = {"loss": loss} if loss is not None else {}
@@ -41,6 +44,7 @@ def result(strategy: str, median: float = 0.1, spread: float = 0.1, peak_mib: fl
         "mfu": None, "energy_j_per_token": None,
         "quality": {"steps": 3, "status": "ok", "before": {"loss": 4.0}, "after": after} if after else None,
         "flags": [],
+        **({"load_s_repeats": [load_s, *loads]} if loads is not None else {}), **ran_with,
     }
 
 
@@ -151,21 +155,49 @@ def test_timed_noise_comes_from_the_step_time_ranges():
 
 
 def test_untimed_metrics_use_fixed_tolerances_in_their_direction():
-    base = report(result("lora", peak_mib=100, load_s=2.0, loss=3.0, accuracy=0.50))
-    noise = report(result("lora", peak_mib=100.5, load_s=2.15, loss=3.02, accuracy=0.503))
+    base = report(result("lora", peak_mib=100, loss=3.0, accuracy=0.50))
+    noise = report(result("lora", peak_mib=100.5, loss=3.02, accuracy=0.503))
     c = compare_reports(base, noise)
-    for metric in ("peak_memory", "load_time", "heldout_loss", "accuracy"):
+    for metric in ("peak_memory", "heldout_loss", "accuracy"):
         assert c.row("lora", metric).verdict == "noise", metric
-    worse = report(result("lora", peak_mib=105, load_s=2.5, loss=3.2, accuracy=0.45))
+    worse = report(result("lora", peak_mib=105, loss=3.2, accuracy=0.45))
     c = compare_reports(base, worse)
-    for metric in ("peak_memory", "load_time", "heldout_loss", "accuracy"):
+    for metric in ("peak_memory", "heldout_loss", "accuracy"):
         assert c.row("lora", metric).verdict == "worse", metric
-    better = report(result("lora", peak_mib=95, load_s=1.5, loss=2.8, accuracy=0.55))
+    better = report(result("lora", peak_mib=95, loss=2.8, accuracy=0.55))
     c = compare_reports(base, better)
-    for metric in ("peak_memory", "load_time", "heldout_loss", "accuracy"):
+    for metric in ("peak_memory", "heldout_loss", "accuracy"):
         assert c.row("lora", metric).verdict == "better", metric
     assert c.row("lora", "accuracy").direction == "higher is better"
     assert c.row("lora", "heldout_loss").direction == "lower is better"
+
+
+def test_load_time_is_judged_from_the_runs_own_loads():
+    """Issue 14: a same-commit rerun gave load time "+ better" (5.04 -> 3.64 s) under a fixed ±10% rule."""
+    # Each run loaded three times: the first in a fresh process, then twice more. Their ranges overlap.
+    base = report(result("lora", load_s=5.04, loads=[3.4, 3.5]))
+    rerun = report(result("lora", load_s=3.64, loads=[3.3, 3.45]))
+    row = compare_reports(base, rerun).row("lora", "load_time")
+    assert (row.verdict, round(row.ratio, 3)) == ("noise", 0.722)
+    # where the ranges stop overlapping: base's fastest load against new's first, new's fastest against base's
+    assert row.noise_band == pytest.approx([3.4 / 5.04, 3.64 / 3.3])
+    # Tight loads that do not overlap: a real change, either way; the band never narrows below ±10%.
+    tight = report(result("lora", load_s=2.0, loads=[2.01, 1.99]))
+    slower = report(result("lora", load_s=2.6, loads=[2.61, 2.59]))
+    c = compare_reports(tight, slower)
+    assert c.row("lora", "load_time").verdict == "worse"
+    assert compare_reports(slower, tight).row("lora", "load_time").verdict == "better"
+    within_floor = report(result("lora", load_s=2.15, loads=[2.15, 2.16]))
+    row = compare_reports(tight, within_floor).row("lora", "load_time")
+    assert row.verdict == "noise" and row.noise_band[0] == pytest.approx(0.9)
+    # An older report without its loads is judged conservatively: within a factor of 1.5 is noise.
+    old, old_rerun = report(result("lora", load_s=5.04)), report(result("lora", load_s=3.64))
+    assert "load_s_repeats" not in old["results"][0]
+    row = compare_reports(old, old_rerun).row("lora", "load_time")
+    assert row.verdict == "noise" and row.noise_band == pytest.approx([1 / 1.5, 1.5])
+    assert compare_reports(old, tight).row("lora", "load_time").verdict == "better"  # 5.04 -> 2.0 s
+    one_side = report(result("lora", load_s=2.8))  # 1.4 times tight's 2.0 s; only one side has its loads
+    assert compare_reports(tight, one_side).row("lora", "load_time").verdict == "noise"
 
 
 def test_a_metric_missing_from_one_report_is_n_a():
@@ -227,6 +259,44 @@ def test_warnings_are_printed_and_in_json(tmp_path, capsys):
     assert code == 0
     data = json.loads(out)
     assert data["warnings"] == ["new report ran on a dirty checkout (commit 0123456789ab plus uncommitted changes)"]
+
+
+def test_a_row_that_backed_off_is_flagged_as_a_settings_mismatch(tmp_path, capsys):
+    """Issue 14, item 7: a run that halved its micro-batch after running out of memory (keeping the
+    effective batch by accumulating twice) records it in its row; compare flags the mismatch."""
+    base = report(result("lora", batch_size=2, gradient_accumulation_steps=1), result("qlora"))
+    backed_off = report(result("lora", batch_size=1, gradient_accumulation_steps=2), result("qlora"))
+    warnings = compare_reports(base, backed_off).warnings
+    assert warnings == ["different settings for lora: batch_size 2 -> 1, gradient_accumulation_steps 1 -> 2 "
+                        "(it ran with other settings than its report asked for: a back-off)"]
+    assert compare_reports(backed_off, base).warnings[0].startswith(
+        "different settings for lora: batch_size 1 -> 2, gradient_accumulation_steps 2 -> 1")
+    # The same back-off in both runs compares like with like; rows that record what was asked, as
+    # bench writes them, and older rows that record nothing, are as their settings say.
+    assert compare_reports(backed_off, backed_off).warnings == []
+    recorded = report(result("lora", batch_size=2, gradient_accumulation_steps=1), result("qlora"))
+    assert compare_reports(report(result("lora"), result("qlora")), recorded).warnings == []
+    # bench's quality steps run `adapters train`, which backs off too: its quality records what it ended with.
+    quality_backed_off = report(result("lora"), result("qlora"))
+    quality_backed_off["results"][0]["quality"].update(batch_size=1, gradient_accumulation_steps=2)
+    jsonschema.validate(quality_backed_off, schema())
+    assert compare_reports(report(result("lora"), result("qlora")), quality_backed_off).warnings == [
+        "different settings for lora's quality run: batch_size 2 -> 1, gradient_accumulation_steps 1 -> 2 "
+        "(it ran with other settings than its report asked for: a back-off)"]
+    a, b = write(tmp_path, "a.json", base), write(tmp_path, "b.json", backed_off)
+    code, out, err = run_in_process(capsys, a, b)
+    assert code == 0, err
+    assert "warning: different settings for lora: batch_size 2 -> 1, gradient_accumulation_steps 1 -> 2" in out
+    code, out, _ = run_in_process(capsys, a, b, "--json")
+    assert any(w.startswith("different settings for lora") for w in json.loads(out)["warnings"])
+
+
+def test_an_interrupted_report_is_flagged():
+    cut = report(result("lora"), failed("qlora", "cancelled"))
+    cut["interrupted"] = True
+    jsonschema.validate(cut, schema())
+    warnings = compare_reports(report(result("lora"), result("qlora")), cut).warnings
+    assert warnings == ["new report was interrupted: only what it measured before is there"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -385,6 +455,20 @@ def test_subprocess_success_prints_strict_json(tmp_path):
     data = json.loads(done.stdout)
     assert [f["metric"] for f in data["failures"]] == ["step_time"]
     assert {r["metric"]: r["verdict"] for r in data["rows"]}["tokens_per_s"] == "worse"
+
+
+@pytest.mark.parametrize("which", ["base", "new"])
+@pytest.mark.parametrize("value, where, got", [
+    ("x", "$.results", "got `str`"), ({"lora": 1}, "$.results", "got `object`"), (None, "$.results", "got `null`"),
+    (5, "$.results", "got `int`"), ([1], "$.results[0]", "got `int`"), (["lora"], "$.results[0]", "got `str`"),
+])
+def test_results_of_a_wrong_type_name_the_path_in_process(tmp_path, capsys, which, value, where, got):
+    """Issue 14, item 11: `compare` on a report whose results is a string gave an AttributeError traceback."""
+    good = write(tmp_path, "good.json", report(result("lora")))
+    bad = write(tmp_path, "bad.json", {**report(result("lora")), "results": value})
+    args = (bad, good) if which == "base" else (good, bad)
+    line = assert_user_error(*run_in_process(capsys, *args), "bad.json", f"invalid report at {where}: expected")
+    assert got in line and "good.json" not in line
 
 
 @pytest.mark.parametrize("case", ["future", "no-common", "reference-two", "one-no-reference", "three",

@@ -74,3 +74,19 @@ def test_the_guides_plugins_use_only_the_public_api():
         code = block(text, marker)
         assert public_names_used(code) <= set(adapters.__all__), marker
         assert "adapters_lora" not in code and "from adapters" not in code, marker
+
+
+def test_every_test_named_in_the_reliability_map_exists():
+    """docs/reliability.md maps the 25 cases to tests; a renamed or removed test must not leave a stale row."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    text = (root / "docs" / "reliability.md").read_text()
+    named = set(re.findall(r"`(test_\w+)::(test_\w+)`", text))
+    assert len(named) > 60
+    missing = [f"{module}::{name}" for module, name in sorted(named)
+               if not re.search(rf"^def {name}\(", (root / "tests" / f"{module}.py").read_text(), re.M)]
+    assert not missing, missing
+    rows = re.findall(r"^\| (\d+) \|", text, re.M)
+    assert rows == [str(i) for i in range(1, 26)]

@@ -168,9 +168,9 @@ def test_two_reports_are_grouped_in_one_page():
 def test_same_model_and_machine_get_distinct_labels():
     a, b = cpu_report(), cpu_report()
     b["created"] = "2026-11-29T10:00:00+00:00"
-    text = render_markdown([a, b])
-    assert "## random:tiny on cpu, 2026-11-28T04:31:02+00:00" in text
-    assert "## random:tiny on cpu, 2026-11-29T10:00:00+00:00" in text
+    text = render_markdown([a, b])  # no file names given: numbered, never told apart by timestamp
+    assert "## report 1: random:tiny on cpu\n" in text and "## report 2: random:tiny on cpu\n" in text
+    assert "2026-11-29T10:00:00+00:00 |" in text and "## random:tiny on cpu, 2026" not in text
 
 
 def test_nothing_to_chart_when_no_strategy_ran():
@@ -295,7 +295,7 @@ def test_write_report_is_atomic_and_refuses_to_overwrite(tmp_path):
     assert sorted(p.name for p in out.parent.iterdir()) == ["r.md"]  # no temp file left behind
     with pytest.raises(AdaptersError, match="exists"):
         write_report([src], out)
-    out.write_text("old")
+    out.write_text(out.read_text().replace("| lora | ok |", "| lora | edited |"))  # an earlier rendering
     write_report([src], out, overwrite=True)
     assert out.read_text() == text
     with pytest.raises(AdaptersError, match="no reports"):
@@ -307,6 +307,43 @@ def run_in_process(capsys, *args: str) -> tuple[int, str, str]:
         cli_main(list(args))
     captured = capsys.readouterr()
     return info.value.code, captured.out, captured.err
+
+
+@pytest.mark.parametrize("name, content", [
+    ("thesis.html", "<!DOCTYPE html><title>My thesis</title>"), ("notes.md", "# my notes\n"),
+    ("cpu.json", None),  # the benchmark report being rendered, as --format markdown
+])
+def test_overwrite_replaces_only_an_earlier_rendering(tmp_path, capsys, name, content):
+    """Issue 14, item 1: --overwrite replaces only what `adapters report` wrote, recognised by content."""
+    src = tmp_path / "cpu.json"
+    src.write_text(json.dumps(cpu_report()))
+    out = tmp_path / name
+    if content is not None:
+        out.write_text(content)
+    before = out.read_bytes()
+    code, _, err = run_in_process(capsys, "report", str(src), "--output", str(out), "--format", "markdown",
+                                  "--overwrite")
+    assert_user_error(code, err, str(out), "is not a page or markdown file written by `adapters report`",
+                      "left as it was")
+    assert out.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == sorted({"cpu.json", name})
+
+
+def test_overwrite_refuses_a_directory_and_replaces_an_earlier_page(tmp_path, capsys):
+    src = tmp_path / "cpu.json"
+    src.write_text(json.dumps(cpu_report()))
+    folder = tmp_path / "site.html"
+    folder.mkdir()
+    (folder / "keep.txt").write_text("x")
+    code, _, err = run_in_process(capsys, "report", str(src), "--output", str(folder), "--overwrite")
+    assert_user_error(code, err, str(folder), "is a directory")
+    assert [p.name for p in folder.iterdir()] == ["keep.txt"]
+    page = tmp_path / "page.html"
+    assert run_in_process(capsys, "report", str(src), "--output", str(page))[0] == 0
+    page.write_text(page.read_text().replace("AMD EPYC", "an older CPU"))
+    code, _, err = run_in_process(capsys, "report", str(src), "--output", str(page), "--overwrite")
+    assert code == 0, err
+    assert "AMD EPYC" in page.read_text() and "an older CPU" not in page.read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cpu.json", "page.html", "site.html"]  # no temp files
 
 
 def assert_user_error(code: int, err: str, *needles: str) -> None:
@@ -393,6 +430,10 @@ def test_html_labels_runs_by_file_name_or_label(tmp_path, capsys):
     text = write_report([a, b], format="html")
     assert "before.json: random:tiny on cpu" in text and "after.json: random:tiny on cpu" in text
     assert "2026-11-28T04:31:02+00:00</" not in text.split("<figure>")[0]  # not labelled by timestamp
+    charts = text[text.index("<figure>"):text.rindex("</figure>")]
+    for figure in charts.split("</figure>")[:2]:  # throughput and memory: one panel per run, titled by file name
+        assert ">before.json<" in figure and ">after.json<" in figure
+    assert "2026-11-28" not in charts
     assert "Comparison: after.json against before.json" in text
     out = tmp_path / "r.html"
     code, _, err = run_in_process(capsys, "report", str(a), str(b), "--label", "old", "--label", "new",
@@ -410,11 +451,16 @@ def test_html_compares_exactly_two_reports():
     base = cpu_report()
     new = cpu_report()
     new["results"][0] = ok_result("lora", 1166.0, 3.25, loss_after=6.138)  # half the tokens/s
+    new["results"][0]["load_s"] = 2.0  # 1.5 s before: beyond the old fixed ±10%, within ×1.5
     text = render_html([base, new], sources=["base.json", "new.json"])
     section = text[text.index('id="comparison"'):text.index('id="report-1"')]
     row = next(r for r in section.split("<tr>") if r.startswith('<td class="nowrap">lora</td><td>tokens/s</td>'))
     assert "2,332 tok/s" in row and "1,166 tok/s" in row and "0.500" in row and '<td class="worse">! worse</td>' in row
     assert "not compared: prefix-tuning (oom, then oom)" in section
+    load = next(r for r in section.split("<tr>") if r.startswith('<td class="nowrap">lora</td><td>load time</td>'))
+    assert "1.50 s" in load and "2.00 s" in load
+    assert '<td class="noise">~ noise</td>' in load  # these reports recorded no load spread: judged conservatively
+    assert "load time without its spread recorded: within ×1.5" in section
     assert 'id="comparison"' not in render_html([base]) and 'id="comparison"' not in render_html([base, new, new])
     nothing = make_report([{"strategy": "lora", "status": "failed", "message": "boom"}])
     assert "Not compared: the reports have no strategy that ran ok in both" in render_html([nothing, nothing])

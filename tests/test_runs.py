@@ -24,6 +24,7 @@ import torch
 
 import adapters
 from adapters.checkpoints import latest_checkpoint, resume_spec
+from adapters.cli.tables import train_summary
 from adapters.testing import plugin_for
 
 from cli_helpers import assert_user_error, run_in_process
@@ -135,6 +136,12 @@ BAD_VALUES = [
     (["--learning-rate", "nan"], ["--learning-rate nan"]),
     (["--eval-every", "0"], ["--eval-every"]),
     (["--log-every", "0"], ["--log-every"]),
+    # issue 14, item 11: each of these used to train, or to fail after loading with a traceback.
+    (["--learning-rate", "-1"], ["--learning-rate -1"]),
+    (["--learning-rate", "0"], ["--learning-rate 0", "would train nothing"]),
+    (["--eval-batches", "-1"], ["--eval-batches", "at least 0", "-1"]),
+    (["--seed", "-1"], ["--seed", "at least 0", "-1"]),
+    (["--seed", str(2**32)], ["--seed", "below 2**32"]),
 ]
 
 
@@ -578,6 +585,192 @@ def test_a_non_finite_loss_exits_1_on_the_command_line(tmp_path, capsys):
     assert "failed: the " in stdout and "became" in stdout and "last checkpoint:" in stdout
     assert "resume with" not in stdout
     assert not (out / "adapters.json").exists()
+
+
+def _strict_json(text: str) -> dict:
+    assert "Traceback" not in text
+    return json.loads(text, parse_constant=_refuse_constant)
+
+
+def test_a_learning_rate_of_1e30_fails_the_run_and_keeps_the_previous_save(tmp_path, capsys):
+    """issue 14, item 4: one step at 1e30 leaves finite but huge weights whose held-out loss is NaN.
+    The run fails naming that, saves nothing (with --json too), and the earlier save stays."""
+    out = tmp_path / "out"
+    run(strategy="lora", max_steps=1, output=str(out))
+    saved = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != "metrics.jsonl"}
+    for extra in ([], ["--json"]):
+        code, stdout, err = run_in_process(capsys, "train", *TINY_ARGS, "--strategy", "lora", "--max-steps", "1",
+                                           "--learning-rate", "1e30", "--output", str(out), "--overwrite", *extra)
+        assert code == 1, (stdout, err)
+        assert "Traceback" not in err
+        if extra:
+            summary = _strict_json(stdout)
+            assert summary["status"] == "failed" and summary["output"] is None
+            assert summary["heldout_after"]["loss"] is None and summary["heldout_before"]["loss"] > 0
+            reason = summary["reason"]
+        else:
+            reason = stdout.split("failed: ", 1)[1]
+        assert "held-out loss became nan after step 1" in reason and "saved nothing" in reason, reason
+        assert {p.name: p.read_bytes() for p in out.iterdir() if p.name in saved} == saved  # untouched
+        failing = read_metrics(out)[-1]
+        assert failing["status"] == "failed" and failing["eval_loss"] is None and "eval_loss" in failing["non_finite"]
+    loaded = adapters.load(out).model
+    assert all(torch.isfinite(p).all() for _, p in adapters.trainable_parameters(loaded))
+
+
+class _InfiniteSpare(adapters.StrategyBase):
+    """Trains the final norm and a spare weight the forward never uses, which starts infinite: the
+    loss and the gradient norm stay finite, so only the check of the weights can catch it."""
+
+    name = "infinite-spare"
+    description = "test strategy with a non-finite trainable weight"
+    config_class = _NoOptions
+    supported_quantization = frozenset({"none"})
+    supported_tasks = frozenset({"causal-lm"})
+
+    def apply(self, model, config):
+        adapters.freeze(model)
+        model.get_submodule("model.norm").weight.requires_grad_(True)
+        model.get_submodule("model").spare = torch.nn.Parameter(torch.tensor([1.0, float("inf")]))
+        return model
+
+
+def test_a_non_finite_trainable_weight_fails_the_run_naming_it(register_plugin, tmp_path):
+    register_plugin(plugin_for(_InfiniteSpare()), name="infinite-spare-plugin")
+    out = tmp_path / "out"
+    result = run(strategy="infinite-spare", max_steps=2, output=str(out))
+    assert result.status == "failed" and result.output is None
+    assert all(v is not None for v in result.losses)  # the loss itself stayed finite
+    assert "trainable weight model.spare became non-finite by step 2" in result.reason, result.reason
+    assert [p.name for p in out.iterdir()] == ["metrics.jsonl"]
+
+
+def test_eval_batches_0_leaves_the_heldout_metrics_unmeasured_never_0(tmp_path, capsys):
+    """issue 14, item 4: --eval-batches 0 printed a held-out loss of 0.0000."""
+    args = ["train", *TINY_ARGS[:-2], "--eval-batches", "0", "--strategy", "lora", "--max-steps", "2",
+            "--eval-every", "1", "--log-every", "1"]
+    code, stdout, err = run_in_process(capsys, *args, "--json", "--output", str(tmp_path / "json"))
+    assert code == 0, err
+    summary = _strict_json(stdout)
+    assert summary["heldout_before"] == {"loss": None, "perplexity": None} == summary["heldout_after"]
+    assert [line["eval_loss"] for line in read_metrics(tmp_path / "json")] == [None, None]
+    manifest = json.loads((tmp_path / "json" / "adapters.json").read_text())
+    assert manifest["training"]["eval_batches"] == 0
+    code, stdout, err = run_in_process(capsys, *args)
+    assert code == 0, err
+    assert "held-out loss - -> -, perplexity - -> -" in stdout
+    assert "0.0000" not in stdout
+
+
+# --------------------------------------------------------------------------------------------
+# 9b. Out of memory in a step
+
+
+@dataclass
+class _TightOptions:
+    fits: int = 1  # the most rows a training forward takes before it "runs out of memory"
+    error: str = "torch"  # torch: torch.OutOfMemoryError; runtime: a RuntimeError saying "out of memory"; other
+
+
+class _TightLora(adapters.StrategyBase):
+    """LoRA (no dropout) whose training forward fails as a GPU out of memory would, above ``fits`` rows."""
+
+    name = "tight-lora"
+    description = "test strategy that runs out of memory above a micro-batch size"
+    config_class = _TightOptions
+    supported_quantization = frozenset({"none"})
+    supported_tasks = frozenset({"causal-lm"})
+
+    def apply(self, model, config):
+        lora = adapters.get_strategy("lora")
+        model = lora.apply(model, lora.config_class(dropout=0.0))
+        forward = model.forward
+        tried = model.tried_rows = []
+
+        def limited(*args, **kwargs):
+            rows = kwargs["input_ids"].shape[0]
+            if model.training:
+                tried.append(rows)
+                if rows > config.fits:
+                    if config.error == "other":
+                        raise RuntimeError("CUBLAS_STATUS_EXECUTION_FAILED")
+                    message = f"CUDA out of memory. Tried to allocate 2.00 GiB for {rows} rows"
+                    raise torch.OutOfMemoryError(message) if config.error == "torch" else RuntimeError(message)
+            return forward(*args, **kwargs)
+
+        model.forward = limited
+        return model
+
+
+def test_out_of_memory_halves_the_micro_batch_and_keeps_the_effective_batch(register_plugin, tmp_path):
+    """issue 14, item 7: a step that runs out of memory is tried again with half the micro-batch and
+    twice the accumulation; the updates equal those of the full batch, on the same data."""
+    register_plugin(plugin_for(_TightLora()), name="tight-lora-plugin")
+    settings = dict(max_steps=3, batch_size=4, learning_rate=1e-2, log_every=1, eval_batches=0)
+    whole = run(strategy="lora", options={"dropout": "0.0"}, **settings)
+    out = tmp_path / "out"
+    tight = run(strategy="tight-lora", options={"fits": "1"}, output=str(out), **settings)
+    assert tight.status == "completed", tight.reason
+    # 4 rows fail, 2 rows fail, 1 row fits: then every step runs its batch as 4 pieces of 1.
+    assert tight.trained.tried_rows == [4, 2, 1, 1, 1, 1] + [1] * 8
+    backoffs = [{"step": 1, "batch_size": 2, "gradient_accumulation_steps": 2, "from_batch_size": 4,
+                 "from_gradient_accumulation_steps": 1},
+                {"step": 1, "batch_size": 1, "gradient_accumulation_steps": 4, "from_batch_size": 2,
+                 "from_gradient_accumulation_steps": 2}]
+    assert [{k: v for k, v in b.items() if k != "error"} for b in tight.backoffs] == backoffs
+    assert all("out of memory" in b["error"] for b in tight.backoffs)
+    assert (tight.batch_size, tight.gradient_accumulation_steps) == (1, 4)
+    summary = tight.summary()
+    assert summary["oom_backoffs"] == tight.backoffs and summary["batch_size"] == 1
+    table = train_summary(tight)
+    assert "out of memory at step 1: micro-batch 4 -> 2, accumulation 1 -> 2" in table
+    assert "out of memory at step 1: micro-batch 2 -> 1, accumulation 2 -> 4" in table
+    # The same examples in each step, and the same updates as one batch of 4.
+    assert tight.losses == pytest.approx(whole.losses, abs=1e-5)
+    got, want = weights(tight.trained), weights(whole.trained)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=1e-4, msg=name)
+    # Recorded in metrics.jsonl (an event line each) and in the manifest.
+    lines = read_metrics(out)
+    events = [line for line in lines if "event" in line]
+    assert [(e["event"], e["step"], e["batch_size"]) for e in events] == [("oom_backoff", 1, 2), ("oom_backoff", 1, 1)]
+    assert [line["step"] for line in lines if "event" not in line] == [1, 2, 3]
+    training = json.loads((out / "adapters.json").read_text())["training"]
+    assert (training["batch_size"], training["gradient_accumulation_steps"]) == (1, 4)
+    assert (training["requested_batch_size"], training["requested_gradient_accumulation_steps"]) == (4, 1)
+    assert training["oom_backoffs"] == tight.backoffs
+    # A checkpoint records the micro-batch that fitted: a resumed run goes on with it.
+    cut = tmp_path / "cut"
+    stopped = run(strategy="tight-lora", options={"fits": "1"}, output=str(cut), save_every=1,
+                  stop=lambda step: step == 1, **settings)
+    assert stopped.status == "interrupted" and stopped.backoffs == tight.backoffs
+    resumed = adapters.train(resume_spec(cut, {}, {}), progress=False)
+    assert resumed.trained.tried_rows == [1] * 8  # steps 2 and 3, four pieces each, no try at 4 rows
+    assert resumed.backoffs == tight.backoffs and resumed.gradient_accumulation_steps == 4
+    assert resumed.losses == pytest.approx(whole.losses, abs=1e-5)
+
+
+@pytest.mark.parametrize("error", ["torch", "runtime"])
+def test_out_of_memory_at_one_row_fails_cleanly(error, register_plugin, tmp_path, capsys):
+    register_plugin(plugin_for(_TightLora()), name="tight-lora-plugin")
+    out = tmp_path / "out"
+    code, stdout, err = run_in_process(capsys, "train", *TINY_ARGS, "--strategy", "tight-lora", "--set", "fits=0",
+                                       "--set", f"error={error}", "--max-steps", "2", "--output", str(out), "--json")
+    assert code == 1, (stdout, err)
+    summary = _strict_json(stdout)
+    assert "Traceback" not in err
+    assert summary["status"] == "failed" and summary["output"] is None and summary["steps"] == 0
+    assert "out of memory at step 1 even with a micro-batch of 1" in summary["reason"], summary["reason"]
+    assert [b["batch_size"] for b in summary["oom_backoffs"]] == [1]  # 2 rows, then 1
+    # Nothing but the metrics: no weights, no temp files.
+    assert [p.name for p in out.iterdir()] == ["metrics.jsonl"]
+    assert [line.get("event") for line in read_metrics(out)] == ["oom_backoff", "out_of_memory"]
+
+
+def test_an_error_that_is_not_out_of_memory_is_not_retried(register_plugin, tmp_path):
+    register_plugin(plugin_for(_TightLora()), name="tight-lora-plugin")
+    with pytest.raises(RuntimeError, match="CUBLAS_STATUS_EXECUTION_FAILED"):
+        run(strategy="tight-lora", options={"fits": "0", "error": "other"}, max_steps=1)
 
 
 # --------------------------------------------------------------------------------------------

@@ -309,6 +309,36 @@ def test_manifest_missing_required_key(key, tmp_path):
     assert str(tmp_path / "out") in str(err.value)
 
 
+# ------------------------------------------------------------------- names that are paths (row 24)
+
+
+@pytest.mark.parametrize("name", ["../outside.safetensors", "/etc/passwd", "a\0b", ".."])
+def test_manifest_files_must_be_plain_names(name, tmp_path):
+    trained_save(tmp_path / "out")
+    edit_manifest(tmp_path / "out", lambda m: m["files"].append(name))
+    with pytest.raises(adapters.AdaptersError, match="not a plain file name"):
+        adapters.load(tmp_path / "out")
+
+
+def test_output_with_a_nul_character_is_refused(tmp_path):
+    base = tiny()
+    strategy, config, model = apply("linear-probe", base)
+    with pytest.raises(adapters.AdaptersError, match="NUL character"):
+        adapters.save(model, f"{tmp_path}/a\0b", strategy=strategy, config=config, base=base)
+
+
+def test_a_checkpoint_that_is_a_symbolic_link_is_never_resumed(tmp_path):
+    from adapters import checkpoints
+
+    outside = tmp_path / "elsewhere" / "step-9"
+    outside.mkdir(parents=True)
+    (outside / checkpoints.STATE).write_text("{}")
+    root = tmp_path / "run" / checkpoints.CHECKPOINTS
+    root.mkdir(parents=True)
+    (root / "step-9").symlink_to(outside, target_is_directory=True)
+    assert checkpoints.latest_checkpoint(tmp_path / "run") is None
+
+
 def test_manifest_newer_format_version(tmp_path):
     trained_save(tmp_path / "out")
     newer = store.FORMAT_VERSION + 1
@@ -527,6 +557,62 @@ def test_base_with_same_shapes_but_other_weights_is_refused(tmp_path, other_chec
         adapters.load(tmp_path / "out", base=str(other_checkpoints["same-shape"]))
 
 
+def test_allow_other_base_loads_with_a_warning_and_the_next_save_records_it(tmp_path, other_checkpoints):
+    expected, batch = trained_save(tmp_path / "out", "lora")
+    other = adapters.load_base_model(str(other_checkpoints["same-shape"]))
+    with pytest.raises(adapters.AdaptersError, match="--allow-other-base"):
+        adapters.load(tmp_path / "out", base=other)
+    with pytest.warns(adapters.OtherBase, match="loaded anyway"):
+        loaded = adapters.load(tmp_path / "out", base=other, allow_other_base=True)
+    assert loaded.other_base == {"base_model": "random:tiny", "fingerprint": tiny().fingerprint}
+    # Saved again onto the other base, the manifest says where the weights were trained first.
+    adapters.save(loaded.model, tmp_path / "again", strategy=loaded.strategy, config=loaded.config, base=other,
+                  other_base=loaded.other_base)
+    manifest = store.read_manifest(tmp_path / "again")
+    assert manifest.fingerprint == other.fingerprint and manifest.other_base == loaded.other_base
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", adapters.OtherBase)  # onto the base it now names: no warning; the record stays
+        reloaded = adapters.load(tmp_path / "again", base=str(other_checkpoints["same-shape"]))
+    assert reloaded.other_base == loaded.other_base
+
+
+def test_resume_onto_a_base_with_other_weights_needs_allow_other_base(tmp_path, capsys):
+    from adapters.models import random_config
+
+    from cli_helpers import assert_user_error, run_in_process
+
+    base_dir = tmp_path / "base"
+    torch.manual_seed(0)
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_config(random_config("tiny")).save_pretrained(base_dir)
+    capsys.readouterr()  # transformers' progress bar
+    out = tmp_path / "run"
+    args = ("train", "--model", str(base_dir), "--strategy", "linear-probe", "--max-steps", "3", "--save-every",
+            "1", "--seq-len", "32", "--batch-size", "2", "--eval-batches", "1", "--output", str(out))
+    code, _, err = run_in_process(capsys, *args, "--allow-other-base")
+    assert_user_error(code, "", err, "--allow-other-base", "--resume")
+    assert not out.exists()
+    spec = adapters.RunSpec(model=str(base_dir), strategy="linear-probe", max_steps=3, save_every=1, seq_len=32,
+                            batch_size=2, eval_batches=1, output=str(out))
+    stop = adapters.train(spec, progress=False, stop=lambda step: step == 1)
+    assert stop.status == "interrupted"
+    # The base's files change under the run: one weight, same shapes.
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.weight[0, 0] += 1.0
+    model.save_pretrained(base_dir)
+    capsys.readouterr()
+    code, out_text, err = run_in_process(capsys, "train", "--resume", str(out))
+    line = assert_user_error(code, out_text, err, "other weights", "--allow-other-base")
+    assert "fingerprint" in line
+    with pytest.warns(adapters.OtherBase, match="loaded anyway"):
+        code, _, err = run_in_process(capsys, "train", "--resume", str(out), "--allow-other-base")
+    assert code == 0, err
+    manifest = store.read_manifest(out)
+    assert manifest.other_base["fingerprint"] != manifest.fingerprint
+
+
 @pytest.mark.parametrize("key", ["hidden_size", "num_hidden_layers"])
 def test_base_with_other_shapes_is_refused_naming_the_key(key, tmp_path, other_checkpoints):
     trained_save(tmp_path / "out", "lora")
@@ -683,7 +769,7 @@ def test_failed_final_rename_keeps_the_previous_save_in_place(tmp_path, monkeypa
             raise OSError("simulated crash while renaming the new save into place")
         return real_replace(src, dst)
 
-    monkeypatch.setattr(store.os, "replace", replace)
+    monkeypatch.setattr(os, "replace", replace)
     base = tiny()
     strategy, config, model = apply("linear-probe", base)
     with pytest.raises(OSError, match="simulated crash"):

@@ -230,3 +230,72 @@ def test_gradient_accumulation_matches_a_larger_batch(tmp_path):
     for name, tensor in weights[0].items():
         assert not torch.equal(tensor, initial[name]), name
         torch.testing.assert_close(weights[1][name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+
+
+# --------------------------------------------------------------------------------------------
+# Precision: on a GPU the base is bf16; what a strategy trains is kept in float32 master weights.
+
+
+@pytest.fixture
+def bf16_base(monkeypatch):
+    """Bases load in bf16, as they do on a GPU."""
+    import adapters.training as pipeline
+
+    real = pipeline.load_base_model
+    monkeypatch.setattr(pipeline, "load_base_model", lambda *args, **kwargs: real(*args, dtype=torch.bfloat16))
+
+
+def test_a_bf16_base_trains_float32_master_weights_that_keep_small_updates(bf16_base):
+    from adapters.runspec import resolve
+    from adapters.training import build, make_accelerator, make_batches, optimizer_step
+
+    run = resolve(adapters.RunSpec(model="random:tiny", strategy="linear-probe", learning_rate=1e-6, **SMALL))
+    base, model, _ = build(run, torch.device("cpu"))
+    trainable = dict(adapters.trainable_parameters(model))
+    assert {p.dtype for p in trainable.values()} == {torch.float32}
+    assert {p.dtype for p in model.parameters() if not p.requires_grad and p.is_floating_point()} == {torch.bfloat16}
+    before = {n: p.detach().clone() for n, p in trainable.items()}
+    optimizer = torch.optim.AdamW(list(trainable.values()), lr=1e-6, weight_decay=0.0)
+    batch = {k: v[:2] for k, v in make_batches(run.dataset.train, base, 32, "train").tensors.items()}
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as Accelerate computes on a GPU
+        optimizer_step(model, [batch], optimizer, make_accelerator())
+    for name, p in trainable.items():
+        delta = p.detach() - before[name]
+        assert 0 < delta.abs().max() <= 1.01e-6, name  # AdamW's first step moves each weight by about lr
+        assert (delta != 0).float().mean() > 0.99, name
+        # The same update applied to bf16 weights would round nearly all of it away (all but tiny
+        # weights, such as a padding token's row of zeros).
+        pure = before[name].bfloat16() + delta.bfloat16()
+        assert (pure == before[name].bfloat16()).float().mean() > 0.95, name
+
+
+def test_a_run_on_a_bf16_base_records_its_precision_and_resumes_its_master_weights(bf16_base, tmp_path):
+    from safetensors.torch import load_file
+
+    from adapters.checkpoints import resume_spec
+
+    settings = dict(model="random:tiny", strategy="full-finetune", learning_rate=1e-5, save_every=1,
+                    **{**SMALL, "eval_batches": 0})
+    whole = adapters.train(adapters.RunSpec(**settings, output=str(tmp_path / "whole")), progress=False)
+    assert whole.status == "completed", whole.reason
+    precision = {"base_dtype": "bfloat16", "trainable_dtype": ["float32"], "master_weights": ["bfloat16"],
+                 "autocast": None}
+    assert whole.precision == precision
+    manifest = json.loads((tmp_path / "whole" / "adapters.json").read_text())
+    assert manifest["training"]["precision"] == precision
+    # The result is in the strategy's dtype, as adapters.load gives it back; checkpoints hold float32.
+    assert {p.dtype for _, p in adapters.trainable_parameters(whole.trained)} == {torch.bfloat16}
+    assert {t.dtype for t in load_file(tmp_path / "whole" / "weights.safetensors").values()} == {torch.bfloat16}
+    at_step_2 = load_file(tmp_path / "whole" / "checkpoints" / "step-2" / "model" / "weights.safetensors")
+    assert {t.dtype for t in at_step_2.values()} == {torch.float32}
+    # A resumed run continues from the float32 weights, not from their bf16 rounding.
+    cut = tmp_path / "cut"
+    stopped = adapters.train(adapters.RunSpec(**settings, output=str(cut)), progress=False, stop=lambda s: s == 1)
+    assert stopped.status == "interrupted"
+    assert not (cut / "checkpoints" / "step-2").exists()
+    resumed = adapters.train(resume_spec(cut, {}, {}), progress=False)
+    assert resumed.status == "completed" and resumed.precision == precision
+    got = load_file(cut / "checkpoints" / "step-2" / "model" / "weights.safetensors")
+    for name, tensor in at_step_2.items():
+        assert torch.equal(got[name], tensor), name

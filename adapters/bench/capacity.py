@@ -12,7 +12,7 @@ from .settings import BenchSettings, Measurement
 from .worker import run_case
 
 # A try is as short as a measurement gets: its peak is all the search needs.
-TRY = Measurement(steps=1, warmup=1, repeats=1, quality_steps=0)
+TRY = Measurement(steps=1, warmup=1, repeats=1, quality_steps=0, loads=1)
 
 
 def search_limit(settings: BenchSettings) -> int | None:

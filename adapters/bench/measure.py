@@ -2,11 +2,14 @@
 
 It reuses the training pipeline (`adapters.training.build`, `training_step`), so what is measured is
 what `adapters train` runs: load and apply, then time the steps, split the memory peak into its
-parts, and, on a GPU, add MFU and energy; optionally held-out quality over a short real training.
+parts, and, on a GPU, add MFU and energy; then, with more than one repeat, load again
+(`Measurement.loads`), so the report holds the load time's own spread; optionally held-out quality
+over a short real training.
 """
 from __future__ import annotations
 
 import dataclasses
+import gc
 import resource
 import statistics
 import time
@@ -48,6 +51,7 @@ class _Training:
     load_s: float
     params: ParameterCount
     declared: int | None  # the trainable count the strategy declared, if it does
+    device: torch.device
 
 
 def measure(spec: RunSpec, measurement: Measurement) -> dict[str, Any]:
@@ -75,8 +79,16 @@ def measure(spec: RunSpec, measurement: Measurement) -> dict[str, Any]:
         result["mfu"] = _mfu(run, training.params, result["tokens_per_s"])
         if energy_start is not None and energy_end is not None:
             result["energy_j_per_token"] = (energy_end - energy_start) / 1000 / timed_tokens
+    device = training.device
+    del training  # free its memory before the model loads again
+    for _ in range(measurement.loads - 1):
+        try:
+            result["load_s_repeats"].append(_load_again(run, device))
+        except Exception as exc:  # e.g. out of memory: what was measured stands, without the load time's spread
+            result["flags"].append(f"loading again failed, so load time has no spread: {type(exc).__name__}: "
+                                   f"{exc}"[:300])
+            break
     if measurement.quality_steps:
-        del training  # free its memory before the quality run loads the model again
         result["quality"], quality_flags = _quality(spec, measurement.quality_steps)
         result["flags"].extend(quality_flags)
     return result
@@ -112,7 +124,22 @@ def _set_up(run: Run) -> _Training:
     def step(i: int) -> torch.Tensor:
         return training_step(model, batch, optimizer, accelerator, i)[0]
 
-    return _Training(model, optimizer, batch, step, load_s, params, declared)
+    return _Training(model, optimizer, batch, step, load_s, params, declared, accelerator.device)
+
+
+def _load_again(run: Run, device: torch.device) -> float:
+    """Seconds to load and apply ``run`` once more in this process (warm: imports done, files cached)."""
+    from ..training import build
+
+    gc.collect()  # the previous copy's memory, before this one takes its own
+    start = time.perf_counter()
+    loaded = build(run, device)
+    seconds = time.perf_counter() - start
+    del loaded
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return seconds
 
 
 def _time_steps(step: Callable[[int], torch.Tensor], measurement: Measurement,
@@ -148,11 +175,15 @@ def _result(run: Run, measurement: Measurement, training: _Training, times: list
         "status": "ok",
         "message": None,
         "load_s": training.load_s,
+        "load_s_repeats": [training.load_s],  # every load's seconds, the first (load_s) in a fresh process
         "step_s": {"median": median, "min": flat[0], "max": flat[-1], "spread": (flat[-1] - flat[0]) / median,
                    "repeat_medians": [statistics.median(r) for r in times]},
         "steps_run": measurement.warmup + measurement.steps * measurement.repeats,
         "tokens_per_step": tokens,
         "tokens_per_s": tokens / median,
+        # What the row really ran with: bench never backs off, but a row that did must say so (compare checks it).
+        "batch_size": run.spec.batch_size,
+        "gradient_accumulation_steps": 1,
         "trainable_parameters": training.params.trainable,
         "declared_trainable_parameters": training.declared,
         "total_parameters": training.params.total,
@@ -288,9 +319,17 @@ def _quality(spec: RunSpec, steps: int) -> tuple[dict[str, Any], list[str]]:
 
     result = train(dataclasses.replace(spec, max_steps=steps), progress=False)
     if result.status != "completed":
-        return {"steps": steps, "status": "failed", "message": result.reason}, ["non-finite loss"]
+        return ({"steps": steps, "status": "failed", "message": result.reason},
+                [f"quality run {result.status}: {result.reason}"])
     flags = []
-    if len(result.losses) > 1 and result.after["loss"] >= result.before["loss"]:
+    before, after = result.before.get("loss"), result.after.get("loss")
+    if len(result.losses) > 1 and before is not None and after is not None and after >= before:
         flags.append("held-out loss did not decrease over the quality steps")
-    return {"steps": steps, "status": "ok", "before": result.before, "after": result.after,
-            "losses": result.losses}, flags
+    quality = {"steps": steps, "status": "ok", "before": result.before, "after": result.after, "losses": result.losses}
+    backoffs = result.backoffs
+    if backoffs:  # out of memory: the quality run went on with a smaller micro-batch; compare must know
+        batch, accumulation = backoffs[-1]["batch_size"], backoffs[-1]["gradient_accumulation_steps"]
+        quality.update(batch_size=batch, gradient_accumulation_steps=accumulation)
+        flags.append(f"quality run backed off after running out of memory: micro-batch {spec.batch_size} x "
+                     f"{spec.gradient_accumulation_steps} -> {batch} x {accumulation}")
+    return quality, flags

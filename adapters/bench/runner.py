@@ -1,8 +1,13 @@
 """Run a benchmark suite: every strategy in a fresh process, the plan beside each, into one report."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
+import signal
+import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +18,7 @@ from .capacity import find_capacity, search_limit
 from .predict import predict
 from .provenance import device_kind, provenance
 from .settings import BenchSettings
-from .worker import run_case
+from .worker import null_non_finite, run_case
 
 
 @dataclasses.dataclass
@@ -23,29 +28,116 @@ class _Outcome:
     results: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     measured: list[tuple[RunSpec, dict[str, Any]]] = dataclasses.field(default_factory=list)  # the run, its result
     capacity: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    interrupted: str | None = None  # the signal that stopped the suite
 
 
-def run_bench(settings: BenchSettings, progress: bool = True) -> dict[str, Any]:
+def run_bench(settings: BenchSettings, progress: bool = True, *, overwrite: bool = False) -> dict[str, Any]:
     """Benchmark every strategy in ``settings`` and return the report (also written to ``output``).
 
     With ``find_max`` set, each strategy's largest batch size or sequence length is searched by real
-    runs instead, and the report's result for it is the run at that value. Ctrl-C keeps what was
-    measured and records the other strategies as cancelled.
+    runs instead, and the report's result for it is the run at that value.
+
+    An existing ``output`` is refused before any work, unless ``overwrite`` and it is a report
+    (`adapters.reports.check_output`). Ctrl-C (SIGINT) or SIGTERM, at any point of the suite or of
+    the predictions after it, stops it: the report keeps what was measured, records the other
+    strategies as cancelled, is written all the same, and says ``"interrupted": true``.
     """
-    refusals = _refusals(settings)
+    from ..reports.output import check_output, is_bench_report
+
     output = Path(settings.output) if settings.output else None
-    if output is not None and output.exists():
-        raise AdaptersError(f"--output {output}: exists. Choose a new file name; reports are never overwritten.")
-    outcome = _run_cases(settings, refusals, search_limit(settings), progress)
-    shapes: dict[str, Any] = {}
-    for spec, result in outcome.measured:
-        if result["status"] == "ok":
-            result["prediction"] = predict(spec, result, shapes)
-    report = _report(settings, outcome)
     if output is not None:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        write_json(output, report)
+        check_output(output, overwrite, is_bench_report, "a report written by `adapters bench`")
+    outcome = _Outcome()
+    try:
+        with _signals_interrupt(outcome):
+            refusals = _refusals(settings)
+            _run_cases(settings, refusals, search_limit(settings), progress, outcome)
+            shapes: dict[str, Any] = {}
+            for spec, result in outcome.measured:
+                if result["status"] == "ok":
+                    result["prediction"] = predict(spec, result, shapes)
+    except KeyboardInterrupt:  # keep what was measured; mark the rest
+        outcome.interrupted = outcome.interrupted or "SIGINT"
+    with _signals_deferred():  # a second Ctrl-C must not cost the report
+        if outcome.interrupted:
+            _cancel_the_rest(settings, outcome)
+        if output is not None:
+            output = _free_output(output, overwrite)
+            settings = dataclasses.replace(settings, output=str(output))
+        report = null_non_finite(_report(settings, outcome))  # strict JSON, whatever slipped through
+        if output is not None:
+            output.parent.mkdir(parents=True, exist_ok=True)
+            write_json(output, report)
     return report
+
+
+@contextlib.contextmanager
+def _signals_interrupt(outcome: _Outcome) -> Iterator[None]:
+    """SIGINT and SIGTERM raise KeyboardInterrupt in the block (SIGTERM too: a CI timeout keeps the report)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def stop(signum, frame) -> None:
+        outcome.interrupted = signal.Signals(signum).name
+        raise KeyboardInterrupt
+
+    for s in previous:
+        signal.signal(s, stop)
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Within the block (writing the report: a moment), SIGINT and SIGTERM are noted, not obeyed."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def wait(signum, frame) -> None:
+        print(f"\n{signal.Signals(signum).name}: writing the report with what was measured; a moment.",
+              file=sys.stderr, flush=True)
+
+    for s in previous:
+        signal.signal(s, wait)
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _cancel_the_rest(settings: BenchSettings, outcome: _Outcome) -> None:
+    """Strategies without a result are cancelled; measured ones keep their result, without a prediction
+    when the interrupt came before it."""
+    done = {r["strategy"] for r in outcome.results}
+    outcome.results.extend({"strategy": name, "status": "cancelled", "message": f"interrupted ({outcome.interrupted}) "
+                            "before it ran to the end"} for name in settings.strategies if name not in done)
+    for result in outcome.results:
+        if result["status"] == "ok" and "prediction" not in result:
+            result["prediction"] = {"status": "cancelled", "message": "interrupted before the plan's prediction"}
+
+
+def _free_output(output: Path, overwrite: bool) -> Path:
+    """``output``, or where the report goes when something took its place during the run: the
+    measurements are never lost for a name."""
+    from ..reports.output import check_output, is_bench_report
+
+    try:
+        check_output(output, overwrite, is_bench_report, "a report written by `adapters bench`")
+        return output
+    except AdaptersError as exc:
+        n = 1
+        while (moved := output.with_name(f"{output.stem}.{n}{output.suffix}")).exists():
+            n += 1
+        print(f"Note: {exc} Writing the report to {moved} instead.", file=sys.stderr, flush=True)
+        return moved
 
 
 def _refusals(settings: BenchSettings) -> dict[str, str]:
@@ -64,11 +156,11 @@ def _refusals(settings: BenchSettings) -> dict[str, str]:
     return refusals
 
 
-def _run_cases(settings: BenchSettings, refusals: dict[str, str], limit: int | None, progress: bool) -> _Outcome:
-    """Each strategy measured (or its capacity searched) in its own process, in order."""
+def _run_cases(settings: BenchSettings, refusals: dict[str, str], limit: int | None, progress: bool,
+               outcome: _Outcome) -> None:
+    """Each strategy measured (or its capacity searched) in its own process, in order, into ``outcome``."""
     from tqdm.auto import tqdm
 
-    outcome = _Outcome()
     measurement = settings.measurement()
     bar = tqdm(settings.strategies, desc="bench", unit="strategy", disable=not progress)
     try:
@@ -87,13 +179,8 @@ def _run_cases(settings: BenchSettings, refusals: dict[str, str], limit: int | N
                 result = run_case(spec, measurement)
             outcome.results.append(result)
             outcome.measured.append((spec, result))
-    except KeyboardInterrupt:  # keep what was measured; mark the rest
-        done = {r["strategy"] for r in outcome.results}
-        outcome.results.extend({"strategy": name, "status": "cancelled", "message": "interrupted by the user"}
-                               for name in settings.strategies if name not in done)
     finally:
         bar.close()
-    return outcome
 
 
 def _report(settings: BenchSettings, outcome: _Outcome) -> dict[str, Any]:
@@ -110,6 +197,8 @@ def _report(settings: BenchSettings, outcome: _Outcome) -> dict[str, Any]:
                      "dtype": "bfloat16" if device == "cuda" else "float32", "device": device},
         "results": outcome.results,
     }
+    if outcome.interrupted:
+        report["interrupted"] = True
     if settings.find_max:
         report["capacity"] = outcome.capacity
     return report

@@ -27,6 +27,7 @@ class Measurement:
     repeats: int = 1
     quality_steps: int = 0  # >0: held-out quality before and after this many steps on real data
     memory_limit: str | None = None  # on a GPU, allocations past it fail with a real out-of-memory error
+    loads: int = 1  # loads of the model, the first one for the timed steps: two or more give load time a spread
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -60,7 +61,10 @@ class BenchSettings:
 
     def measurement(self) -> Measurement:
         """How each case of the suite is measured."""
-        return Measurement(self.steps, self.warmup, self.repeats, self.quality_steps, self.memory_limit)
+        # Each repeat also loads the model again (after the first, for the steps), so that load time has
+        # a spread of its own, as step time does; one repeat, one load (loading can take long: nf4 on a CPU).
+        return Measurement(self.steps, self.warmup, self.repeats, self.quality_steps, self.memory_limit,
+                           loads=self.repeats)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

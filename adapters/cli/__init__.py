@@ -18,7 +18,7 @@ from typing import Any
 
 import click
 
-from ..errors import AdaptersError, NothingKept
+from ..errors import AdaptersError, NothingKept, OtherBase, OutOfMemoryBackoff, TokenizerFallback
 
 
 class _KernelNoticeFilter(logging.Filter):
@@ -46,10 +46,11 @@ def cli() -> None:
 
 
 def _format_warning(message, category, filename, lineno, line=None) -> str:
-    """A skipped plugin is reported on one line, without the source location of the warning."""
+    """A skipped plugin, an out-of-memory back-off, another base, a tokenizer fallback: one line, no location."""
     from ..host import PluginWarning
 
-    if isinstance(category, type) and issubclass(category, PluginWarning):
+    said_once = (PluginWarning, OutOfMemoryBackoff, OtherBase, TokenizerFallback)
+    if isinstance(category, type) and issubclass(category, said_once):
         return f"Warning: {message}\n"
     if isinstance(category, type) and issubclass(category, NothingKept):
         return f"Note: {message}\n"

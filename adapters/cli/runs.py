@@ -46,7 +46,9 @@ from .tables import plan_rows, train_summary
 @click.option("--report-to", "report_to", multiple=True, metavar="TRACKER",
               help="An Accelerate tracker: tensorboard, wandb, mlflow, ... (repeatable); logs go to OUTPUT/logs.")
 @click.option("--output", default=None, help="Directory to save the trained strategy, its checkpoints and metrics in.")
-@click.option("--overwrite", is_flag=True, help="Replace a non-empty --output directory.")
+@click.option("--overwrite", is_flag=True, help="Replace --output when it holds an earlier adapters run.")
+@click.option("--allow-other-base", is_flag=True, default=None,
+              help="With --resume: continue onto a base whose weights differ from the checkpoint's.")
 @click.option("--resume", "resume", default=None, metavar="OUTPUT",
               help="Continue the run in OUTPUT from its newest checkpoint, with the settings recorded there.")
 @click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE", help="A strategy option (repeatable).")
@@ -58,7 +60,8 @@ def train(ctx: click.Context, assignments: tuple[str, ...], config_file: str | N
     """Train a strategy on a base model, evaluate it before and after, and save it.
 
     Exits 130 when interrupted (after writing a checkpoint, with the command to resume), 1 when the
-    run failed (a non-finite loss).
+    run failed (a loss, a weight or a held-out metric not finite, or out of memory even with a
+    micro-batch of 1); a failed run saves nothing and keeps any earlier save.
     """
     from ..checkpoints import resume_spec
     from ..options import parse_assignments
@@ -68,6 +71,8 @@ def train(ctx: click.Context, assignments: tuple[str, ...], config_file: str | N
     given = {k: (list(v) if isinstance(v, tuple) else v) for k, v in flags.items()
              if ctx.get_parameter_source(k) == ParameterSource.COMMANDLINE}
     options = parse_assignments(assignments)
+    if given.get("allow_other_base") and resume is None:
+        raise AdaptersError("--allow-other-base applies to --resume OUTPUT only: a new run records its own base.")
     if resume is not None:
         if config_file:
             raise AdaptersError("--resume takes the settings recorded in the run; drop --config.")
@@ -93,7 +98,8 @@ def train(ctx: click.Context, assignments: tuple[str, ...], config_file: str | N
 @click.option("--seq-len", type=int, default=None)
 @click.option("--steps", type=int, default=None, help="Timed steps per repeat.")
 @click.option("--warmup", type=int, default=None, help="Untimed steps first.")
-@click.option("--repeats", type=int, default=None)
+@click.option("--repeats", type=int, default=None,
+              help="Repeats of the timed steps, and loads of the model: two or more give load time a spread.")
 @click.option("--gradient-checkpointing", is_flag=True, default=None)
 @click.option("--seed", type=int, default=None)
 @click.option("--quality-steps", type=int, default=None, help="Also measure held-out quality over this many steps.")
@@ -101,12 +107,17 @@ def train(ctx: click.Context, assignments: tuple[str, ...], config_file: str | N
 @click.option("--find-max-seq-len", is_flag=True, help="Search each strategy's largest sequence length by real runs.")
 @click.option("--memory-limit", default=None, metavar="SIZE",
               help="With --find-max-*: a try whose peak exceeds SIZE (e.g. 4GiB) fails; required on the CPU.")
-@click.option("--output", default=None, help="Report file [default: bench-<model>-<time>.json]; never overwritten.")
+@click.option("--output", default=None, help="Report file [default: bench-<model>-<time>.json].")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --output file, only if it is a benchmark report.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of a table.")
-def bench(suite: str | None, as_json: bool, find_max_batch: bool, find_max_seq_len: bool, **flags: Any) -> None:
+@click.pass_context
+def bench(ctx: click.Context, suite: str | None, as_json: bool, find_max_batch: bool, find_max_seq_len: bool,
+          overwrite: bool, **flags: Any) -> None:
     """Benchmark strategies for memory and speed, each in a fresh process.
 
     Every measured peak has the plan's prediction beside it (see `adapters plan`), with its error.
+    Interrupted (Ctrl-C, SIGTERM), it still writes the report with what it measured, the rest
+    cancelled, and exits 130.
     """
     import time
 
@@ -124,12 +135,16 @@ def bench(suite: str | None, as_json: bool, find_max_batch: bool, find_max_seq_l
     if settings.output is None:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         settings.output = f"bench-{settings.model.replace(':', '-').replace('/', '-')}-{stamp}.json"
-    report = run_bench(settings)
+    report = run_bench(settings, overwrite=overwrite)
     if as_json:
         echo_json(report)
-        return
-    print_summary(report)
-    click.echo(f"report written to {settings.output}")
+    else:
+        print_summary(report)
+        click.echo(f"report written to {report['settings']['output']}")
+    if report.get("interrupted"):
+        click.echo(f"Interrupted: the report {report['settings']['output']} holds what was measured; "
+                   "the other strategies are recorded as cancelled.", err=True)
+        ctx.exit(130)
 
 
 @cli.command()

@@ -132,18 +132,26 @@ def train_summary(result: TrainResult) -> str:
     p = result.parameters
     head = (f"{result.strategy} on {result.model} ({result.quantization}, {result.task}): "
             f"{p.trainable:,} of {p.total:,} parameters trained ({100 * p.fraction:.2f}%)")
+    backoffs = [f"out of memory at step {b['step']}: micro-batch {b['from_batch_size']} -> {b['batch_size']}, "
+                f"accumulation {b['from_gradient_accumulation_steps']} -> {b['gradient_accumulation_steps']}"
+                for b in result.backoffs]
     if result.status != "completed":
-        lines = [head, f"{result.status}: {result.reason}"]
+        lines = [head, *backoffs, f"{result.status}: {result.reason}"]
         if result.checkpoints:
             lines.append(f"last checkpoint: {result.checkpoints[-1]}")
         if result.resume_command:
             lines.append(f"resume with: {result.resume_command}")
         return "\n".join(lines)
     metric = "perplexity" if result.task == "causal-lm" else "accuracy"
-    return (
-        f"{head}\n"
-        f"held-out loss {result.before['loss']:.4f} -> {result.after['loss']:.4f}, "
-        f"{metric} {result.before[metric]:.4g} -> {result.after[metric]:.4g}\n"
-        f"{result.steps} steps in {result.seconds:.1f} s, {result.tokens_per_s:,.0f} tokens/s"
-        + (f"\nsaved to {result.output}" if result.output else "")
-    )
+    return "\n".join([
+        head, *backoffs,
+        f"held-out loss {_measured(result.before['loss'], '.4f')} -> {_measured(result.after['loss'], '.4f')}, "
+        f"{metric} {_measured(result.before[metric], '.4g')} -> {_measured(result.after[metric], '.4g')}",
+        f"{result.steps} steps in {result.seconds:.1f} s, {result.tokens_per_s:,.0f} tokens/s",
+        *([f"saved to {result.output}"] if result.output else []),
+    ])
+
+
+def _measured(value: float | None, spec: str) -> str:
+    """A held-out metric, or a dash where it was not measured (--eval-batches 0)."""
+    return "-" if value is None else format(value, spec)

@@ -1,12 +1,20 @@
-"""A model's shape from its config alone: the skeleton built on the meta device, and its layer family."""
+"""A model's shape from its config alone: the skeleton built on the meta device, and its layer family.
+
+The skeleton also lets a run check, before any weight loads, that its strategy applies to the model
+(`check_applies`).
+"""
 from __future__ import annotations
 
+import copy
 import re
+from typing import Any
 
 import torch
 
-from ..contract import LinearShape, ModelShape
+from ..contract import LinearShape, ModelShape, Strategy, declared_trainable
+from ..errors import AdaptersError
 from ..models import check_model_task, model_config, quiet_transformers, resolve_model
+from ..nn import is_linear, linear_features
 
 # The layer families whose activations the memory model knows, by the modules a layer must have.
 _FAMILY_PARTS = {
@@ -24,7 +32,7 @@ _INPUT_KEPT = {"self_attn.o_proj"}  # SDPA keeps its output, which o_proj reads
 def model_shape(name: str, task: str | None = None, device: str = "cuda", num_labels: int = 2) -> ModelShape:
     """The shape of a model from its config, on the meta device: nothing is downloaded or allocated."""
     task = check_model_task(resolve_model(name), task)
-    model = _meta_model(name, task, device, num_labels)
+    model = meta_model(model_config(name), task, device, num_labels)
     c = model.config
     heads = getattr(c, "num_attention_heads", 0)
     head_dim = getattr(c, "head_dim", None) or (c.hidden_size // heads if heads else 0)
@@ -39,17 +47,37 @@ def model_shape(name: str, task: str | None = None, device: str = "cuda", num_la
     )
 
 
-def _meta_model(name: str, task: str, device: str, num_labels: int) -> torch.nn.Module:
-    """The model for ``task`` without weights, in the dtype training uses on ``device``."""
+def meta_model(config: Any, task: str, device: str, num_labels: int) -> torch.nn.Module:
+    """The model of a transformers ``config`` for ``task`` without weights, in the dtype training uses
+    on ``device``."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    config = model_config(name)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     with torch.device("meta"), quiet_transformers():
         if task == "causal-lm":
-            return AutoModelForCausalLM.from_config(config, dtype=dtype)
+            return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
+        config = copy.deepcopy(config)
         config.num_labels = num_labels
-        return AutoModelForSequenceClassification.from_config(config, dtype=dtype)
+        return AutoModelForSequenceClassification.from_config(config, dtype=dtype, trust_remote_code=False)
+
+
+def check_applies(strategy: Strategy, options: Any, config: Any, task: str, num_labels: int) -> None:
+    """Apply ``strategy`` to the weightless skeleton of the model: an `AdaptersError` it raises there
+    (target_modules that match no layer, say) surfaces before any weight loads.
+
+    Any other error is left for the real model to show: the skeleton has no data to compute with
+    and no quantization, so a strategy may fail on it where it would not on the model.
+    """
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = meta_model(config, task, device, num_labels)
+    try:
+        with torch.device("meta"):  # what apply adds stays weightless too (and costs no time)
+            declared_trainable(strategy, model, options)
+            strategy.apply(model, options)
+    except AdaptersError:
+        raise
+    except Exception:  # see the docstring
+        pass
 
 
 def _first_layer(model: torch.nn.Module) -> torch.nn.Module | None:
@@ -74,8 +102,7 @@ def _family(layer: torch.nn.Module) -> str | None:
 def _layer_linears(layer: torch.nn.Module) -> list[LinearShape]:
     out = []
     for name, module in layer.named_modules():
-        if isinstance(module, torch.nn.Linear):
+        if is_linear(module):
             leaf = name.rsplit(".", 1)[-1]
-            out.append(LinearShape(leaf, module.in_features, module.out_features,
-                                   _SHARED_INPUTS.get(leaf, name), name in _INPUT_KEPT))
+            out.append(LinearShape(leaf, *linear_features(module), _SHARED_INPUTS.get(leaf, name), name in _INPUT_KEPT))
     return out

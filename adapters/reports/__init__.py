@@ -8,6 +8,7 @@ Modules, one job each:
 * `compare`: verdicts against noise, ``--fail-on``, ``--reference``; returns data.
 * `tables`, `markdown`, `html`, `charts`: what the rendered reports show (charts need matplotlib).
 * `commands`: what `adapters compare` and `adapters report` print and write.
+* `output`: which existing file ``--output --overwrite`` may replace (only a report of ours).
 
 The names below are imported on first use, so ``import adapters.reports`` is cheap and never loads
 matplotlib or torch.
@@ -27,14 +28,15 @@ _EXPORTS = {
     "commands": ["FORMATS", "format_comparison", "format_for", "format_relative", "run_compare", "write_report"],
     "markdown": ["render_markdown"],
     "html": ["render_html"],
+    "output": ["check_output", "is_bench_report", "is_rendered_report"],
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = [
     "Comparison", "FORMATS", "Failure", "METRICS", "Metric", "NotRun", "OkResult", "Provenance", "Relative",
-    "Report", "Result", "Row", "SCHEMA_DIR", "SCHEMA_VERSION", "Settings", "as_report", "compare_reports",
-    "format_comparison", "format_for", "format_relative", "json_schema", "load_report", "noise_band",
-    "parse_fail_on", "read_report", "relative_to", "render_html", "render_markdown", "run_compare", "schema",
-    "write_report", "write_schema",
+    "Report", "Result", "Row", "SCHEMA_DIR", "SCHEMA_VERSION", "Settings", "as_report", "check_output",
+    "compare_reports", "format_comparison", "format_for", "format_relative", "is_bench_report",
+    "is_rendered_report", "json_schema", "load_report", "noise_band", "parse_fail_on", "read_report",
+    "relative_to", "render_html", "render_markdown", "run_compare", "schema", "write_report", "write_schema",
 ]
 
 if TYPE_CHECKING:
@@ -57,6 +59,7 @@ if TYPE_CHECKING:
         schema,
         write_schema,
     )
+    from .output import check_output, is_bench_report, is_rendered_report
 
 
 def __getattr__(name: str) -> Any:

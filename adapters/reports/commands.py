@@ -10,7 +10,7 @@ from typing import Any
 from ..errors import AdaptersError
 from ..files import dumps_json, write_atomic
 from ..text import aligned_table
-from .compare import TIMED_FLOOR, TOLERANCE, Comparison, Failure, Relative, compare_reports, parse_fail_on, relative_to
+from .compare import Comparison, Failure, Relative, compare_reports, noise_rule, parse_fail_on, relative_to
 from .load import load_report
 from .metrics import METRICS
 
@@ -47,8 +47,7 @@ def format_comparison(comparison: Comparison, base_label: str = "base", new_labe
         lines.append(f"only in new: {', '.join(comparison.only_in_new)}")
     for item in comparison.not_compared:
         lines.append(f"not compared: {item['strategy']} (base {item['base']}, new {item['new']})")
-    lines.append(f"noise: timed metrics when the runs' step-time ranges overlap (at least ±{TIMED_FLOOR:.0%}); "
-                 + ", ".join(f"{METRICS[k].label} ±{v:.0%}" for k, v in TOLERANCE.items()))
+    lines.append(noise_rule())
     for f in failures or []:
         lines.append(f"FAIL {f.message}")
     return "\n".join(lines)
@@ -124,10 +123,9 @@ def format_for(output: str | os.PathLike[str] | None, format: str | None) -> str
 
 
 def _check_output(output: Path, overwrite: bool) -> None:
-    if output.is_dir():
-        raise AdaptersError(f"--output {output}: is a directory. Give a file name such as report.html.")
-    if output.exists() and not overwrite:
-        raise AdaptersError(f"--output {output}: exists. Choose a new file name, or pass --overwrite.")
+    from .output import check_output, is_rendered_report
+
+    check_output(output, overwrite, is_rendered_report, "a page or markdown file written by `adapters report`")
 
 
 def write_report(paths: Sequence[str | os.PathLike[str]], output: str | os.PathLike[str] | None = None,
@@ -135,8 +133,9 @@ def write_report(paths: Sequence[str | os.PathLike[str]], output: str | os.PathL
     """Load the reports at ``paths``, render them, and write ``output`` atomically; returns the text.
 
     Without ``output`` nothing is written (the CLI prints the text). An existing ``output`` is
-    refused unless ``overwrite``. Runs are labelled by ``labels`` (one per report), else by their
-    file names.
+    refused unless ``overwrite``, and even then unless it is a page or markdown file this function
+    wrote (`adapters.reports.output`). Runs are labelled by ``labels`` (one per report), else by
+    their file names.
     """
     fmt = format_for(output, format)
     if not paths:

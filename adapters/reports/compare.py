@@ -15,9 +15,18 @@ The noise rule. Every row gets a *noise band*, an interval of new/base ratios th
   runs' ranges overlap, i.e. when some step of one run was as fast as some step of the other. The
   band never narrows below ±2% (`TIMED_FLOOR`): run-to-run drift (clocks, thermals, other load)
   that a single report's spread cannot show.
-* Untimed metrics use a fixed relative tolerance (`TOLERANCE`): 1% for peak memory (allocations
-  are nearly deterministic), 10% for load time (file cache, disk), 1% for held-out loss and
-  accuracy.
+* Load time is judged the same way from the runs' own loads: a report records every load's seconds
+  (``load_s_repeats``: the first, ``load_s``, in a fresh process, then once more per further repeat
+  in the same one), so the change is noise when the two runs' ranges of load times overlap. The
+  band never narrows below ±10% (`LOAD_FLOOR`: file cache and disk drift between runs). A report
+  that recorded no spread (an older one, or one repeat: a single load) is judged conservatively:
+  noise within a factor of 1.5 either way (`LOAD_WITHOUT_SPREAD`).
+* Other untimed metrics use a fixed relative tolerance (`TOLERANCE`): 1% for peak memory
+  (allocations are nearly deterministic), 1% for held-out loss and accuracy.
+
+Settings. Besides the reports' settings, each result may record the micro-batch and accumulation
+it really ran with (a run that backed off after running out of memory); where those differ between
+the reports for a strategy, a warning says so.
 
 ``--reference`` (`relative_to`) states every strategy of one report against a reference strategy,
 hyperfine-style. Its ± propagates both runs' uncertainties as relative errors added in quadrature
@@ -38,7 +47,9 @@ from .metrics import METRICS, Metric
 from .model import OkResult, Report
 
 TIMED_FLOOR = 0.02
-TOLERANCE = {"peak_memory": 0.01, "load_time": 0.10, "heldout_loss": 0.01, "accuracy": 0.01}
+LOAD_FLOOR = 0.10
+LOAD_WITHOUT_SPREAD = 1.5  # a factor either way, for a report without the spread of its load times
+TOLERANCE = {"peak_memory": 0.01, "heldout_loss": 0.01, "accuracy": 0.01}
 DEFAULT_TOLERANCE = 0.01  # an untimed metric added to METRICS without its own tolerance
 # Timed metrics that grow as steps get faster (value ∝ 1/step time); the others grow with step time.
 _INVERSE_TO_STEP_TIME = {"tokens_per_s", "mfu"}
@@ -146,16 +157,66 @@ def _relative_range(metric: Metric, result: OkResult) -> tuple[float, float]:
     return (1 / high, 1 / low) if metric.name in _INVERSE_TO_STEP_TIME else (low, high)
 
 
+def _load_range(result: OkResult) -> tuple[float, float] | None:
+    """The run's load times relative to its reported one, or None when it recorded no spread."""
+    loads = result.load_s_repeats
+    if not loads or len(loads) < 2 or result.load_s <= 0:
+        return None
+    loads = [*loads, result.load_s]
+    return min(loads) / result.load_s, max(loads) / result.load_s
+
+
+def _overlap(base: tuple[float, float], new: tuple[float, float], floor: float) -> tuple[float, float]:
+    """The new/base ratios at which the runs' relative ranges overlap, never narrower than ±``floor``."""
+    # base range [b*base_low, b*base_high] and new range [n*new_low, n*new_high] overlap
+    # exactly when base_low/new_high <= n/b <= base_high/new_low.
+    (base_low, base_high), (new_low, new_high) = base, new
+    return min(base_low / new_high, 1 - floor), max(base_high / new_low, 1 + floor)
+
+
 def noise_band(metric: Metric, base_result: OkResult, new_result: OkResult) -> tuple[float, float]:
     """The new/base ratios of ``metric`` that count as noise (see the module docstring)."""
+    if metric.name == "load_time":
+        base, new = _load_range(base_result), _load_range(new_result)
+        if base is None or new is None:
+            return 1 / LOAD_WITHOUT_SPREAD, LOAD_WITHOUT_SPREAD
+        return _overlap(base, new, LOAD_FLOOR)
     if not metric.timed:
         tol = TOLERANCE.get(metric.name, DEFAULT_TOLERANCE)
         return 1 - tol, 1 + tol
-    base_low, base_high = _relative_range(metric, base_result)
-    new_low, new_high = _relative_range(metric, new_result)
-    # base range [b*base_low, b*base_high] and new range [n*new_low, n*new_high] overlap
-    # exactly when base_low/new_high <= n/b <= base_high/new_low.
-    return min(base_low / new_high, 1 - TIMED_FLOOR), max(base_high / new_low, 1 + TIMED_FLOOR)
+    return _overlap(_relative_range(metric, base_result), _relative_range(metric, new_result), TIMED_FLOOR)
+
+
+def noise_rule() -> str:
+    """The noise rule in one line, as `adapters compare` and the HTML report print it."""
+    return (f"noise: timed metrics and load time when the runs' ranges overlap (at least ±{TIMED_FLOOR:.0%} and "
+            f"±{LOAD_FLOOR:.0%}; load time without its spread recorded: within ×{LOAD_WITHOUT_SPREAD:g}); "
+            + ", ".join(f"{METRICS[k].label} ±{v:.0%}" for k, v in TOLERANCE.items()))
+
+
+def _ran_with(report: Report, run: OkResult | Any) -> dict[str, int]:
+    """The micro-batch and accumulation a result (or its quality run) really ran with: its own record,
+    else the settings."""
+    s = report.settings
+    return {"batch_size": getattr(run, "batch_size", None) or s.batch_size,
+            "gradient_accumulation_steps": getattr(run, "gradient_accumulation_steps", None)
+            or s.gradient_accumulation_steps}
+
+
+def _backoff_warnings(base: Report, new: Report, common: list[str]) -> list[str]:
+    """A warning per strategy (and per quality run) that ran with other settings than its report asked
+    for, where that makes the two runs differ (e.g. one halved its micro-batch after running out of memory)."""
+    base_ok, new_ok = _ok_results(base), _ok_results(new)
+    asked = [{k: getattr(r.settings, k) for k in ("batch_size", "gradient_accumulation_steps")} for r in (base, new)]
+    out = []
+    for name in common:
+        for what, b, n in ((name, base_ok[name], new_ok[name]),
+                           (f"{name}'s quality run", base_ok[name].quality, new_ok[name].quality)):
+            ran = _ran_with(base, b), _ran_with(new, n)
+            if ran[0] != ran[1] and (ran[0] != asked[0] or ran[1] != asked[1]):
+                out.append(f"different settings for {what}: " + ", ".join(_changes(ran[0], ran[1], tuple(ran[0])))
+                           + " (it ran with other settings than its report asked for: a back-off)")
+    return out
 
 
 def _verdict(metric: Metric, base: float, new: float, band: tuple[float, float]) -> tuple[float | None, str]:
@@ -202,6 +263,9 @@ def _warnings(base: Report, new: Report) -> list[str]:
     changed = _changes(base.settings, new.settings, COMPARED_SETTINGS)
     if changed:
         out.append("different settings: " + ", ".join(changed))
+    for name, report in (("base", base), ("new", new)):
+        if report.interrupted:
+            out.append(f"{name} report was interrupted: only what it measured before is there")
     for name, prov in (("base", bp), ("new", np_)):
         if prov.dirty:
             commit = (prov.commit or "unknown")[:12]
@@ -248,7 +312,7 @@ def compare_reports(base: ReportLike, new: ReportLike) -> Comparison:
     not_compared = [{"strategy": s, "base": base_all[s], "new": new_all[s]}
                     for s in base_all if s in new_all and s not in common]
     return Comparison(
-        rows=rows, warnings=_warnings(base, new),
+        rows=rows, warnings=_warnings(base, new) + _backoff_warnings(base, new, common),
         only_in_base=[s for s in base_all if s not in new_all], only_in_new=[s for s in new_all if s not in base_all],
         not_compared=not_compared, base_info=_info(base), new_info=_info(new),
     )

@@ -75,7 +75,7 @@ def _results_table(headers: list[str], rows: list[list[str]], bad: list[bool]) -
 
 def _comparison(reports: list[Report], labels: list[str]) -> list[str]:
     """The verdicts of the second report against the first, as `adapters compare` gives them."""
-    from .compare import TIMED_FLOOR, TOLERANCE, compare_reports
+    from .compare import compare_reports, noise_rule
 
     title = f"<h2 id=\"comparison\">Comparison: {_e(labels[1])} against {_e(labels[0])}</h2>"
     try:
@@ -98,8 +98,7 @@ def _comparison(reports: list[Report], labels: list[str]) -> list[str]:
     leftovers = [f"only in {labels[0]}: {', '.join(comparison.only_in_base)}"] * bool(comparison.only_in_base)
     leftovers += [f"only in {labels[1]}: {', '.join(comparison.only_in_new)}"] * bool(comparison.only_in_new)
     leftovers += [f"not compared: {i['strategy']} ({i['base']}, then {i['new']})" for i in comparison.not_compared]
-    leftovers.append(f"noise: timed metrics when the runs' step-time ranges overlap (at least ±{TIMED_FLOOR:.0%}); "
-                     + ", ".join(f"{METRICS[k].label} ±{v:.0%}" for k, v in TOLERANCE.items()))
+    leftovers.append(noise_rule())
     parts += [f"<p class=\"summary\">{_e(line)}</p>" for line in leftovers]
     return parts
 

@@ -20,7 +20,7 @@ class Metric:
     unit: str
     higher_is_better: bool
     get: Callable[[OkResult], float | None]
-    timed: bool  # derived from step times, so their repeat spread is its noise
+    timed: bool  # derived from step times, so their repeat spread is its noise (load time: its loads' spread)
     show: Callable[[float], str] = lambda v: f"{v:.4f}"
 
     def format(self, value: float | None) -> str:
@@ -33,11 +33,12 @@ class Metric:
 
 
 def _after(key: str) -> Callable[[OkResult], float | None]:
-    """Held-out ``key`` after the quality steps, when they were measured."""
+    """Held-out ``key`` after the quality steps, when they were measured (a failed quality run has none)."""
 
     def get(result: OkResult) -> float | None:
         quality = result.quality
-        return quality.after.get(key) if quality is not None and quality.after else None
+        ok = quality is not None and quality.status == "ok" and quality.after
+        return quality.after.get(key) if ok else None
 
     return get
 

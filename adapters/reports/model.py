@@ -119,10 +119,13 @@ class Quality(Struct, kw_only=True):
 
     steps: Count
     status: Literal["ok", "failed"]
-    before: dict[str, float] | None = None  # e.g. loss, perplexity, accuracy
-    after: dict[str, float] | None = None
+    before: dict[str, float | None] | None = None  # e.g. loss, perplexity, accuracy; null: not finite
+    after: dict[str, float | None] | None = None
     losses: list[float | None] | None = None
     message: str | None = None
+    # What the quality run ended with, when it backed off after running out of memory (else as the settings say).
+    batch_size: Count | None = None
+    gradient_accumulation_steps: Count | None = None
 
 
 class Prediction(Struct, kw_only=True):
@@ -155,11 +158,19 @@ class OkResult(_Result, tag="ok", kw_only=True):
     name: str
     quantization: Literal["none", "nf4", "fp4", "int8"]
     task: Literal["causal-lm", "sequence-classification"]
-    load_s: Annotated[float, Meta(ge=0)]
+    load_s: Annotated[float, Meta(ge=0)]  # loading the base and applying the strategy in a fresh process
+    # Every load's seconds, load_s first, then loads again in the same process: the load time's own
+    # spread, which compare judges it by. Absent in older reports (compare is then conservative).
+    load_s_repeats: Annotated[list[Annotated[float, Meta(ge=0)]], Meta(min_length=1)] | None = None
     step_s: StepTimes
     steps_run: int | None = None
     tokens_per_step: Count
     tokens_per_s: Annotated[float, Meta(gt=0)]
+    # The micro-batch and accumulation the row really ran with, when it says: a run that backed off
+    # (e.g. halved its micro-batch after running out of memory) differs from the settings, and
+    # compare flags the mismatch. Absent: as the settings say.
+    batch_size: Count | None = None
+    gradient_accumulation_steps: Count | None = None
     trainable_parameters: Count
     declared_trainable_parameters: int | None = None
     total_parameters: Count
@@ -225,6 +236,7 @@ class Report(Struct, kw_only=True):
     settings: Settings
     results: list[Result]
     capacity: list[Capacity] = []
+    interrupted: bool = False  # stopped by Ctrl-C or SIGTERM: what was measured, the rest cancelled
 
     def ok_results(self) -> list[OkResult]:
         return [r for r in self.results if isinstance(r, OkResult)]

@@ -47,7 +47,8 @@ def description(report: Report) -> str:
 
 def run_labels(reports: Sequence[Report], sources: Sequence[str] | None = None,
                labels: Sequence[str] | None = None) -> list[str]:
-    """What charts and headings call each report: ``labels``, else the file names, else model and machine."""
+    """What charts and headings call each report: ``labels``, else the file names, else model and machine
+    (numbered where those repeat; never the timestamp, which says nothing about the run)."""
     if labels:
         if len(labels) != len(reports) or len(set(labels)) < len(labels) or not all(s.strip() for s in labels):
             raise AdaptersError(f"--label given {len(labels)} time(s) for {len(reports)} report(s). "
@@ -56,10 +57,8 @@ def run_labels(reports: Sequence[Report], sources: Sequence[str] | None = None,
     if sources and len(set(sources)) == len(sources):
         return list(sources)
     names = [description(r) for r in reports]
-    if len(set(names)) < len(names):  # same model and machine: tell them apart by time, then by number
-        names = [f"{name}, {r.created}" for name, r in zip(names, reports)]
-    if len(set(names)) < len(names):
-        names = [f"#{i + 1} {name}" for i, name in enumerate(names)]
+    if len(set(names)) < len(names):  # same model and machine: tell them apart by their order
+        names = [f"report {i + 1}: {name}" for i, name in enumerate(names)]
     return names
 
 

@@ -28,12 +28,12 @@ args = ap.parse_args()
 
 cuda = torch.cuda.is_available()
 dtype = torch.bfloat16 if cuda else torch.float32
-kwargs = {"dtype": dtype, "device_map": {"": 0 if cuda else "cpu"}}
+kwargs = {"dtype": dtype, "device_map": {"": 0 if cuda else "cpu"}, "trust_remote_code": False}
 if args.quantization == "nf4":
     kwargs["quantization_config"] = BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
 model = AutoModelForCausalLM.from_pretrained(args.checkpoint, **kwargs)
-tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
+tokenizer = AutoTokenizer.from_pretrained(args.checkpoint, trust_remote_code=False)
 targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 torch.manual_seed(0)
 model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=targets,

@@ -61,7 +61,8 @@ class IA3(adapters.PeftStrategy):
         trainable = largest = 0
         scaled_inputs = {name for name, _ in adapters.targeted_linears(model.meta_model, feedforward)}
         for name, module in adapters.targeted_linears(model.meta_model, targets):
-            width = module.in_features if name in scaled_inputs else module.out_features
+            fan_in, fan_out = adapters.linear_features(module)
+            width = fan_in if name in scaled_inputs else fan_out
             trainable += width
             largest = max(largest, width)
         leaf = lambda names: {n.rsplit(".", 1)[-1] for n in names}  # noqa: E731
