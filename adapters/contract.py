@@ -144,6 +144,36 @@ class RefusesModels(Protocol):
     def refuses_model(self, model_config: Any) -> str | None: ...
 
 
+@runtime_checkable
+class Merges(Protocol):
+    """A strategy whose trained weights fold into the base, for ``adapters merge``.
+
+    ``merge`` gets the trained model (as ``apply`` or ``load`` returned it, on an unquantized base in
+    the compute dtype: the core dequantizes first) and returns a plain transformers model of the
+    base's class with the trained weights folded in, with no wrapper or extra module left, so that
+    ``AutoModelFor....from_pretrained`` loads its saved copy with no PEFT and no adapters code. Raise
+    `adapters.AdaptersError` with the reason when this model or config cannot be merged. A strategy
+    without it is refused by ``adapters merge``, naming the strategy.
+    """
+
+    def merge(self, model: torch.nn.Module, config: Any) -> torch.nn.Module: ...
+
+
+@runtime_checkable
+class ImportsPeft(Protocol):
+    """A strategy that reads adapters saved by plain PEFT, for ``adapters import``.
+
+    ``peft_types`` names the PEFT types it reads (``PeftType`` values such as ``"LORA"``).
+    ``options_from_peft`` turns the directory's ``adapter_config.json`` (a dict, read as plain JSON)
+    into an instance of ``config_class`` that, with the strategy's own ``load``, restores those
+    weights exactly; raise `adapters.AdaptersError` naming the key it cannot express.
+    """
+
+    peft_types: frozenset[str]
+
+    def options_from_peft(self, peft_config: dict[str, Any]) -> Any: ...
+
+
 def declared_trainable(strategy: Strategy, model: torch.nn.Module, config: Any) -> int | None:
     """The trainable count ``strategy`` declares for ``model`` before apply, or None."""
     if not isinstance(strategy, DeclaresTrainable):
