@@ -80,4 +80,4 @@ def main(argv: list[str] | None = None) -> None:
     sys.exit(code if isinstance(code, int) else 0)
 
 
-from . import catalog, results, runs  # noqa: E402, F401  (each module adds its commands to `cli`)
+from . import catalog, results, runs, shipping, using  # noqa: E402, F401  (each module adds its commands to `cli`)
