@@ -153,7 +153,8 @@ class Merges(Protocol):
     base's class with the trained weights folded in, with no wrapper or extra module left, so that
     ``AutoModelFor....from_pretrained`` loads its saved copy with no PEFT and no adapters code. Raise
     `adapters.AdaptersError` with the reason when this model or config cannot be merged. A strategy
-    without it is refused by ``adapters merge``, naming the strategy.
+    without it is refused by ``adapters merge``, naming the strategy; it may say why in a class
+    attribute ``merge_refusal`` (a clause), which ``adapters merge`` and the kit print.
     """
 
     def merge(self, model: torch.nn.Module, config: Any) -> torch.nn.Module: ...

@@ -1,8 +1,10 @@
-"""The built-in datasets: real text that ships with every CPython install.
+"""The built-in datasets: real text that ships with every CPython install (``--data builtin:NAME``).
 
-- causal-lm: "python-reference", the language reference topics from ``pydoc_data``;
+- causal-lm: "python-reference", the language reference topics from ``pydoc_data`` (the default);
+- causal-lm: "instructions", prompt/completion pairs made from the same reference: "Explain X in Python."
+  answered with the start of the reference's section on X;
 - sequence-classification: "stdlib-docstrings", docstrings of public standard-library objects,
-  labelled by their top-level package.
+  labelled by their top-level package (the default).
 """
 from __future__ import annotations
 
@@ -10,7 +12,8 @@ import functools
 import importlib
 import inspect
 import pkgutil
-from collections.abc import Iterator
+import re
+from collections.abc import Callable, Iterator
 from types import ModuleType
 from typing import Any
 
@@ -38,6 +41,56 @@ def python_reference() -> Dataset:
     examples = [Example(topics[name].strip()) for name in names]
     train, heldout = split(examples, names)
     return Dataset(name="python-reference", train=train, heldout=heldout, labels=[])
+
+
+# A section heading in the reference topics: a line underlined by a rule of the same length.
+# (Grid tables have rules too, of "+", "-" and "=", under lines that start with "|".)
+_HEADING = re.compile(r"^(?P<title>[^|\n][^\n]*)\n(?P<rule>([*=\-^~\"])\3*)\n", re.MULTILINE)
+
+# An answer ends at the last paragraph (or sentence) that fits in this many characters: about 130 SmolLM2 tokens,
+# so that most examples fit --seq-len 128 whole and their lengths still vary as real instruction data does.
+MAX_ANSWER_CHARS = 500
+# Sections shorter than this are headings over subsections, or a line such as "New in version 3.5.".
+MIN_ANSWER_CHARS = 100
+
+
+@functools.cache
+def python_instructions() -> Dataset:
+    """One prompt/completion pair per section of the language reference: "Explain TITLE in Python." answered with
+    the section's first paragraphs (`answer`). A section that several topics repeat appears once, and the split is
+    by section, so no held-out section is trained on."""
+    from pydoc_data.topics import topics
+
+    answers: dict[str, str] = {}
+    for name in sorted(topics):
+        text = topics[name]
+        headings = [m for m in _HEADING.finditer(text) if len(m["rule"]) == len(m["title"])]
+        for heading, after in zip(headings, [*headings[1:], None]):
+            body = text[heading.end(): after.start() if after else len(text)].strip()
+            title = heading["title"].strip()
+            if len(body) >= MIN_ANSWER_CHARS and title not in answers and body not in answers.values():
+                answers[title] = body
+    titles = sorted(answers)
+    examples = [Example(prompt=f"Explain {title} in Python.\n", completion=answer(answers[title]),
+                        source=f"builtin:instructions {title!r}") for title in titles]
+    train, heldout = split(examples, titles)
+    return Dataset(name="python-instructions", train=train, heldout=heldout, labels=[], shape="prompt-completion")
+
+
+def answer(body: str, limit: int = MAX_ANSWER_CHARS) -> str:
+    """The start of ``body`` that ends at a paragraph within ``limit`` characters; where whole paragraphs give
+    less than `MIN_ANSWER_CHARS`, at the last sentence (or, without one, word) that fits."""
+    kept = ""
+    for paragraph in body.split("\n\n"):
+        longer = f"{kept}\n\n{paragraph}" if kept else paragraph
+        if len(longer) > limit:
+            break
+        kept = longer
+    if len(kept) >= MIN_ANSWER_CHARS or len(body) <= limit:
+        return kept or body
+    cut = body[: limit + 1]
+    end = max(cut.rfind(". "), cut.rfind(".\n")) + 1 or cut.rfind(" ")
+    return cut[:end].rstrip() if end > 0 else cut[:limit]
 
 
 @functools.cache
@@ -122,3 +175,11 @@ def _public_objects(module: ModuleType, package: str) -> Iterator[Any]:
                     member = member.__func__
                 if inspect.isfunction(member) or isinstance(member, property):
                     yield member
+
+
+# Name -> (builder, task), for --data builtin:NAME.
+BUILTIN: dict[str, tuple[Callable[[], Dataset], str]] = {
+    "python-reference": (python_reference, "causal-lm"),
+    "instructions": (python_instructions, "causal-lm"),
+    "stdlib-docstrings": (stdlib_docstrings, "sequence-classification"),
+}

@@ -1,60 +1,119 @@
-"""Datasets for training language models: the entry point, file readers, splits, tokenization.
+"""Datasets for training: the entry point, readers, splits, and tokenization into labelled tokens.
 
-Dependency-light on purpose: only the standard library and torch. The built-in datasets
-(`adapters.corpora`) are real text shipped with every CPython install, so training works offline
-and gives the same examples on every run.
+A dataset has one shape, detected from its columns (`SHAPES`, first match wins):
+
+- ``messages``: a chat in the OpenAI/Hugging Face format, a list of ``{"role", "content"}`` objects, rendered with
+  the tokenizer's own chat template;
+- ``prompt`` and ``completion``: two strings, joined as they are, the completion followed by the EOS token;
+- ``instruction``, ``output`` and an optional ``input`` (alpaca): made into a prompt with the Alpaca template
+  (`ALPACA_PROMPT`) and a completion;
+- ``text``, with a ``label`` for sequence classification: documents, concatenated and cut into blocks for causal LM.
+
+Instruction and chat data train on the completion only (every assistant turn, for a chat): the other tokens get the
+label `IGNORE_INDEX`, which the loss skips, unless ``train_on_prompt``. Held-out examples are always masked so, so
+the held-out loss is the loss on completions. An example longer than ``--seq-len`` is cut to it from the end; one
+whose prompt leaves no completion token is left out with a warning (`ExamplesSkipped`), and no example left is an
+error. Each example fills one row, right-padded (`padded`), or several fill a row with position ids that restart at
+each (`packed`), which transformers turns into attention that never crosses from one example into another.
+
+Files: ``.txt`` (one example per paragraph), ``.jsonl``, ``.json`` (an array of objects), ``.csv``, ``.parquet``
+and directories written by ``datasets``' ``save_to_disk``; from Python also a ``datasets.Dataset`` or any iterable
+of dicts. Parquet, such directories and Dataset objects go through the `datasets` library, the optional extra
+``adapters-lab[data]``, imported only for them. The built-in datasets (`adapters.corpora`, ``builtin:NAME``) are real
+text shipped with every CPython install, so training works offline and gives the same examples on every run.
 """
 
 from __future__ import annotations
 
+import bisect
+import contextlib
 import csv
 import hashlib
 import json
+import logging
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass
+import tempfile
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
 from .contract import TASKS
 from .errors import AdaptersError
 
-SUPPORTED_EXTENSIONS = (".txt", ".jsonl", ".csv")
+SUPPORTED_EXTENSIONS = (".txt", ".jsonl", ".json", ".csv", ".parquet")
+BUILTIN = "builtin:"
 
 # Fraction of examples kept out of training for evaluation.
 HELDOUT_FRACTION = 0.1
+
+# The label the loss skips (transformers' and torch's cross-entropy default).
+IGNORE_INDEX = -100
+
+# Each shape by the columns that make it, in the order they are detected, so that a file with more columns than one
+# shape needs is read as the richest (a chat file with a "text" column is a chat; alpaca files often carry "text").
+SHAPES: dict[str, tuple[str, ...]] = {
+    "messages": ("messages",),
+    "prompt-completion": ("prompt", "completion"),
+    "alpaca": ("instruction", "output"),
+    "text": ("text",),
+}
+
+# The Stanford Alpaca prompts, which alpaca data was written for.
+ALPACA_PROMPT = ("Below is an instruction that describes a task, paired with an input that provides further context. "
+                 "Write a response that appropriately completes the request.\n\n"
+                 "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
+ALPACA_PROMPT_NO_INPUT = ("Below is an instruction that describes a task. "
+                          "Write a response that appropriately completes the request.\n\n"
+                          "### Instruction:\n{instruction}\n\n### Response:\n")
+
+# Whether instruction and chat data are packed when the run does not say: what benchmarks/packing.py measured best
+# on the built-in instructions (benchmarks/results/packing-cpu-2core.json).
+DEFAULT_PACKING = True
 
 
 class DataError(AdaptersError):
     """The dataset given by the user cannot be read or does not fit the task."""
 
 
+class ExamplesSkipped(UserWarning):
+    """Examples whose prompt fills ``--seq-len`` have nothing left to train on and are left out."""
+
+
 @dataclass
 class Example:
-    """One training document, with a class label for sequence classification."""
+    """One training example: a document (``text``, with a class ``label`` for sequence classification), a
+    ``prompt`` and its ``completion``, or a chat's ``messages``."""
 
-    text: str
+    text: str = ""
     label: str | None = None
+    prompt: str | None = None
+    completion: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    source: str = field(default="", compare=False, repr=False)  # "FILE:LINE" or "NAME row N", for errors
 
 
 @dataclass
 class Dataset:
     """Examples split into train and held-out parts.
 
-    `labels` holds the sorted label names for sequence classification and is
-    empty for causal-lm.
+    `labels` holds the sorted label names for sequence classification and is empty for causal-lm. `shape` is
+    the key of `SHAPES` the data was read as.
     """
 
     name: str
     train: list[Example]
     heldout: list[Example]
     labels: list[str]
+    shape: str = "text"
 
 
 class Tokenizer(Protocol):
-    """The small part of a Hugging Face tokenizer that this module uses."""
+    """The small part of a Hugging Face tokenizer that this module uses (chat data also needs
+    ``chat_template`` and ``apply_chat_template``)."""
 
     eos_token_id: int | None
 
@@ -65,30 +124,48 @@ class Tokenizer(Protocol):
 # Public entry points
 
 
-def load_dataset(source: str | os.PathLike[str] | None, task: str) -> Dataset:
-    """Load the dataset for `task`: the built-in default when `source` is None,
-    otherwise the `.txt`, `.jsonl` or `.csv` file at path `source`.
+def load_dataset(source: Any, task: str) -> Dataset:
+    """Load the dataset for `task` from `source`: None for the built-in default; a path (see the module's
+    docstring) or ``builtin:NAME``; or a ``datasets.Dataset`` / ``DatasetDict`` or an iterable of dicts.
 
-    Raises DataError when the file is missing, malformed, or does not fit the
-    task (e.g. sequence classification without labels).
+    A ``DatasetDict`` (object or saved directory) trains on its "train" split and holds out its "validation" or
+    "test" split; anything else is split by `split`. Raises DataError, naming the file and line or row, when the
+    data is missing, malformed, or does not fit the task (e.g. sequence classification without labels).
     """
     _check_task(task)
     if source is None:
         return default_dataset(task)
-    name = str(source)
-    records = _read_records(Path(source))
-    if task == "sequence-classification":
-        _check_labels(name, records)
-        labels = sorted({r.example.label for r in records if r.example.label is not None})
-        examples = [r.example for r in records]
+    if isinstance(source, (str, os.PathLike)):
+        name = os.fspath(source)
+        if name.startswith(BUILTIN):
+            return builtin_dataset(name.removeprefix(BUILTIN), task)
+        if _is_description(name) and not os.path.exists(name):
+            raise DataError(f"{name}: the run trained on data given in Python, which its records cannot hold; "
+                            "pass the same data again (adapters.train(RunSpec(data=...)), or --data FILE)")
+        parts = _read_path(Path(name))
+    elif _from_datasets(source):
+        parts = _dataset_parts(source, None)
+    elif isinstance(source, (bytes, Mapping)) or not isinstance(source, Iterable):
+        raise DataError(f"data {type(source).__name__}: not a dataset; give a file path, builtin:NAME, "
+                        "a datasets.Dataset or an iterable of dicts")
     else:
-        # Causal LM trains on text alone; drop labels so nothing downstream
-        # mistakes them for targets.
-        labels = []
-        examples = [Example(r.example.text) for r in records]
-    keys = [f"{i}\0{ex.text}" for i, ex in enumerate(examples)]
-    train, heldout = split(examples, keys)
-    return Dataset(name=name, train=train, heldout=heldout, labels=labels)
+        parts = _read_object(source)
+    return _dataset(parts, task)
+
+
+def builtin_dataset(name: str, task: str) -> Dataset:
+    """A built-in dataset by name (`adapters.corpora.BUILTIN`), checked against `task`."""
+    from .corpora import BUILTIN as builtins
+
+    if name not in builtins:
+        raise DataError(f"{BUILTIN}{name}: no such built-in dataset; use one of "
+                        f"{', '.join(BUILTIN + n for n in builtins)}")
+    make, its_task = builtins[name]
+    if its_task != task:
+        raise DataError(f"{BUILTIN}{name} is {its_task} data, not {task}; choose one for {task} or another --task")
+    cached = make()
+    # Fresh lists so a caller that shuffles or edits them cannot corrupt the cache.
+    return Dataset(cached.name, list(cached.train), list(cached.heldout), list(cached.labels), cached.shape)
 
 
 def default_dataset(task: str) -> Dataset:
@@ -101,29 +178,22 @@ def default_dataset(task: str) -> Dataset:
 
     Built once per process and cached.
     """
-    from .corpora import python_reference, stdlib_docstrings
-
     _check_task(task)
-    cached = python_reference() if task == "causal-lm" else stdlib_docstrings()
-    # Fresh lists so a caller that shuffles or edits them cannot corrupt the cache.
-    return Dataset(cached.name, list(cached.train), list(cached.heldout), list(cached.labels))
+    return builtin_dataset("python-reference" if task == "causal-lm" else "stdlib-docstrings", task)
 
 
 def read_file(path: str | os.PathLike[str]) -> list[Example]:
-    """Read examples from a `.txt`, `.jsonl` or `.csv` file.
+    """Read the examples of a file (any of `SUPPORTED_EXTENSIONS`, or a ``save_to_disk`` directory), in order,
+    labels kept.
 
-    - `.txt`: one unlabelled example per blank-line separated paragraph.
-    - `.jsonl`: one JSON object per line with a string `text` and an optional
-      `label` (string or integer); blank lines are skipped.
-    - `.csv`: a header row with a `text` column and an optional `label` column.
-
-    Raises DataError naming the file (and line) for anything unreadable.
+    Raises DataError naming the file (and line or row) for anything unreadable.
     """
-    return [r.example for r in _read_records(Path(path))]
+    parts = _read_path(Path(path))
+    return _examples(parts.rows)[1]
 
 
 # ---------------------------------------------------------------------------
-# Tokenization helpers
+# Tokenization
 
 
 def causal_lm_blocks(texts: Sequence[str], tokenizer: Tokenizer, seq_len: int) -> torch.Tensor:
@@ -159,11 +229,7 @@ def classification_batch_tensors(
     1 on real tokens. `label_ids` indexes into `labels`.
     """
     _check_seq_len(seq_len)
-    pad = getattr(tokenizer, "pad_token_id", None)
-    if pad is None:
-        pad = tokenizer.eos_token_id
-    if pad is None:
-        pad = 0
+    pad = pad_id(tokenizer)
     label_index = {name: i for i, name in enumerate(labels)}
     n = len(examples)
     input_ids = torch.full((n, seq_len), pad, dtype=torch.long)
@@ -187,27 +253,192 @@ def classification_batch_tensors(
     return input_ids, attention_mask, label_ids
 
 
+def pad_id(tokenizer: Tokenizer) -> int:
+    """The tokenizer's pad token, falling back to EOS, then 0."""
+    for pad in (getattr(tokenizer, "pad_token_id", None), tokenizer.eos_token_id):
+        if pad is not None:
+            return pad
+    return 0
+
+
+Row = tuple[list[int], list[int]]  # an example's token ids and labels
+
+
+def is_instruction(examples: Sequence[Example]) -> bool:
+    """Whether ``examples`` are instruction or chat examples (trained on their completions), not documents."""
+    return bool(examples) and (examples[0].prompt is not None or examples[0].messages is not None)
+
+
+def example_tokens(example: Example, tokenizer: Tokenizer, train_on_prompt: bool = False) -> Row:
+    """The token ids of one instruction or chat example, and their labels, untruncated.
+
+    A label is the token's id where the loss trains on it (the completion and the EOS token after it; each
+    assistant turn of a chat, its end-of-turn tokens included) and `IGNORE_INDEX` elsewhere, unless
+    ``train_on_prompt``. The parts are tokenized one by one and joined, so the labels split exactly at their border.
+    """
+    ids: list[int] = []
+    labels: list[int] = []
+    for text, trained in _segments(example, tokenizer):
+        piece = tokenizer.encode(text, add_special_tokens=False) if text else []
+        ids += piece
+        labels += piece if trained or train_on_prompt else [IGNORE_INDEX] * len(piece)
+    if example.messages is None and tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+        labels.append(tokenizer.eos_token_id)
+    return ids, labels
+
+
+def instruction_rows(examples: Sequence[Example], tokenizer: Tokenizer, seq_len: int,
+                     train_on_prompt: bool = False) -> list[Row]:
+    """Each example's (ids, labels) (`example_tokens`), cut to its first `seq_len` tokens.
+
+    An example left with no label to train on (its prompt fills `seq_len`) is left out, and an `ExamplesSkipped`
+    warning counts them; DataError when none is left.
+    """
+    _check_seq_len(seq_len)
+    rows: list[Row] = []
+    for example in examples:
+        ids, labels = example_tokens(example, tokenizer, train_on_prompt)
+        ids, labels = ids[:seq_len], labels[:seq_len]
+        # The first label is never predicted (nothing comes before it), so it cannot be the one trained token.
+        if any(label != IGNORE_INDEX for label in labels[1:]):
+            rows.append((ids, labels))
+    skipped = len(examples) - len(rows)
+    if not rows:
+        raise DataError(f"none of the {len(examples)} examples has a completion token within the first --seq-len "
+                        f"{seq_len} tokens (their prompts fill them); raise --seq-len")
+    if skipped:
+        warnings.warn(f"{skipped} of {len(examples)} examples have prompts of --seq-len {seq_len} tokens or more, "
+                      "which leaves no completion token to train on, so they are left out; raise --seq-len to keep "
+                      "them.", ExamplesSkipped, stacklevel=2)
+    return rows
+
+
+def padded(rows: Sequence[Row], seq_len: int, pad: int) -> dict[str, torch.Tensor]:
+    """One example a row, right-padded to `seq_len`: input_ids, attention_mask and labels, each [n, seq_len]."""
+    n = len(rows)
+    input_ids = torch.full((n, seq_len), pad, dtype=torch.long)
+    attention_mask = torch.zeros((n, seq_len), dtype=torch.long)
+    labels = torch.full((n, seq_len), IGNORE_INDEX, dtype=torch.long)
+    for i, (ids, row_labels) in enumerate(rows):
+        input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[i, : len(ids)] = 1
+        labels[i, : len(ids)] = torch.tensor(row_labels, dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def packed(rows: Sequence[Row], seq_len: int, pad: int) -> dict[str, torch.Tensor]:
+    """Examples packed into rows of `seq_len`: input_ids, position_ids and labels, each [n_rows, seq_len].
+
+    Rows are filled best-fit, longest example first (deterministic: ties keep their order). Position ids restart
+    at 0 at each example, and at the padding that ends a row; with them and no attention mask, transformers
+    attends within each example only (``find_packed_sequence_indices``), as if each had a row of its own. Each
+    example's first label is `IGNORE_INDEX`, so no example is trained to follow the one before it.
+    """
+    bins: list[list[int]] = []  # example indices per row
+    room: list[tuple[int, int]] = []  # (free tokens, row), sorted
+    for i in sorted(range(len(rows)), key=lambda i: -len(rows[i][0])):
+        need = len(rows[i][0])
+        at = bisect.bisect_left(room, (need, -1))
+        if at == len(room):
+            bins.append([i])
+            free, row = seq_len - need, len(bins) - 1
+        else:
+            free, row = room.pop(at)
+            bins[row].append(i)
+            free -= need
+        bisect.insort(room, (free, row))
+    input_ids = torch.full((len(bins), seq_len), pad, dtype=torch.long)
+    position_ids = torch.zeros((len(bins), seq_len), dtype=torch.long)
+    labels = torch.full((len(bins), seq_len), IGNORE_INDEX, dtype=torch.long)
+    for r, members in enumerate(bins):
+        start = 0
+        for i in members:
+            ids, row_labels = rows[i]
+            end = start + len(ids)
+            input_ids[r, start:end] = torch.tensor(ids, dtype=torch.long)
+            position_ids[r, start:end] = torch.arange(len(ids))
+            labels[r, start + 1:end] = torch.tensor(row_labels[1:], dtype=torch.long)
+            start = end
+        position_ids[r, start:] = torch.arange(seq_len - start)
+    return {"input_ids": input_ids, "position_ids": position_ids, "labels": labels}
+
+
+def _segments(example: Example, tokenizer: Tokenizer) -> list[tuple[str, bool]]:
+    """An example's text in parts, each with whether the loss trains on it."""
+    if example.messages is None:
+        return [(example.prompt or "", False), (example.completion or "", True)]
+    return chat_segments(example.messages, tokenizer, example.source)
+
+
+def chat_segments(messages: list[dict[str, Any]], tokenizer: Any, where: str) -> list[tuple[str, bool]]:
+    """A chat rendered by the tokenizer's chat template, in parts, each assistant turn's marked as trained.
+
+    Each assistant turn is what rendering the chat up to and including it adds to rendering the chat before it
+    with the generation prompt: its content and its end-of-turn tokens. This needs no ``{% generation %}`` markers
+    in the template (SmolLM2's has none), only that a template renders a chat's beginning as the whole chat begins.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(f"{where}: chat messages are rendered with the model's chat template, and this model's "
+                        "tokenizer has none; use prompt/completion data, or a model that has one (an -Instruct model)")
+
+    def render(turns: list[dict[str, Any]], generation_prompt: bool = False) -> str:
+        try:
+            text = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=generation_prompt)
+        except Exception as exc:  # jinja2's TemplateError from the template's raise_exception, among others
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            roles = ", ".join(str(m.get("role")) for m in turns)
+            raise DataError(f"{where}: the model's chat template refuses this chat (roles: {roles}): {reason}; "
+                            "fix the order of its roles") from None
+        return text
+
+    whole = render(messages)
+    segments: list[tuple[str, bool]] = []
+    done = 0
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before, through = render(messages[:i], generation_prompt=True), render(messages[: i + 1])
+        if not (whole.startswith(through) and through.startswith(before) and len(before) >= done):
+            raise DataError(f"{where}: the model's chat template renders the chat's beginning differently from the "
+                            f"whole chat (at message {i + 1}), so its assistant turns cannot be told apart; pass "
+                            "--train-on-prompt, or use prompt/completion data")
+        segments += [(whole[done:len(before)], False), (whole[len(before):len(through)], True)]
+        done = len(through)
+    segments.append((whole[done:], False))
+    return segments
+
+
 # ---------------------------------------------------------------------------
-# File reading
+# Reading rows: files, datasets objects, iterables
 
 
 @dataclass
-class _Record:
-    """An example plus the 1-based line it starts on, for error messages."""
-
-    line: int
-    example: Example
+class _Row:
+    where: str  # "FILE:LINE" or "NAME row N"
+    values: Mapping[str, Any]
 
 
-def _read_records(path: Path) -> list[_Record]:
+@dataclass
+class _Parts:
+    name: str
+    rows: list[_Row]
+    heldout: list[_Row] | None = None  # a held-out split the data brings (a DatasetDict's "validation" or "test")
+
+
+def _read_path(path: Path) -> _Parts:
+    if path.is_dir():
+        return _read_saved(path)
     suffix = path.suffix.lower()
     if suffix not in SUPPORTED_EXTENSIONS:
         raise DataError(
             f"{path}: unsupported file type {suffix or '(no extension)'!r}; "
-            f"use one of {', '.join(SUPPORTED_EXTENSIONS)}"
+            f"use one of {', '.join(SUPPORTED_EXTENSIONS)}, or a directory written by datasets' save_to_disk"
         )
     if not path.is_file():
         raise DataError(f"{path}: file not found; check the path or omit it to use the built-in dataset")
+    if suffix == ".parquet":
+        return _read_parquet(path)
     try:
         # utf-8-sig strips the byte-order mark spreadsheet programs put on CSVs.
         text = path.read_text(encoding="utf-8-sig")
@@ -215,27 +446,14 @@ def _read_records(path: Path) -> list[_Record]:
         raise DataError(f"{path}: not valid UTF-8 ({err.reason}); re-save the file as UTF-8") from None
     except OSError as err:
         raise DataError(f"{path}: cannot read file ({err.strerror}); check its permissions") from None
-
     if not text.strip():
         raise DataError(f"{path}: file is empty; add some examples to it")
-    if suffix == ".txt":
-        records = _parse_txt(text)
-    elif suffix == ".jsonl":
-        records = _parse_jsonl(path, text)
-    else:
-        records = _parse_csv(path, text)
-
-    if not records:
-        raise DataError(f"{path}: contains no examples; add some text to it")
-    if len(records) < 2:
-        raise DataError(
-            f"{path}: has only 1 example, need at least 2 (one to train on, one to hold out); add more"
-        )
-    return records
+    parse = {".txt": _parse_txt, ".jsonl": _parse_jsonl, ".json": _parse_json, ".csv": _parse_csv}[suffix]
+    return _Parts(str(path), parse(path, text))
 
 
-def _parse_txt(text: str) -> list[_Record]:
-    records: list[_Record] = []
+def _parse_txt(path: Path, text: str) -> list[_Row]:
+    rows: list[_Row] = []
     paragraph: list[str] = []
     start = 0
     # A trailing blank line flushes the last paragraph.
@@ -245,13 +463,13 @@ def _parse_txt(text: str) -> list[_Record]:
                 start = line_no
             paragraph.append(line)
         elif paragraph:
-            records.append(_Record(start, Example("\n".join(paragraph).strip())))
+            rows.append(_Row(f"{path}:{start}", {"text": "\n".join(paragraph).strip()}))
             paragraph = []
-    return records
+    return rows
 
 
-def _parse_jsonl(path: Path, text: str) -> list[_Record]:
-    records = []
+def _parse_jsonl(path: Path, text: str) -> list[_Row]:
+    rows = []
     for line_no, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -261,59 +479,277 @@ def _parse_jsonl(path: Path, text: str) -> list[_Record]:
         except json.JSONDecodeError as err:
             raise DataError(
                 f"{where}: malformed JSON ({err.msg}); each line must be one object like "
-                '{"text": "...", "label": "..."}'
+                '{"text": "..."} or {"messages": [...]}'
             ) from None
-        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-            raise DataError(f'{where}: expected an object with a string "text" field; add one')
-        label = obj.get("label")
-        # bool is a subclass of int, but `true` as a class name is almost
-        # certainly a mistake, so only real strings and integers are accepted.
-        if label is not None and (isinstance(label, bool) or not isinstance(label, (str, int))):
-            raise DataError(f'{where}: "label" must be a string or integer, got {label!r}')
-        records.append(_make_record(where, line_no, obj["text"], label))
-    return records
+        rows.append(_Row(where, _object(obj, where)))
+    return rows
 
 
-def _parse_csv(path: Path, text: str) -> list[_Record]:
+def _parse_json(path: Path, text: str) -> list[_Row]:
+    try:
+        items = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}:{err.lineno}: malformed JSON ({err.msg}); fix it, or write one object a line "
+                        "in a .jsonl file") from None
+    if not isinstance(items, list):
+        raise DataError(f"{path}: expected a JSON array of objects, not {type(items).__name__}; wrap the "
+                        "examples in [...] or write one object a line in a .jsonl file")
+    return [_Row(f"{path} row {i}", _object(obj, f"{path} row {i}")) for i, obj in enumerate(items, start=1)]
+
+
+def _object(obj: Any, where: str) -> dict[str, Any]:
+    if not isinstance(obj, dict):
+        raise DataError(f'{where}: expected an object like {{"text": "..."}} or {{"prompt": "...", '
+                        f'"completion": "..."}}, not {type(obj).__name__}')
+    return obj
+
+
+def _parse_csv(path: Path, text: str) -> list[_Row]:
     reader = csv.DictReader(text.splitlines(keepends=True))
-    fields = reader.fieldnames or []
-    if "text" not in fields:
-        found = ", ".join(fields) or "none"
-        raise DataError(
-            f'{path}: no "text" column in the header (found: {found}); add a header row with "text"'
-        )
-    records = []
+    rows = []
     try:
         for row in reader:
             # line_num is the line the record ends on; good enough for quoted
-            # multi-line fields and exact for ordinary rows.
-            line_no = reader.line_num
-            text_value = row.get("text") or ""
-            label = row.get("label") or None
-            records.append(_make_record(f"{path}:{line_no}", line_no, text_value, label))
+            # multi-line fields and exact for ordinary rows. An empty label cell is no label.
+            rows.append(_Row(f"{path}:{reader.line_num}",
+                             {k: None if k == "label" and not v else v for k, v in row.items()}))
     except csv.Error as err:
         raise DataError(f"{path}:{reader.line_num}: malformed CSV ({err}); check the quoting") from None
-    return records
+    return rows
 
 
-def _make_record(where: str, line_no: int, text: str, label: str | int | None) -> _Record:
-    if not text.strip():
-        raise DataError(f"{where}: empty text; fill it in or remove the line")
-    return _Record(line_no, Example(text, None if label is None else str(label)))
+@contextlib.contextmanager
+def _datasets_library(what: str) -> Iterator[Any]:
+    """The `datasets` module, quiet (no progress bars; its log of an error we report ourselves is left out), or
+    DataError naming the extra that installs it."""
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"{what}: reading it needs the `datasets` library, which is not installed; install it with "
+                        "pip install 'adapters-lab[data]'") from None
+    shown = not datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    logger = logging.getLogger("datasets")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield datasets
+    finally:
+        logger.setLevel(level)
+        if shown:
+            datasets.enable_progress_bars()
 
 
-def _check_labels(name: str, records: list[_Record]) -> None:
-    unlabelled = [r for r in records if r.example.label is None]
-    if len(unlabelled) == len(records):
+def _read_parquet(path: Path) -> _Parts:
+    with _datasets_library(str(path)) as datasets, tempfile.TemporaryDirectory() as cache:
+        # In memory, with its cache in a directory of its own: nothing is left behind in the user's cache.
+        try:
+            table = datasets.Dataset.from_parquet(str(path), cache_dir=cache, keep_in_memory=True)
+        except Exception as exc:  # pyarrow's errors for a file that is not parquet
+            raise DataError(f"{path}: not a readable parquet file ({_first_line(exc)}); check the file") from None
+        return _Parts(str(path), _table_rows(table, str(path)))
+
+
+def _read_saved(path: Path) -> _Parts:
+    if not any((path / name).is_file() for name in ("dataset_info.json", "state.json", "dataset_dict.json")):
+        raise DataError(f"{path}: a directory, but not one written by datasets' save_to_disk (it has no "
+                        "dataset_info.json or dataset_dict.json); pass a data file or such a directory")
+    with _datasets_library(str(path)) as datasets:
+        try:
+            saved = datasets.load_from_disk(str(path), keep_in_memory=True)
+        except Exception as exc:
+            raise DataError(f"{path}: cannot be read by datasets.load_from_disk ({_first_line(exc)}); save it "
+                            "again with save_to_disk") from None
+        return _dataset_parts(saved, str(path))
+
+
+def _from_datasets(source: Any) -> bool:
+    """A ``datasets.Dataset`` or ``DatasetDict`` (told apart without importing the library)."""
+    return type(source).__module__.split(".")[0] == "datasets" and hasattr(source, "column_names")
+
+
+def _read_object(source: Iterable[Any]) -> _Parts:
+    items = list(source)
+    name = f"<{type(source).__name__}: {len(items)} rows>"
+    return _Parts(name, [_Row(f"{name} row {i}", _object(obj, f"{name} row {i}"))
+                         for i, obj in enumerate(items, start=1)])
+
+
+def _dataset_parts(data: Any, name: str | None) -> _Parts:
+    """Rows of a ``datasets.Dataset``, or of a ``DatasetDict``'s train split with its held-out split; ``name``
+    None for an object, named by its kind and size."""
+    if not isinstance(data.column_names, dict):  # a Dataset; a DatasetDict maps split names to columns
+        name = name or f"<datasets.Dataset: {len(data)} rows>"
+        return _Parts(name, _table_rows(data, name))
+    splits = list(data)
+    train = "train" if "train" in splits else (splits[0] if len(splits) == 1 else None)
+    if train is None:
+        raise DataError(f"{name or 'datasets.DatasetDict'}: has the splits {', '.join(splits)} but none named "
+                        "train; name the one to train on train")
+    held = next((s for s in ("validation", "test") if s in splits), None)
+    name = name or f"<datasets.DatasetDict: {len(data[train])} rows>"
+    return _Parts(name, _table_rows(data[train], f"{name} {train}"),
+                  _table_rows(data[held], f"{name} {held}") if held else None)
+
+
+def _table_rows(table: Any, name: str) -> list[_Row]:
+    return [_Row(f"{name} row {i}", row) for i, row in enumerate(table.to_list(), start=1)]
+
+
+# ---------------------------------------------------------------------------
+# Rows to examples
+
+
+def _dataset(parts: _Parts, task: str) -> Dataset:
+    shape, examples = _examples(parts.rows)
+    if parts.heldout is not None:
+        if not examples or not parts.heldout:
+            raise DataError(f"{parts.name}: its train or held-out split has no examples; add some to it")
+        held_shape, heldout = _examples(parts.heldout)
+        if held_shape != shape:
+            raise DataError(f"{parts.heldout[0].where}: the held-out split is {held_shape} data but the train split "
+                            f"is {shape}; give both splits the same columns")
+        everything = examples + heldout
+    else:
+        _check_count(parts.name, examples)
+        everything = examples
+    if task == "sequence-classification":
+        if shape != "text":
+            raise DataError(f"{parts.name}: {shape} data trains a causal LM; sequence classification needs "
+                            '"text" and "label" columns, or drop --task sequence-classification')
+        _check_labels(parts.name, everything)
+        labels = sorted({ex.label for ex in everything if ex.label is not None})
+    else:
+        # Causal LM trains on text alone; drop labels so nothing downstream mistakes them for targets.
+        labels = []
+        for ex in everything:
+            ex.label = None
+    if parts.heldout is not None:
+        return Dataset(parts.name, examples, heldout, labels, shape)
+    train, heldout = split(examples, [f"{i}\0{_key(ex)}" for i, ex in enumerate(examples)])
+    return Dataset(parts.name, train, heldout, labels, shape)
+
+
+def _key(example: Example) -> str:
+    if example.messages is not None:
+        return json.dumps(example.messages, sort_keys=True)
+    if example.prompt is not None:
+        return f"{example.prompt}\0{example.completion}"
+    return example.text
+
+
+def _examples(rows: list[_Row]) -> tuple[str, list[Example]]:
+    """The rows' shape and their examples; DataError for a row of another shape than the first."""
+    shape, first, examples = "text", None, []
+    for row in rows:
+        this = _shape(row)
+        if first is None:
+            shape, first = this, row
+        elif this != shape:
+            raise DataError(f"{row.where}: a {this} example, but {first.where} is {shape}; use one shape for all "
+                            "examples (split the file)")
+        examples.append(_MAKE[this](row))
+    return shape, examples
+
+
+def _shape(row: _Row) -> str:
+    present = {k for k, v in row.values.items() if v is not None}
+    for shape, columns in SHAPES.items():
+        if all(c in present for c in columns):
+            return shape
+    for columns in SHAPES.values():
+        missing = [c for c in columns if c not in present]
+        if len(missing) < len(columns):
+            have = ", ".join(f'"{c}"' for c in columns if c in present)
+            raise DataError(f'{row.where}: has {have} but no "{missing[0]}"; add it (the shape needs '
+                            f"{' and '.join(columns)}), or remove the row")
+    found = ", ".join(sorted(map(str, row.values))) or "none"
+    raise DataError(f'{row.where}: no "text" column, nor any other this can train on (found: {found}); add a "text" '
+                    'column, or "prompt" and "completion", "instruction" and "output", or "messages"')
+
+
+def _string(row: _Row, key: str, required: bool = True) -> str:
+    value = row.values.get(key)
+    if value is None and not required:
+        return ""
+    if not isinstance(value, str):
+        raise DataError(f'{row.where}: "{key}" must be a string, not {type(value).__name__} {value!r:.40}')
+    if required and not value.strip():
+        raise DataError(f'{row.where}: empty "{key}"; fill it in or remove the row')
+    return value
+
+
+def _text_example(row: _Row) -> Example:
+    value = row.values["text"]
+    if not isinstance(value, str):
+        raise DataError(f'{row.where}: expected a string "text" field, not {type(value).__name__}; make it one')
+    if not value.strip():
+        raise DataError(f"{row.where}: empty text; fill it in or remove the line")
+    label = row.values.get("label")
+    # bool is a subclass of int, but `true` as a class name is almost
+    # certainly a mistake, so only real strings and integers are accepted.
+    if label is not None and (isinstance(label, bool) or not isinstance(label, (str, int))):
+        raise DataError(f'{row.where}: "label" must be a string or integer, got {label!r}')
+    return Example(value, None if label is None else str(label), source=row.where)
+
+
+def _prompt_completion_example(row: _Row) -> Example:
+    return Example(prompt=_string(row, "prompt", required=False), completion=_string(row, "completion"),
+                   source=row.where)
+
+
+def _alpaca_example(row: _Row) -> Example:
+    instruction, output = _string(row, "instruction"), _string(row, "output")
+    extra = _string(row, "input", required=False)
+    prompt = (ALPACA_PROMPT.format(instruction=instruction, input=extra) if extra.strip()
+              else ALPACA_PROMPT_NO_INPUT.format(instruction=instruction))
+    return Example(prompt=prompt, completion=output, source=row.where)
+
+
+def _messages_example(row: _Row) -> Example:
+    value = row.values["messages"]
+    if not isinstance(value, list) or not value:
+        raise DataError(f'{row.where}: "messages" must be a non-empty list of {{"role": ..., "content": ...}} '
+                        f"objects, not {type(value).__name__} {value!r:.40}")
+    messages = []
+    for i, message in enumerate(value, start=1):
+        if not isinstance(message, Mapping) or not isinstance(message.get("role"), str) \
+                or not isinstance(message.get("content"), str):
+            raise DataError(f'{row.where}: message {i} must be an object with a string "role" and a string "content", '
+                            f"not {message!r:.60}")
+        # Columnar files give every message every key any message has, as None where it had none.
+        messages.append({k: v for k, v in message.items() if v is not None})
+    if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
+        raise DataError(f'{row.where}: no "assistant" message with content, so nothing to train on; add the '
+                        "assistant's reply or remove the row")
+    return Example(messages=messages, source=row.where)
+
+
+_MAKE: dict[str, Callable[[_Row], Example]] = {
+    "messages": _messages_example, "prompt-completion": _prompt_completion_example, "alpaca": _alpaca_example,
+    "text": _text_example,
+}
+
+
+def _check_count(name: str, examples: list[Example]) -> None:
+    if not examples:
+        raise DataError(f"{name}: contains no examples; add some to it")
+    if len(examples) < 2:
+        raise DataError(
+            f"{name}: has only 1 example, need at least 2 (one to train on, one to hold out); add more"
+        )
+
+
+def _check_labels(name: str, examples: list[Example]) -> None:
+    unlabelled = [ex for ex in examples if ex.label is None]
+    if len(unlabelled) == len(examples):
         raise DataError(
             f"{name}: examples have no labels, which sequence-classification needs; "
             'add a "label" field (.jsonl) or column (.csv)'
         )
     if unlabelled:
-        raise DataError(
-            f"{name}:{unlabelled[0].line}: example has no label but others do; label every example or none"
-        )
-    distinct = {r.example.label for r in records}
+        raise DataError(f"{unlabelled[0].source}: example has no label but others do; label every example or none")
+    distinct = {ex.label for ex in examples}
     if len(distinct) < 2:
         raise DataError(
             f"{name}: only one distinct label ({distinct.pop()!r}); "
@@ -335,16 +771,26 @@ def split(examples: list[Example], keys: list[str]) -> tuple[list[Example], list
 
     With at least two examples both parts are non-empty: the lowest-hash
     example is always held out and the highest-hash one always trained on.
+    Examples with the same key land on the same side.
     """
     hashes = [stable_hash(key) for key in keys]
     cutoff = int(HELDOUT_FRACTION * 2**64)
     held = [h < cutoff for h in hashes]
-    if len(examples) >= 2:
-        held[min(range(len(hashes)), key=hashes.__getitem__)] = True
-        held[max(range(len(hashes)), key=hashes.__getitem__)] = False
+    if len(set(hashes)) >= 2:
+        lowest, highest = min(hashes), max(hashes)
+        held = [h == lowest or (h < cutoff and h != highest) for h in hashes]
     train = [ex for ex, h in zip(examples, held, strict=True) if not h]
     heldout = [ex for ex, h in zip(examples, held, strict=True) if h]
     return train, heldout
+
+
+def _is_description(name: str) -> bool:
+    return name.startswith("<") and name.endswith(">")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _check_task(task: str) -> None:

@@ -54,7 +54,7 @@ class ByteTokenizer:
         return [b + self._offset for b in text.encode("utf-8")]
 
     def decode(self, ids: list[int]) -> str:
-        return bytes(i - self._offset for i in ids if i >= self._offset).decode("utf-8", "replace")
+        return bytes(i - self._offset for i in ids if self._offset <= i < self.vocab_size).decode("utf-8", "replace")
 
 
 @dataclass

@@ -74,6 +74,9 @@ def read_manifest(directory: str | Path) -> Manifest:
         raise AdaptersError(f"{path}: not valid JSON ({exc}). Re-save the directory.") from None
     if not isinstance(raw, dict):
         raise AdaptersError(f"{path}: expected a JSON object. Re-save the directory.")
+    if raw.get("kind") == "merged-checkpoint":
+        raise AdaptersError(f"{directory}: a merged checkpoint (a plain transformers model), not a run. Load it with "
+                            f"transformers, or give it as --model {directory}.")
     _check_raw(raw, path)
     try:
         manifest = msgspec.convert(raw, Manifest)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -33,7 +35,11 @@ class RunSpec:
     strategy: str = DEFAULT_STRATEGY  # a name, or NAME@QUANT
     quantization: str | None = None  # None: the strategy's default (nf4 for qlora, else none)
     task: str | None = None  # None: the model's default task
-    data: str | None = None  # None: the built-in real-text dataset for the task
+    # A file, a save_to_disk directory or builtin:NAME (see adapters.data); from Python also a datasets.Dataset or an
+    # iterable of dicts, which the run records as "<KIND: N rows>". None: the built-in real-text dataset for the task.
+    data: str | os.PathLike[str] | Iterable[dict[str, Any]] | None = None
+    packing: bool | None = None  # instruction/chat data: several examples a row; None: adapters.data.DEFAULT_PACKING
+    train_on_prompt: bool = False  # instruction/chat data: train on the prompts' tokens too, not the completions' alone
     max_steps: int = 20  # optimizer steps
     batch_size: int = 4  # per device, per micro-step
     gradient_accumulation_steps: int = 1
@@ -192,6 +198,7 @@ def resolve(spec: RunSpec, *, data: bool = True) -> Run:
     dataset = datasets.load_dataset(spec.data, task) if data else None
     if dataset is not None:
         _check_model_fits(spec.model, strategy, config, hf_config, task, dataset.labels)
+        spec = _settle_data(spec, dataset, task)
     return Run(spec, strategy, entry.plugin, config, quantization, task, model, dataset, **optimization)
 
 
@@ -207,6 +214,21 @@ def _check_model_fits(name: str, strategy: Strategy, config: Any, hf_config: Any
     if task == "sequence-classification":
         check_labels(name, labels)
     check_applies(strategy, config, hf_config, task, len(labels) or 2)
+
+
+def _settle_data(spec: RunSpec, dataset: Dataset, task: str) -> RunSpec:
+    """The spec as the run records it (checkpoints, the manifest, trackers: JSON): data given as an object by its
+    description (`Dataset.name`), a path as a string, and packing decided."""
+    from .data import DEFAULT_PACKING
+
+    if task == "sequence-classification":
+        for name in ("packing", "train_on_prompt"):
+            if getattr(spec, name):
+                raise AdaptersError(f"--{name.replace('_', '-')} applies to causal-lm data; sequence classification "
+                                    "trains one padded example a row on its label. Drop it.")
+    data = os.fspath(spec.data) if isinstance(spec.data, (str, os.PathLike)) else dataset.name
+    packing = (task == "causal-lm" and DEFAULT_PACKING) if spec.packing is None else spec.packing
+    return dataclasses.replace(spec, data=None if spec.data is None else data, packing=packing)
 
 
 def _optimization(spec: RunSpec, strategy: Strategy) -> dict[str, Any]:

@@ -38,6 +38,7 @@ import dataclasses
 import gc
 import math
 import shutil
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -127,20 +128,24 @@ def train(spec: RunSpec, progress: bool = True, stop: Callable[[int], bool] | No
     ``stop(step)``, called after every optimizer step, ends the run there as a signal would: with a
     checkpoint (when the run has an output) and status "interrupted".
     """
+    # A resume with a final save and no checkpoint continues from the save, with a fresh optimizer.
+    spec, started_from = checkpoints.continuing(spec)
     run = resolve(spec)
     s = run.spec
-    if s.output and s.overwrite and not s.resume:
+    if s.output and s.overwrite and not s.resume and started_from is None:
         _clear_run_files(Path(s.output))
     accelerator = make_accelerator(s.report_to, Path(s.output) / "logs" if s.output else None)
     resume_from = checkpoints.latest_checkpoint(s.output) if s.resume else None
     position = checkpoints.read(resume_from)[0] if resume_from is not None else None
-    model = _model(run, accelerator, resume_from, position)
+    model = _model(run, accelerator, resume_from, position, Path(s.output) if started_from else None)
     if not s.output:  # said once the model is ready, before the first step
         warnings.warn("no --output, so nothing of this run will be kept: give --output DIR to save the weights, "
                       "checkpoints and metrics.", NothingKept, stacklevel=2)
     loop = _Loop(run, accelerator, model)
     if resume_from is not None:
         loop.resume(resume_from, position)
+    elif started_from is not None:
+        loop.continue_from(started_from, progress)
     with graceful_stop(announce=progress and accelerator.is_local_main_process) as request:
         loop.train(lambda step: bool(request) or (stop is not None and stop(step)), progress)
     return loop.finish()
@@ -167,12 +172,22 @@ class _Model:
     other_base: dict[str, str] | None = None  # resumed onto other weights (--allow-other-base)
 
 
-def _model(run: Run, accelerator, checkpoint: Path | None, position: checkpoints.Position | None) -> _Model:
-    """The base and the model to train: freshly applied, or restored from a checkpoint's weights."""
+def _model(run: Run, accelerator, checkpoint: Path | None, position: checkpoints.Position | None,
+           saved: Path | None = None) -> _Model:
+    """The base and the model to train: freshly applied, restored from a checkpoint's weights, or
+    restored from the final save in ``saved`` (a run continued with a fresh optimizer)."""
     base = load_base(run, accelerator.device)
     base_dtype = str(base.model.dtype).removeprefix("torch.")
     other_base = None
-    if checkpoint is None or position is None:
+    if saved is not None:
+        other_base = check_base(saved, read_manifest(saved), base, run.spec.allow_other_base)
+        model = restore(run.strategy, base.model, saved, run.config)
+        dtypes = keep_float32_trainable(model)
+        if count_parameters(model).trainable == 0:  # e.g. PEFT's prefix with projection, saved for inference
+            raise AdaptersError(f"{saved}: strategy {run.strategy.name!r} restores these weights for inference only "
+                                "(nothing is trainable once loaded), so they cannot be trained further. Start a new "
+                                "run instead of --resume.")
+    elif checkpoint is None or position is None:
         model, _, dtypes = apply_strategy(run, base)
     else:
         saved = checkpoint / checkpoints.MODEL
@@ -217,13 +232,16 @@ class _Loop:
         self.run, self.accelerator, self.base = run, accelerator, built.base
         self.dtypes, self.precision, self.other_base = built.dtypes, built.precision, built.other_base
         self.parameters = count_parameters(model)
-        train_set = make_batches(run.dataset.train, self.base, s.seq_len, "train")
+        train_set = make_batches(run.dataset.train, self.base, s.seq_len, "train", packing=bool(s.packing),
+                                 train_on_prompt=s.train_on_prompt)
+        # Held-out examples one a row and always masked: the held-out loss is on completions, whatever the training.
         eval_set = make_batches(run.dataset.heldout, self.base, s.seq_len, "held-out")
         # Loaders draw their workers' seeds from their own generators, never from the global one that
         # dropout uses, so where a run is resumed does not change its random numbers.
         train_loader = torch.utils.data.DataLoader(train_set, batch_size=s.batch_size, shuffle=True,
+                                                   collate_fn=train_set.collate,
                                                    generator=torch.Generator().manual_seed(s.seed))
-        eval_loader = torch.utils.data.DataLoader(eval_set, batch_size=s.batch_size,
+        eval_loader = torch.utils.data.DataLoader(eval_set, batch_size=s.batch_size, collate_fn=eval_set.collate,
                                                   generator=torch.Generator().manual_seed(s.seed))
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=run.learning_rate, weight_decay=run.weight_decay)
@@ -249,6 +267,16 @@ class _Loop:
         self.metrics = MetricsLog(s.output, accelerator, bool(s.report_to))
         if s.report_to:
             accelerator.init_trackers(f"adapters-{run.strategy.name}", config=_flat(s))
+
+    def continue_from(self, started_from: dict[str, Any], progress: bool) -> None:
+        """A run continued from a final save: said in one line, in metrics.jsonl and in the manifest."""
+        self.position.started_from = started_from
+        self.metrics.event(0, "continued", **started_from)
+        if progress and self.accelerator.is_local_main_process:
+            before = started_from["steps_before"]
+            print(f"Continuing {started_from['run']} from its final save (no checkpoint; "
+                  f"{'an unknown number of' if before is None else before} steps before): a fresh optimizer and "
+                  f"learning-rate schedule for {self.spec.max_steps} more steps.", file=sys.stderr, flush=True)
 
     def resume(self, checkpoint: Path, position: checkpoints.Position) -> None:
         self.accelerator.load_state(str(checkpoint))
@@ -457,7 +485,8 @@ class _Loop:
                     "batch_size": self.micro_batch, "gradient_accumulation_steps": self.accumulation,
                     "requested_batch_size": s.batch_size,
                     "requested_gradient_accumulation_steps": s.gradient_accumulation_steps,
-                    "oom_backoffs": list(self.backoffs), "precision": dict(self.precision)}
+                    "oom_backoffs": list(self.backoffs), "precision": dict(self.precision),
+                    **({"started_from": self.position.started_from} if self.position.started_from else {})}
         # The run made this directory (or was allowed to replace it): replace it, keeping its checkpoints.
         return save(self.accelerator.unwrap_model(self.model), s.output, strategy=run.strategy, config=run.config,
                     base=self.base, overwrite=True, plugin_versions=dict([distribution_of(run.plugin)]),

@@ -52,8 +52,12 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
 
 
 class _Tensors(torch.utils.data.Dataset):
-    def __init__(self, **tensors: torch.Tensor) -> None:
+    """Rows of equal-length tensors; ``trim``: rows are right-padded, and `collate` cuts a batch's columns of
+    padding alone (a DataLoader's ``collate_fn``)."""
+
+    def __init__(self, trim: bool = False, **tensors: torch.Tensor) -> None:
         self.tensors = tensors
+        self.trim = trim
 
     def __len__(self) -> int:
         return len(next(iter(self.tensors.values())))
@@ -61,19 +65,48 @@ class _Tensors(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return {k: v[i] for k, v in self.tensors.items()}
 
+    def collate(self, rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        batch = {k: torch.stack([row[k] for row in rows]) for k in rows[0]}
+        if self.trim:  # a batch of short examples computes only as long as its longest
+            width = int(batch["attention_mask"].sum(dim=1).max())
+            batch = {k: v[:, :width] for k, v in batch.items()}
+        return batch
 
-def make_batches(
-    examples: list[datasets.Example], base: BaseModel, seq_len: int, what: str
-) -> _Tensors:
-    """Tokenized tensors for the base's task."""
+
+def make_batches(examples: list[datasets.Example], base: BaseModel, seq_len: int, what: str, *,
+                 packing: bool = False, train_on_prompt: bool = False) -> _Tensors:
+    """Tokenized tensors for the base's task and the examples' shape (`adapters.data`).
+
+    Documents: concatenated blocks of ``seq_len``. Instruction and chat examples: labels on the completions
+    alone (all the tokens with ``train_on_prompt``), one example a right-padded row, or with ``packing`` several a
+    row, attention kept within each example by position ids that restart. Labelled text: one padded row each.
+    """
     try:
-        if base.task == "causal-lm":
+        if base.task != "causal-lm":
+            ids, mask, labels = datasets.classification_batch_tensors(examples, base.labels, base.tokenizer, seq_len)
+            return _Tensors(input_ids=ids, attention_mask=mask, labels=labels)
+        if not datasets.is_instruction(examples):
             blocks = datasets.causal_lm_blocks([e.text for e in examples], base.tokenizer, seq_len)
             return _Tensors(input_ids=blocks, labels=blocks)
-        ids, mask, labels = datasets.classification_batch_tensors(examples, base.labels, base.tokenizer, seq_len)
-        return _Tensors(input_ids=ids, attention_mask=mask, labels=labels)
+        rows = datasets.instruction_rows(examples, base.tokenizer, seq_len, train_on_prompt)
+        pad = datasets.pad_id(base.tokenizer)
+        if packing:
+            check_packing(base)
+            return _Tensors(**datasets.packed(rows, seq_len, pad))
+        return _Tensors(trim=True, **datasets.padded(rows, seq_len, pad))
     except datasets.DataError as exc:
         raise datasets.DataError(f"{what} split: {exc}") from None
+
+
+def check_packing(base: BaseModel) -> None:
+    """Packed rows need a model that takes position ids: without them attention would cross from one example
+    into the next. (They also need the model to run without a key/value cache, as `load_base` sets it: with one,
+    transformers does not look for packed rows.)"""
+    import inspect
+
+    if "position_ids" not in inspect.signature(base.model.forward).parameters:
+        raise datasets.DataError(f"--model {base.name}: its forward takes no position ids, which keep packed "
+                                 "examples apart; pass --no-packing")
 
 
 def _tokens(batch: dict[str, torch.Tensor]) -> int:
@@ -85,8 +118,9 @@ def _tokens(batch: dict[str, torch.Tensor]) -> int:
 def evaluate(model, loader, task: str, accelerator, max_batches: int) -> dict[str, float | None]:
     """Held-out loss and perplexity (causal-lm) or loss and accuracy (classification).
 
-    Each is None when nothing was measured (``max_batches`` 0), never 0. A value may be NaN or
-    infinite; the caller decides what that means.
+    The loss is a mean over the tokens the labels train (causal-lm: the completions of instruction data) or
+    over the examples (classification), whatever the batches' sizes. Each is None when nothing was measured
+    (``max_batches`` 0), never 0. A value may be NaN or infinite; the caller decides what that means.
     """
     names = ("loss", "perplexity") if task == "causal-lm" else ("loss", "accuracy")
     if max_batches < 1:
@@ -98,7 +132,7 @@ def evaluate(model, loader, task: str, accelerator, max_batches: int) -> dict[st
         if i >= max_batches:
             break
         out = model(**batch)
-        weight = torch.tensor(float(batch["input_ids"].shape[0]), device=out.loss.device)
+        weight = _loss_weight(batch, task).to(out.loss.device)
         loss, weight = accelerator.gather_for_metrics((out.loss.detach() * weight, weight))
         total_loss += float(loss.sum())
         total_weight += float(weight.sum())
@@ -113,6 +147,13 @@ def evaluate(model, loader, task: str, accelerator, max_batches: int) -> dict[st
     if task == "causal-lm":
         return {"loss": mean, "perplexity": math.exp(min(mean, 700.0)) if math.isfinite(mean) else mean}
     return {"loss": mean, "accuracy": correct / max(count, 1.0)}
+
+
+def _loss_weight(batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
+    """What ``batch``'s mean loss averages over: the labels the loss predicts (causal-lm), or the rows."""
+    if task == "causal-lm":
+        return (batch["labels"][:, 1:] != datasets.IGNORE_INDEX).sum().float()
+    return torch.tensor(float(batch["input_ids"].shape[0]))
 
 
 def make_accelerator(log_with: list[str] | None = None, project_dir: str | Path | None = None):

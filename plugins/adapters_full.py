@@ -38,6 +38,10 @@ class FullFinetune(adapters.StrategyBase):
             param.requires_grad_(True)
         return model
 
+    def merge(self, model, config: FullOptions):
+        """The trained model is the base itself, every weight in place."""
+        return model
+
 
 @adapters.hookimpl
 def register_strategies(register):

@@ -34,6 +34,7 @@ class Lora(adapters.PeftStrategy):
     supported_quantization = frozenset(adapters.QUANTIZATIONS)
     supported_tasks = frozenset(adapters.TASKS)
     default_learning_rate = 2e-4
+    peft_types = frozenset({"LORA"})  # adapters import reads plain PEFT's LoRA directories
 
     def peft_config(self, model, config: LoraOptions, loading: bool = False):
         from peft import LoraConfig
@@ -72,6 +73,34 @@ class Lora(adapters.PeftStrategy):
         saved += len(per_layer) * n * config.r * (2 if cuda else 4)  # lora_A's output, kept by lora_B
         return adapters.StrategyMemory(trainable, 4 * trainable, 4 * largest, gradient_flow="inputs",
                                        layer_activation_bytes=saved)
+
+    def options_from_peft(self, peft_config: dict) -> LoraOptions:
+        """r, lora_alpha, lora_dropout and a list of target_modules; fan_in_fan_out follows from the base, and
+        an initialisation that leaves the base as it was (gaussian, EVA) is replaced by the weights loaded."""
+        from peft import LoraConfig
+
+        init = peft_config.get("init_lora_weights", True)
+        if init not in (True, False, "gaussian", "eva"):  # PiSSA, OLoRA, CorDA, LoftQ change the base's weights
+            raise adapters.AdaptersError(
+                f"adapter_config.json has init_lora_weights={init!r}, an initialisation that changes the base's "
+                "own weights, so the adapter fits only that changed base. Convert it to a plain LoRA when saving "
+                "(PEFT's path_initial_model_for_weight_conversion), then import it.")
+        targets = peft_config.get("target_modules")
+        if isinstance(targets, str) and targets != "all-linear":
+            raise adapters.AdaptersError(
+                f"adapter_config.json has target_modules={targets!r}, a regular expression, which strategy 'lora' "
+                "has no option for (it takes module names). Save the adapter with a list of module names.")
+        if isinstance(targets, list):  # PEFT saves a set, in no particular order
+            peft_config = {**peft_config, "target_modules": sorted(targets)}
+        return self.options_from_keys(peft_config, LoraConfig, {"r": "r", "lora_alpha": "alpha",
+                                                                "lora_dropout": "dropout",
+                                                                "target_modules": "target_modules"},
+                                      derived={"fan_in_fan_out", "init_lora_weights", "eva_config"})
+
+    def merge(self, model, config: LoraOptions):
+        """W + (alpha / r) B A into each targeted weight (and a classification head's trained copy into the
+        head), through PEFT's ``merge_and_unload``: the base model, unwrapped."""
+        return model.merge_and_unload()
 
 
 @adapters.hookimpl

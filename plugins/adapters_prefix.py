@@ -35,6 +35,10 @@ class PrefixTuning(adapters.PeftStrategy):
     supported_tasks = frozenset({"causal-lm"})
     supports_gradient_checkpointing = False
     default_learning_rate = 1e-2
+    peft_types = frozenset({"PREFIX_TUNING"})  # adapters import reads plain PEFT's prefix tuning directories
+    # Why `adapters merge` refuses it: it does not implement adapters.Merges.
+    merge_refusal = ("its trained prefixes are keys and values that every attention layer reads beside the "
+                     "text's own, not weights of the base, so there is nothing to fold into it")
 
     def refuses_model(self, model_config) -> str | None:
         others = set(getattr(model_config, "layer_types", None) or ()) - ATTENTION_LAYERS
@@ -45,6 +49,17 @@ class PrefixTuning(adapters.PeftStrategy):
         else:
             return None
         return f"it has {what}, and prefix tuning adds trained keys and values to attention layers"
+
+    def options_from_peft(self, peft_config: dict) -> PrefixOptions:
+        """num_virtual_tokens and prefix_projection; the widths and counts PEFT records follow from the base
+        (a load checks them against it)."""
+        from peft import PrefixTuningConfig
+
+        derived = {"token_dim", "num_attention_heads", "num_layers", "num_transformer_submodules",
+                   "encoder_hidden_size", "init_weights"}
+        return self.options_from_keys(peft_config, PrefixTuningConfig,
+                                      {"num_virtual_tokens": "num_virtual_tokens", "prefix_projection": "projection"},
+                                      derived=derived)
 
     def peft_config(self, model, config: PrefixOptions, loading: bool = False):
         from peft import PrefixTuningConfig

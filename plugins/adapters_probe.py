@@ -72,6 +72,11 @@ class LinearProbe(adapters.StrategyBase):
         head.requires_grad_(True)
         return model
 
+    def merge(self, model, config: ProbeOptions):
+        """The base with its trained head. For causal-lm the head is the untied copy apply made, and
+        ``apply`` set ``tie_word_embeddings=False`` so that a reload keeps it apart from the embeddings."""
+        return model
+
 
 @adapters.hookimpl
 def register_strategies(register):

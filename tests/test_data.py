@@ -219,8 +219,8 @@ def test_missing_file(tmp_path: Path) -> None:
 
 
 def test_unsupported_extension(tmp_path: Path) -> None:
-    path = write(tmp_path, "d.parquet", "x")
-    assert_data_error(path, "causal-lm", ".txt", ".jsonl", ".csv")
+    path = write(tmp_path, "d.xlsx", "x")
+    assert_data_error(path, "causal-lm", ".txt", ".jsonl", ".json", ".csv", ".parquet", "save_to_disk")
 
 
 @pytest.mark.parametrize("name", ["e.txt", "e.jsonl", "e.csv"])
@@ -332,3 +332,280 @@ def test_classification_tensors_on_default_dataset() -> None:
 
 def test_dataset_type() -> None:
     assert isinstance(default_dataset("causal-lm"), Dataset)
+
+
+# ---------------------------------------------------------------------------
+# Instruction and chat data: shapes, containers, masking, packing
+
+
+from adapters.data import (  # noqa: E402
+    ALPACA_PROMPT,
+    IGNORE_INDEX,
+    ExamplesSkipped,
+    example_tokens,
+    instruction_rows,
+    packed,
+    padded,
+)
+
+PC_ROWS = [{"prompt": f"Q{i}: ", "completion": f"answer {i}"} for i in range(12)]
+
+
+def write_rows(tmp_path: Path, container: str, rows: list[dict]):
+    """``rows`` in ``container``: a path for files and save_to_disk directories, else the object itself."""
+    import datasets
+
+    if container == "jsonl":
+        return write(tmp_path, "d.jsonl", jsonl(rows))
+    if container == "json":
+        return write(tmp_path, "d.json", json.dumps(rows, indent=2))
+    if container == "csv":
+        import csv
+
+        path = tmp_path / "d.csv"
+        with path.open("w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        return path
+    table = datasets.Dataset.from_list(rows)
+    if container == "parquet":
+        table.to_parquet(str(tmp_path / "d.parquet"))
+        return tmp_path / "d.parquet"
+    if container == "saved":
+        table.save_to_disk(str(tmp_path / "saved"))
+        return tmp_path / "saved"
+    if container == "dataset":
+        return table
+    assert container == "iterable"
+    return (dict(row) for row in rows)  # a generator: read once
+
+
+@pytest.mark.parametrize("container", ["jsonl", "json", "csv", "parquet", "saved", "dataset", "iterable"])
+def test_prompt_completion_loads_from_every_container(tmp_path: Path, container: str) -> None:
+    ds = load_dataset(write_rows(tmp_path, container, PC_ROWS), "causal-lm")
+    assert ds.shape == "prompt-completion"
+    got = sorted((ex.prompt, ex.completion) for ex in ds.train + ds.heldout)
+    assert got == sorted((r["prompt"], r["completion"]) for r in PC_ROWS)
+    assert ds.train and ds.heldout
+    if container in ("dataset", "iterable"):
+        assert ds.name.startswith("<") and "12 rows" in ds.name
+
+
+CHAT = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "Q2"}, {"role": "assistant", "content": "A2"}]
+
+
+@pytest.mark.parametrize(("row", "shape"), [
+    ({"messages": CHAT, "text": "ignored"}, "messages"),  # the richest shape wins
+    ({"prompt": "p", "completion": "c"}, "prompt-completion"),
+    ({"instruction": "Add.", "input": "1 2", "output": "3", "text": "x"}, "alpaca"),
+    ({"text": "plain"}, "text"),
+])
+def test_shape_detected_from_columns(tmp_path: Path, row: dict, shape: str) -> None:
+    ds = load_dataset(write(tmp_path, "d.jsonl", jsonl([row, row])), "causal-lm")
+    assert ds.shape == shape
+
+
+def test_messages_from_parquet_drop_the_keys_other_messages_had(tmp_path: Path) -> None:
+    # Arrow gives every message the keys any message has (here "name"), as None.
+    chat = [{"role": "user", "content": "Hi", "name": "ann"}, {"role": "assistant", "content": "Yo"}]
+    ds = load_dataset(write_rows(tmp_path, "parquet", [{"messages": chat}] * 3), "causal-lm")
+    assert ds.train[0].messages == chat
+
+
+def test_dataset_dict_holds_out_its_validation_split(tmp_path: Path) -> None:
+    import datasets
+
+    splits = datasets.DatasetDict({"train": datasets.Dataset.from_list(PC_ROWS[:9]),
+                                   "validation": datasets.Dataset.from_list(PC_ROWS[9:])})
+    splits.save_to_disk(str(tmp_path / "dd"))
+    for source in (tmp_path / "dd", splits):
+        ds = load_dataset(source, "causal-lm")
+        assert [ex.completion for ex in ds.train] == [r["completion"] for r in PC_ROWS[:9]]
+        assert [ex.completion for ex in ds.heldout] == [r["completion"] for r in PC_ROWS[9:]]
+
+
+def test_prompt_completion_labels_mask_the_prompt() -> None:
+    tok = ByteTokenizer(eos_token_id=0)
+    ex = Example(prompt="ab", completion="cd")
+    ids, labels = example_tokens(ex, tok)
+    assert ids == [97, 98, 99, 100, 0]
+    assert labels == [IGNORE_INDEX, IGNORE_INDEX, 99, 100, 0]  # the completion and its EOS are trained
+    assert example_tokens(ex, tok, train_on_prompt=True) == (ids, ids)
+
+
+def test_alpaca_prompt_is_masked(tmp_path: Path) -> None:
+    rows = [{"instruction": "Add.", "input": "1 2", "output": "3"}, {"instruction": "Say hi.", "output": "hi"}]
+    examples = read_file(write(tmp_path, "a.jsonl", jsonl(rows)))
+    assert examples[0].prompt == ALPACA_PROMPT.format(instruction="Add.", input="1 2")
+    assert "### Input" not in examples[1].prompt and examples[1].prompt.endswith("### Response:\n")
+    ids, labels = example_tokens(examples[0], ByteTokenizer(eos_token_id=0))
+    n = len(examples[0].prompt.encode())
+    assert labels[:n] == [IGNORE_INDEX] * n
+    assert labels[n:] == ids[n:] == [ord("3"), 0]
+
+
+def test_messages_train_every_assistant_turn_with_the_models_template(smollm2) -> None:
+    tok = smollm2.tokenizer
+    ids, labels = example_tokens(Example(messages=CHAT), tok)
+    assert ids == tok.apply_chat_template(CHAT, tokenize=True, return_dict=True)["input_ids"]
+    trained = [i for i, label in enumerate(labels) if label != IGNORE_INDEX]
+    assert all(labels[i] == ids[i] for i in trained)
+    # Two runs of trained tokens: each assistant reply with its end of turn, nothing else.
+    runs = [[trained[0]]]
+    for i in trained[1:]:
+        runs[-1].append(i) if i == runs[-1][-1] + 1 else runs.append([i])
+    assert [tok.decode([ids[i] for i in run]) for run in runs] == ["Hello!<|im_end|>\n", "A2<|im_end|>\n"]
+    assert example_tokens(Example(messages=CHAT), tok, train_on_prompt=True) == (ids, ids)
+
+
+def test_messages_need_a_chat_template() -> None:
+    with pytest.raises(DataError, match=r"d.jsonl:4: chat messages .* has none; use prompt/completion"):
+        example_tokens(Example(messages=CHAT, source="d.jsonl:4"), ByteTokenizer())
+
+
+def test_role_order_the_template_refuses(smollm2) -> None:
+    import copy
+
+    tok = copy.deepcopy(smollm2.tokenizer)
+    tok.chat_template = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+                         "{{ raise_exception('Conversation roles must alternate user/assistant') }}{% endif %}"
+                         "{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}")
+    ok = Example(messages=CHAT, source="c.jsonl:1")
+    assert example_tokens(ok, tok)[0]
+    bad = Example(messages=[CHAT[1], CHAT[0], CHAT[1]], source="c.jsonl:2")
+    with pytest.raises(DataError, match=r"c.jsonl:2: .*refuses this chat \(roles: assistant.*must alternate"):
+        example_tokens(bad, tok)
+
+
+def test_long_prompts_are_skipped_with_a_count_and_none_left_is_an_error() -> None:
+    tok = ByteTokenizer(eos_token_id=0)
+    examples = [Example(prompt="p" * 10, completion="c"), Example(prompt="ab", completion="cdefghij")]
+    with pytest.warns(ExamplesSkipped, match="1 of 2 examples"):
+        rows = instruction_rows(examples, tok, seq_len=8)
+    assert rows == [([97, 98, 99, 100, 101, 102, 103, 104], [IGNORE_INDEX, IGNORE_INDEX, 99, 100, 101, 102, 103, 104])]
+    with pytest.raises(DataError, match="none of the 1 examples .* raise --seq-len"):
+        instruction_rows(examples[:1], tok, seq_len=8)
+
+
+def test_padded_rows_and_their_trimmed_batches() -> None:
+    from adapters.training import _Tensors
+
+    rows = [([5, 6, 7], [IGNORE_INDEX, 6, 7]), ([8, 9], [IGNORE_INDEX, 9]), ([1], [1])]
+    tensors = padded(rows, 6, pad=0)
+    assert tensors["input_ids"].tolist()[1] == [8, 9, 0, 0, 0, 0]
+    assert tensors["attention_mask"].tolist()[1] == [1, 1, 0, 0, 0, 0]
+    assert tensors["labels"].tolist()[1] == [IGNORE_INDEX, 9] + [IGNORE_INDEX] * 4
+    data = _Tensors(trim=True, **tensors)
+    batch = data.collate([data[1], data[2]])
+    assert batch["input_ids"].tolist() == [[8, 9], [1, 0]]  # as wide as the longest row
+    assert batch["labels"].tolist() == [[IGNORE_INDEX, 9], [1, IGNORE_INDEX]]
+
+
+def test_packed_rows_restart_positions_and_mask_each_start() -> None:
+    lengths = [5, 3, 4, 2, 6, 1]
+    rows = [(list(range(100 * (i + 1), 100 * (i + 1) + n)), list(range(100 * (i + 1), 100 * (i + 1) + n)))
+            for i, n in enumerate(lengths)]
+    out = packed(rows, 8, pad=0)
+    ids, positions, labels = out["input_ids"], out["position_ids"], out["labels"]
+    assert ids.shape == (3, 8)  # 21 tokens in rows of 8, best fit: [6, 2], [5, 3], [4, 1]
+    seen = []
+    for r in range(3):
+        starts = (positions[r] == 0).nonzero().flatten().tolist()
+        for s, e in zip(starts, [*starts[1:], 8]):
+            segment = ids[r, s:e].tolist()
+            assert positions[r, s:e].tolist() == list(range(e - s))
+            if segment[0] == 0:  # the padding that closes a row trains nothing
+                assert labels[r, s:e].tolist() == [IGNORE_INDEX] * (e - s)
+                continue
+            seen.append(segment)
+            assert labels[r, s].item() == IGNORE_INDEX  # no example is trained to follow the previous one
+            assert labels[r, s + 1:e].tolist() == segment[1:]
+    assert sorted(seen) == sorted(ids for ids, _ in rows)
+
+
+@pytest.mark.parametrize(("rows", "fragments"), [
+    ([{"prompt": "a", "completion": "b"}, {"text": "c"}], [":2:", "text example", ":1 is prompt-completion"]),
+    ([{"prompt": "a"}, {"prompt": "b"}], [":1:", '"prompt" but no "completion"']),
+    ([{"prompt": "a", "completion": "b"}, {"prompt": "a", "completion": "  "}], [":2:", 'empty "completion"']),
+    ([{"instruction": "", "output": "b"}] * 2, [":1:", 'empty "instruction"']),
+    ([{"messages": [{"role": "user", "content": "hi"}]}] * 2, [":1:", 'no "assistant" message']),
+    ([{"messages": "hi"}] * 2, [":1:", '"messages" must be a non-empty list']),
+    ([{"messages": [{"role": "user"}]}] * 2, [":1:", 'message 1 must be an object with a string "role"']),
+    ([{"prompt": 1, "completion": "b"}] * 2, [":1:", '"prompt" must be a string']),
+])
+def test_instruction_data_errors_name_the_line(tmp_path: Path, rows: list[dict], fragments: list[str]) -> None:
+    assert_data_error(write(tmp_path, "d.jsonl", jsonl(rows)), "causal-lm", *fragments)
+
+
+def test_csv_cannot_hold_messages(tmp_path: Path) -> None:
+    path = write(tmp_path, "d.csv", 'messages\n"[{""role"": ""user""}]"\nx\n')
+    assert_data_error(path, "causal-lm", f"{path}:2", '"messages" must be a non-empty list')
+
+
+def test_json_must_be_an_array(tmp_path: Path) -> None:
+    assert_data_error(write(tmp_path, "d.json", '{"text": "a"}'), "causal-lm", "JSON array", ".jsonl")
+
+
+def test_parquet_rows_are_named_in_errors(tmp_path: Path) -> None:
+    path = write_rows(tmp_path, "parquet", [{"prompt": "a", "completion": "b"}, {"prompt": "a", "completion": ""}])
+    assert_data_error(path, "causal-lm", f"{path} row 2", 'empty "completion"')
+
+
+def test_instruction_data_cannot_classify(tmp_path: Path) -> None:
+    assert_data_error(write(tmp_path, "d.jsonl", jsonl(PC_ROWS)), "sequence-classification",
+                      "prompt-completion data", '"text" and "label"')
+
+
+def test_without_the_datasets_library_the_error_names_the_extra(tmp_path: Path, monkeypatch) -> None:
+    path = write_rows(tmp_path, "parquet", PC_ROWS)
+    monkeypatch.setitem(__import__("sys").modules, "datasets", None)  # import datasets -> ImportError
+    assert_data_error(path, "causal-lm", "datasets", "pip install 'adapters-lab[data]'")
+
+
+def test_a_directory_not_saved_by_datasets(tmp_path: Path) -> None:
+    assert_data_error(tmp_path, "causal-lm", "save_to_disk")
+
+
+@pytest.mark.parametrize("source", [5, {"text": "a"}, b"a.jsonl"])
+def test_data_that_is_no_dataset(source) -> None:
+    with pytest.raises(DataError, match="not a dataset; give a file path"):
+        load_dataset(source, "causal-lm")
+
+
+def test_data_given_in_python_is_recorded_by_description_and_refused_as_a_path() -> None:
+    from adapters.runspec import RunSpec, resolve
+
+    run = resolve(RunSpec(model="random:tiny", data=iter(PC_ROWS)))
+    assert run.spec.data == "<list_iterator: 12 rows>"
+    assert run.spec.packing is True and run.spec.train_on_prompt is False
+    json.dumps(run.spec.to_dict())  # what checkpoints and the manifest record
+    with pytest.raises(DataError, match="given in Python, which its records cannot hold"):
+        load_dataset(run.spec.data, "causal-lm")
+
+
+def test_builtin_instructions_are_real_deterministic_and_held_out_by_section() -> None:
+    from pydoc_data.topics import topics
+
+    ds = load_dataset("builtin:instructions", "causal-lm")
+    assert ds.name == "python-instructions" and ds.shape == "prompt-completion"
+    assert load_dataset("builtin:instructions", "causal-lm") == ds
+    assert len(ds.train) > 100 and 5 <= len(ds.heldout) < len(ds.train) // 5
+    prompts = [ex.prompt for ex in ds.train + ds.heldout]
+    assert len(set(prompts)) == len(prompts)  # one example per section: held out means never trained on
+    assert {ex.prompt for ex in ds.train}.isdisjoint(ex.prompt for ex in ds.heldout)
+    reference = "\n".join(topics.values())
+    for ex in ds.train + ds.heldout:
+        assert ex.prompt.startswith("Explain ") and ex.prompt.endswith(" in Python.\n")
+        assert 100 <= len(ex.completion) <= 500 and ex.completion in reference
+    assert any(ex.completion.startswith('The "if" statement is used for conditional execution')
+               for ex in ds.train + ds.heldout)
+
+
+def test_builtin_names() -> None:
+    assert load_dataset("builtin:python-reference", "causal-lm") == default_dataset("causal-lm")
+    with pytest.raises(DataError, match="builtin:instructions, builtin:stdlib-docstrings"):
+        load_dataset("builtin:nope", "causal-lm")
+    with pytest.raises(DataError, match="is causal-lm data, not sequence-classification"):
+        load_dataset("builtin:instructions", "sequence-classification")

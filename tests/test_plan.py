@@ -1,9 +1,13 @@
 """`adapters plan`: memory predicted from the config alone, checked against real measured peaks."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import json
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -30,12 +34,46 @@ LLAMA_70B = {  # Llama-3-70B's published shape
 # Prediction against measurement, on real runs of the real SmolLM2
 
 
+def _work_here(spec, measurement):
+    """One case, measured by the worker's own code (`work`: the case and its result as JSON) in this
+    process. The same measurement as in the worker's fresh process (the CPU peak counts only the
+    tensors the step uses), without that process's seconds of imports; the fresh processes themselves
+    are tested in test_bench.py."""
+    from adapters.bench.worker import work
+    from adapters.files import write_json
+
+    with tempfile.TemporaryDirectory(prefix="adapters-bench-") as tmp:
+        case, out = Path(tmp) / "case.json", Path(tmp) / "result.json"
+        write_json(case, {"spec": spec.to_dict(), "measurement": measurement.to_dict()})
+        assert work(str(case), str(out)) == 0
+        result = json.loads(out.read_text())
+    gc.collect()  # the case's model and optimizer, before the next one loads
+    return result
+
+
+@contextlib.contextmanager
+def _cases_in_this_process():
+    import adapters.bench.capacity as capacity
+    import adapters.bench.runner as runner
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(runner, "run_case", _work_here)
+        patch.setattr(capacity, "run_case", _work_here)
+        yield
+
+
+def bench(**settings) -> dict:
+    """`run_bench` (the plan beside each measurement, the report written), each case measured in this process.
+    One timed step and no warm-up: the peak is measured on a step after it, with the optimizer's state in place."""
+    with _cases_in_this_process():
+        return run_bench(BenchSettings(**{"steps": 1, "warmup": 0, **settings}), progress=False)
+
+
 @pytest.fixture(scope="module")
 def default_suite_report(tmp_path_factory):
-    """The default suite's strategies, measured (one subprocess each) with the plan beside each."""
+    """The default suite's strategies, measured with the plan beside each."""
     out = tmp_path_factory.mktemp("plan") / "report.json"
-    return run_bench(BenchSettings(model="smollm2-135m", strategies=DEFAULT_SUITE, batch_size=2, seq_len=96,
-                                   steps=1, warmup=1, output=str(out)), progress=False)
+    return bench(model="smollm2-135m", strategies=DEFAULT_SUITE, batch_size=2, seq_len=96, output=str(out))
 
 
 @pytest.mark.parametrize("strategy", DEFAULT_SUITE)
@@ -67,9 +105,8 @@ def test_the_prediction_is_saved_in_the_report_and_printed(default_suite_report)
 
 
 def test_gradient_checkpointing_predictions_match_measurement(tmp_path):
-    report = run_bench(BenchSettings(model="smollm2-135m", strategies=["lora@nf4"], batch_size=2,
-                                     seq_len=96, steps=1, warmup=1, gradient_checkpointing=True,
-                                     output=str(tmp_path / "gc.json")), progress=False)
+    report = bench(model="smollm2-135m", strategies=["lora@nf4"], batch_size=2, seq_len=96,
+                   gradient_checkpointing=True, output=str(tmp_path / "gc.json"))
     for result in report["results"]:
         assert result["status"] == "ok", result.get("message")
         assert abs(result["prediction"]["error_pct"]["total"]) <= CPU_TARGET_PCT, result["strategy"]
@@ -178,9 +215,8 @@ def test_an_unmodelled_architecture_gets_no_estimate_not_a_guess(tmp_path):
 
 
 def test_bert_predictions_match_measurement_on_the_real_minilm(tmp_path):
-    report = run_bench(BenchSettings(model="minilm-l6", strategies=["lora", "linear-probe", "full-finetune"],
-                                     batch_size=8, seq_len=64, steps=1, warmup=1, output=str(tmp_path / "b.json")),
-                       progress=False)
+    report = bench(model="minilm-l6", strategies=["lora", "linear-probe", "full-finetune"], batch_size=8,
+                   seq_len=64, output=str(tmp_path / "b.json"))
     for result in report["results"]:
         assert result["status"] == "ok", result.get("message")
         assert abs(result["prediction"]["error_pct"]["total"]) <= CPU_TARGET_PCT, result["strategy"]
@@ -283,10 +319,11 @@ def test_the_kit_fails_an_estimate_that_is_far_off(register_plugin):
 
 
 def test_find_max_batch_searches_by_real_runs_under_a_cpu_memory_limit(tmp_path):
-    report = run_bench(BenchSettings(model="random:tiny", strategies=["lora"], seq_len=64, find_max="batch_size",
-                                     memory_limit="8MiB", output=str(tmp_path / "cap.json")), progress=False)
+    # A limit between the peaks at batch 3 and 4: doubling to 4, then a bisection try at 3 that fits.
+    report = bench(model="random:tiny", strategies=["lora"], seq_len=64, find_max="batch_size",
+                   memory_limit="5MiB", output=str(tmp_path / "cap.json"))
     (search,) = report["capacity"]
-    limit = 8 * 2**20
+    limit = 5 * 2**20
     largest = search["largest"]
     assert largest is not None and search["peak_bytes"] <= limit
     tries = {t["value"]: t for t in search["tries"]}
@@ -354,9 +391,8 @@ def test_other_llama_style_decoders_are_planned_within_the_target(tmp_path, mode
                                   max_position_embeddings=1024, tie_word_embeddings=True)
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "model")
-    report = run_bench(BenchSettings(model=str(tmp_path / "model"), strategies=["lora", "full-finetune"],
-                                     batch_size=4, seq_len=128, steps=1, warmup=1, output=str(tmp_path / "r.json")),
-                       progress=False)
+    report = bench(model=str(tmp_path / "model"), strategies=["lora", "full-finetune"], batch_size=4, seq_len=128,
+                   output=str(tmp_path / "r.json"))
     for result in report["results"]:
         assert result["status"] == "ok", result.get("message")
         assert result["tokens_per_step"] == 4 * 128

@@ -23,7 +23,7 @@ def predict(spec: RunSpec, result: dict[str, Any], shapes: dict[str, Any] | None
         if task not in shapes:
             shapes[task] = model_shape(spec.model, task, device)
         strategy = get_registry().get(result["name"])
-        config = build_config(strategy.config_class, {}, strategy.name)
+        config = build_config(strategy.config_class, spec.options, strategy.name)
         run = RunShape(spec.batch_size, spec.seq_len, task, result["quantization"], spec.gradient_checkpointing,
                        device)
         plan = estimate(shapes[task], strategy, config, run, result["strategy"])
@@ -53,7 +53,7 @@ def predicted_largest(spec: RunSpec, parameter: str, limit: int | None) -> int |
     (plan,) = make_plans(PlanSettings(
         model=spec.model, strategies=[spec.strategy], batch_size=spec.batch_size, seq_len=spec.seq_len,
         task=spec.task, gradient_checkpointing=spec.gradient_checkpointing, device=device_kind(),
-        budget=str(limit)))["plans"]
+        budget=str(limit), options=dict(spec.options)))["plans"]
     return plan["max_batch_size"] if parameter == "batch_size" else plan["max_seq_len"]
 
 

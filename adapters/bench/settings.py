@@ -53,11 +53,15 @@ class BenchSettings:
     find_max: str | None = None  # "batch_size" or "seq_len": search for the largest that runs
     memory_limit: str | None = None  # e.g. "4GiB": a try over it fails (required on the CPU for a search)
     output: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)  # strategy options, for every strategy of the suite
+    data: str | None = None  # the data the steps train on (None: the built-in data for the task)
+    run: str | None = None  # `adapters bench --run RUN`: the run whose settings these are
 
     def spec(self, strategy: str) -> RunSpec:
         """The run measured for ``strategy`` (``NAME`` or ``NAME@QUANT``)."""
         return RunSpec(model=self.model, strategy=strategy, task=self.task, batch_size=self.batch_size,
-                       seq_len=self.seq_len, gradient_checkpointing=self.gradient_checkpointing, seed=self.seed)
+                       seq_len=self.seq_len, gradient_checkpointing=self.gradient_checkpointing, seed=self.seed,
+                       data=self.data, options=dict(self.options))
 
     def measurement(self) -> Measurement:
         """How each case of the suite is measured."""
@@ -68,6 +72,33 @@ class BenchSettings:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+# What `adapters bench --run` takes from the run, so that flags may not give it too.
+FROM_RUN = ("model", "strategies", "task")
+
+
+def settings_for_run(run: str, given: dict[str, Any]) -> BenchSettings:
+    """``adapters bench --run RUN``: the run's strategy, with its recorded options, base model,
+    quantization, task and data, at its recorded batch size, sequence length, gradient checkpointing
+    and seed unless ``given`` says otherwise. Memory and speed do not depend on the values of the
+    weights, so the strategy is applied afresh, as for any benchmark; the saved weights are not loaded.
+    """
+    from pathlib import Path
+
+    from ..checkpoints import saved_spec
+
+    if (Path(run) / "config.json").is_file():
+        raise AdaptersError(f"--run {run}: a transformers checkpoint (config.json), not a run. Benchmark it as a "
+                            f"base with --model {run}.")
+    clash = [k for k in FROM_RUN if k in given]
+    if clash:
+        raise AdaptersError(f"--run takes the model, strategy and task from {run}; drop --{clash[0]}.")
+    recorded = saved_spec(run)
+    values = {"model": recorded["model"], "strategies": [f"{recorded['strategy']}@{recorded['quantization']}"],
+              "task": recorded["task"], "options": recorded["options"], "data": recorded.get("data"), "run": str(run),
+              **{k: recorded[k] for k in ("batch_size", "seq_len", "gradient_checkpointing", "seed") if k in recorded}}
+    return settings_from(None, {**values, **given})
 
 
 def settings_from(suite: str | None, given: dict[str, Any]) -> BenchSettings:

@@ -63,6 +63,8 @@ _FORMAT_WARNING = warnings.formatwarning
 def main(argv: list[str] | None = None) -> None:
     logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_KERNEL_NOTICE_FILTER)
     warnings.formatwarning = _format_warning
+    # transformers 5 warns about its own deprecated name whenever PEFT wraps a model.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     try:
         code = cli.main(args=argv, prog_name="adapters", standalone_mode=False)
     except AdaptersError as exc:

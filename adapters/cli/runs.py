@@ -22,7 +22,15 @@ from .tables import plan_rows, train_summary
               help="Quantize the base (default: the strategy's own, e.g. nf4 for qlora).")
 @click.option("--task", type=click.Choice(TASKS), default=None,
               help="Default: the model's own.")
-@click.option("--data", default=None, help=".txt, .jsonl or .csv file (default: built-in real text).")
+@click.option("--data", default=None,
+              help=".jsonl, .json, .csv, .parquet or .txt file, a save_to_disk directory, or builtin:NAME "
+              "(python-reference, instructions, stdlib-docstrings); columns: messages, prompt/completion, "
+              "instruction/input/output or text (default: built-in real text).")
+@click.option("--packing/--no-packing", default=None,
+              help="Instruction and chat data: pack several examples into each --seq-len row, attention kept within "
+              "each (default: packing, which measured faster).")
+@click.option("--train-on-prompt", is_flag=True, default=None,
+              help="Instruction and chat data: train on the prompt's tokens too, not the completion's alone.")
 @click.option("--max-steps", type=int, default=RunSpec.max_steps, show_default=True)
 @click.option("--batch-size", type=int, default=RunSpec.batch_size, show_default=True)
 @click.option("--gradient-accumulation-steps", type=int, default=RunSpec.gradient_accumulation_steps, show_default=True)
@@ -50,7 +58,9 @@ from .tables import plan_rows, train_summary
 @click.option("--allow-other-base", is_flag=True, default=None,
               help="With --resume: continue onto a base whose weights differ from the checkpoint's.")
 @click.option("--resume", "resume", default=None, metavar="OUTPUT",
-              help="Continue the run in OUTPUT from its newest checkpoint, with the settings recorded there.")
+              help="Continue the run in OUTPUT: from its newest checkpoint, exactly, with the settings recorded "
+              "there; or, when it has none, from its final save with a fresh optimizer and schedule for --max-steps "
+              "more steps.")
 @click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE", help="A strategy option (repeatable).")
 @click.option("--config", "config_file", default=None, help="TOML file of settings; flags given here win.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
@@ -91,6 +101,8 @@ def train(ctx: click.Context, assignments: tuple[str, ...], config_file: str | N
 
 @cli.command()
 @click.option("--suite", default=None, help="TOML suite file (benchmarks/suites/*.toml); flags given here win.")
+@click.option("--run", "run_dir", default=None, metavar="RUN",
+              help="Benchmark a saved run's strategy, with its options, model, quantization, task and data.")
 @click.option("--model", default=None, help=f"Model name [default: {DEFAULT_MODEL}].")
 @click.option("--strategies", default=None, help="Comma-separated names, NAME@QUANT allowed.")
 @click.option("--task", type=click.Choice(TASKS), default=None)
@@ -111,17 +123,22 @@ def train(ctx: click.Context, assignments: tuple[str, ...], config_file: str | N
 @click.option("--overwrite", is_flag=True, help="Replace an existing --output file, only if it is a benchmark report.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of a table.")
 @click.pass_context
-def bench(ctx: click.Context, suite: str | None, as_json: bool, find_max_batch: bool, find_max_seq_len: bool,
-          overwrite: bool, **flags: Any) -> None:
+def bench(ctx: click.Context, suite: str | None, run_dir: str | None, as_json: bool, find_max_batch: bool,
+          find_max_seq_len: bool, overwrite: bool, **flags: Any) -> None:
     """Benchmark strategies for memory and speed, each in a fresh process.
 
     Every measured peak has the plan's prediction beside it (see `adapters plan`), with its error.
     Interrupted (Ctrl-C, SIGTERM), it still writes the report with what it measured, the rest
     cancelled, and exits 130.
+
+    With --run RUN, it benchmarks what RUN trains: its strategy with its options, on its base model,
+    quantization, task and data, at its batch size and sequence length unless given. The strategy is
+    applied afresh (memory and speed do not depend on the weights' values); RUN is only read.
     """
     import time
 
     from ..bench import run_bench, settings_from
+    from ..bench.settings import settings_for_run
     from .tables import print_summary
 
     given = {k: v for k, v in flags.items() if v is not None}
@@ -131,7 +148,9 @@ def bench(ctx: click.Context, suite: str | None, as_json: bool, find_max_batch: 
         given["find_max"] = "batch_size" if find_max_batch else "seq_len"
     if "strategies" in given:
         given["strategies"] = [s.strip() for s in given["strategies"].split(",") if s.strip()]
-    settings = settings_from(suite, given)
+    if run_dir is not None and suite is not None:
+        raise AdaptersError("give --run or --suite, not both: --run takes its settings from the run.")
+    settings = settings_for_run(run_dir, given) if run_dir is not None else settings_from(suite, given)
     if settings.output is None:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         settings.output = f"bench-{settings.model.replace(':', '-').replace('/', '-')}-{stamp}.json"

@@ -22,6 +22,10 @@ from .harness import LABELS, STEPS, Harness, Skip
 
 MEMORY_BATCH = (4, 128)  # the memory-estimate check's batch: large enough for activations to matter
 MEMORY_TOLERANCE = 0.15  # the CPU target of the planner
+# The merge check against a model trained on an int8 base, relative to the logits' scale: bitsandbytes'
+# int8 matmul rounds the activations to int8 too (0.6% of the scale on the kit's model), so the merged
+# float model cannot match it as closely as it matches nf4 and fp4, which compute on dequantized weights.
+INT8_TOLERANCE = 5e-2
 
 # Where a check runs: the runner sweeps the tasks and quantizations for all but "strategy".
 EACH = {
@@ -218,11 +222,7 @@ def save_load(h: Harness, task: str, quantization: str) -> str:
 
     trained = h.run(task, quantization)
     model = trained.model
-    generator = torch.Generator().manual_seed(h.seed + 7)
-    with torch.no_grad():  # move every trainable weight well away from its initial value
-        for name in trained.names:
-            param = model.get_parameter(name)
-            param.add_((0.05 * torch.randn(param.shape, generator=generator)).to(param.device, param.dtype))
+    _move_trained(model, trained.names, h.seed + 7)
     batch = h.batch(trained.run, trained.base)
     expected = _logits(model, batch)
     directory = save(model, h.workdir / f"save-{task}-{quantization}", strategy=h.strategy,
@@ -244,6 +244,15 @@ def save_load(h: Harness, task: str, quantization: str) -> str:
                              f"{_lost_weights(h, model, loaded.model, trained.names)}; the saved files ({files}) "
                              "do not hold them, or load does not restore them")
     return f"outputs reproduced (max difference {diff:.1e}); saved {files}"
+
+
+def _move_trained(model: torch.nn.Module, names: list[str], seed: int) -> None:
+    """Move every trained weight well away from its initial value, so that a lost one shows in the outputs."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name in names:
+            param = model.get_parameter(name)
+            param.add_((0.05 * torch.randn(param.shape, generator=generator)).to(param.device, param.dtype))
 
 
 def _lost_weights(h: Harness, saved: torch.nn.Module, loaded: torch.nn.Module, trained: list[str]) -> str:
@@ -362,6 +371,45 @@ def resume(h: Harness, task: str, quantization: str) -> str:
 def _close(a: list[float | None], b: list[float | None], tolerance: float) -> bool:
     return len(a) == len(b) and all(x is not None and y is not None and abs(x - y) <= tolerance * max(1.0, abs(x))
                                     for x, y in zip(a, b))
+
+
+@check("merge", each="task",
+       doc="skipped without adapters.Merges; otherwise, after every trainable weight is moved, adapters merge writes "
+           "a checkpoint that plain transformers loads (no PEFT, no adapters code) and that gives the trained "
+           "model's outputs")
+def merge(h: Harness, task: str, quantization: str) -> str:
+    from transformers import AutoConfig
+
+    from ..contract import Merges
+    from ..merge import merge_run, reload
+    from ..store import save
+
+    if not isinstance(h.strategy, Merges):
+        reason = getattr(h.strategy, "merge_refusal", None)
+        raise Skip("does not declare adapters.Merges" + (f": {reason}" if reason else ""))
+    trained = h.run(task, quantization)
+    _move_trained(trained.model, trained.names, h.seed + 11)
+    batch = h.batch(trained.run, trained.base)
+    expected = _logits(trained.model, batch)
+    run = save(trained.model, h.workdir / f"merge-run-{task}", strategy=h.strategy, config=trained.run.config,
+               base=trained.base, overwrite=True)
+    result = merge_run(run, h.workdir / f"merged-{task}", dtype="fp32", overwrite=True, device=h.device)
+    config = AutoConfig.from_pretrained(result.output).to_dict()
+    if any(key in config for key in ("quantization_config", "auto_map")) or "peft" in json.dumps(config).lower():
+        raise AssertionError("the merged checkpoint's config.json still names quantization, PEFT or remote code")
+    merged = reload(result.output, task, h.device)
+    diff = float((_logits(merged, batch) - expected).abs().max())
+    scale = max(1.0, float(expected.abs().max()))
+    tolerance = 1e-4 * scale * (1 if h.exact else 100)
+    if quantization == "int8":  # LLM.int8 rounds the activations too, which no float model reproduces; merge_run
+        tolerance = max(tolerance, INT8_TOLERANCE * scale)  # compared strictly with the dequantized adapter model
+    if not diff <= tolerance:
+        raise AssertionError(f"the merged checkpoint, loaded with plain transformers, gives outputs up to {diff:.3g} "
+                             f"away from the trained model's (tolerance {tolerance:.3g}); merge does not fold in "
+                             "every trained weight")
+    merged_from = f" (dequantized from {quantization})" if quantization != "none" else ""
+    return (f"merged{merged_from} and reloaded with plain {type(merged).__name__}: outputs reproduced (max "
+            f"difference {diff:.1e}); {', '.join(result.files)}")
 
 
 @check("memory-estimate", each="strategy",

@@ -26,6 +26,7 @@ class IA3(adapters.PeftStrategy):
     supported_quantization = frozenset(adapters.QUANTIZATIONS)
     supported_tasks = frozenset(adapters.TASKS)
     default_learning_rate = 3e-3
+    peft_types = frozenset({"IA3"})  # adapters.ImportsPeft: `adapters import` reads plain PEFT's IA3 directories
 
     def peft_config(self, model, config: IA3Options, loading: bool = False):
         """PEFT's IA3Config for ``model``; every mistake is an AdaptersError, raised before any change."""
@@ -76,6 +77,21 @@ class IA3(adapters.PeftStrategy):
             trainable += adapters.head_parameters(model.meta_model)
         return adapters.StrategyMemory(trainable, 4 * trainable, 4 * largest, gradient_flow="inputs",
                                        layer_activation_bytes=saved)
+
+
+    def merge(self, model, config: IA3Options):
+        """adapters.Merges: each vector multiplied into its layer's weight (rows for keys and values, columns
+        for feed-forward inputs), through PEFT's ``merge_and_unload``."""
+        return model.merge_and_unload()
+
+    def options_from_peft(self, peft_config: dict) -> IA3Options:
+        """adapters.ImportsPeft: PEFT's lists of module names become the comma-separated options."""
+        from peft import IA3Config
+
+        names = ("target_modules", "feedforward_modules")  # the same names in both
+        joined = {k: ",".join(v) if isinstance(v, list) else v for k, v in peft_config.items() if k in names}
+        return self.options_from_keys({**peft_config, **joined}, IA3Config, {k: k for k in names},
+                                      derived={"fan_in_fan_out", "init_ia3_weights"})
 
 
 @adapters.hookimpl
