@@ -8,7 +8,7 @@ so that whatever else the machine runs slows both alike. Records for each:
 - real tokens per second: the tokens of the examples (no padding) that the timed steps trained on, over the
   seconds those steps took (the first WARMUP steps are not timed);
 - the held-out loss on the completions (masked labels) before and after training, over the whole held-out split;
-- how many examples the steps saw, and the share of the computed tokens that were real (``fill``).
+- how many examples the steps saw, and how full the rows are (``row_fill``).
 
 Packing puts several examples in a row, so a step of the same number of rows trains on more examples.
 
@@ -73,7 +73,7 @@ class Mode:
         self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad],
                                            lr=self.run.learning_rate)
         self.seconds: list[float] = []
-        self.tokens = self.computed = self.examples = 0
+        self.tokens = self.examples = 0
         self.losses: list[float] = []
         self.before = self.heldout_loss()
 
@@ -91,7 +91,6 @@ class Mode:
         if timed:
             self.seconds.append(time.perf_counter() - start)
             self.tokens += int(self.lengths[rows].sum())
-            self.computed += batch["input_ids"].numel()
         self.examples += int(self.per_row[rows].sum())
 
     def result(self, steps: int) -> dict:
@@ -99,8 +98,9 @@ class Mode:
             "packing": self.packing, "seq_len": self.seq_len, "batch_size": self.run.spec.batch_size, "steps": steps,
             "timed_steps": len(self.seconds), "real_tokens_per_s": self.tokens / sum(self.seconds),
             "step_s_median": statistics.median(self.seconds), "rows": len(self.train_set),
-            # Real tokens over the tokens computed: padded batches are as wide as their longest row.
-            "fill": self.tokens / self.computed,
+            # The examples' tokens over rows x seq_len; padded batches are cut to their longest row, so padding
+            # computes fewer tokens than its row_fill suggests.
+            "row_fill": float(self.lengths.sum()) / (len(self.train_set) * self.seq_len),
             "examples_seen": self.examples, "train_losses": self.losses,
             "heldout_loss_before": self.before, "heldout_loss_after": self.heldout_loss(),
             "heldout_examples": len(self.eval_loader.dataset),

@@ -19,6 +19,18 @@ def run_in_process(capsys, *args: str) -> tuple[int, str, str]:
     return info.value.code, captured.out, captured.err
 
 
+def run_captured(*args: str) -> subprocess.CompletedProcess:
+    """``adapters ARGS`` in this process, its output captured without capsys (a module-scoped fixture has
+    none); returned as `run_cli` returns a fresh process's."""
+    import contextlib
+    import io
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), pytest.raises(SystemExit) as info:
+        cli_main(list(args))
+    return subprocess.CompletedProcess(["adapters", *args], info.value.code, out.getvalue(), err.getvalue())
+
+
 def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     """``python -m adapters ARGS`` in a fresh process, with no third-party plugins."""
     env = {**os.environ, "ADAPTERS_LOAD_PLUGINS": ""}
@@ -36,3 +48,23 @@ def assert_user_error(code: int, out: str, err: str, *needles: str) -> str:
     for needle in needles:
         assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
     return lines[0]
+
+
+def bench_case_in_process(spec, measurement) -> dict:
+    """A bench worker's whole job (`adapters.bench.worker.work`: the case and its result as JSON, a failure
+    recorded) in this process: the same measurement without a fresh interpreter's seconds of imports.
+    Patch it over ``adapters.bench.runner.run_case`` (and ``adapters.bench.capacity.run_case``)."""
+    import gc
+    import json
+    import tempfile
+
+    from adapters.bench.worker import work
+    from adapters.files import write_json
+
+    with tempfile.TemporaryDirectory(prefix="adapters-bench-") as tmp:
+        case, out = Path(tmp) / "case.json", Path(tmp) / "result.json"
+        write_json(case, {"spec": spec.to_dict(), "measurement": measurement.to_dict()})
+        assert work(str(case), str(out)) == 0
+        result = json.loads(out.read_text())
+    gc.collect()  # the case's model and optimizer, before the next case loads its own
+    return result

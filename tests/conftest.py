@@ -7,6 +7,10 @@ import warnings
 # Before adapters is imported anywhere: an empty allow-list loads no entry-point plugins.
 os.environ["ADAPTERS_LOAD_PLUGINS"] = ""
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One thread, in this process and in every process a test starts (unless OMP_NUM_THREADS says otherwise): the
+# models here are small, and on a busy 2-core machine two threads make each step several times slower, as at
+# every operation one thread waits for the other to be scheduled.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
 
 import pytest  # noqa: E402

@@ -9,8 +9,8 @@ import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import jsonschema
@@ -24,7 +24,7 @@ from adapters.reports import load_report as typed_report
 from adapters.reports import read_report as load_report  # the plain JSON data, checked through the model
 from adapters.testing import plugin_for
 
-from cli_helpers import assert_user_error, run_in_process
+from cli_helpers import assert_user_error, bench_case_in_process, run_in_process
 
 TINY = dict(model="random:tiny", batch_size=2, seq_len=32, steps=2, warmup=1)
 SUITE_REPORT = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "cpu-2core-default-suite.json"
@@ -238,61 +238,44 @@ def test_default_suite_names_the_four_strategies_on_the_embedded_model():
     assert {"lora", "prefix-tuning", "linear-probe", "full-finetune"} <= set(settings.strategies)
 
 
-OOM_PLUGIN = textwrap.dedent('''
-    from dataclasses import dataclass
-    import torch
-    import adapters
-
-    @dataclass
-    class Options:
-        pass
-
-    class FakeOOM:
-        name = "fake-oom"
-        description = "raises CUDA out of memory in apply, as a too-large model would"
-        config_class = Options
-        supported_quantization = frozenset({"none"})
-        supported_tasks = frozenset({"causal-lm"})
-
-        def apply(self, model, config):
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-
-    @adapters.hookimpl
-    def register_strategies(register):
-        register(FakeOOM())
-''')
+@dataclass
+class _NoOptions:
+    pass
 
 
-def test_a_strategy_that_runs_out_of_memory_is_isolated(tmp_path):
-    """A third-party strategy whose worker dies of OOM is recorded as oom; the next one still runs."""
-    package, site = tmp_path / "pkg", tmp_path / "site"
-    package.mkdir()
-    (package / "adapters_fake_oom.py").write_text(OOM_PLUGIN)
-    (package / "pyproject.toml").write_text(textwrap.dedent('''
-        [build-system]
-        requires = ["setuptools>=68"]
-        build-backend = "setuptools.build_meta"
-        [project]
-        name = "adapters-fake-oom"
-        version = "0"
-        [project.entry-points.adapters]
-        fake-oom = "adapters_fake_oom"
-        [tool.setuptools]
-        py-modules = ["adapters_fake_oom"]
-    '''))
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target",
-                    str(site), str(package)], check=True, capture_output=True)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]),
-               ADAPTERS_LOAD_PLUGINS="adapters-fake-oom")
+class _FakeOOM:
+    """Raises CUDA out of memory in apply, as a too-large model would."""
+
+    name = "fake-oom"
+    description = "raises CUDA out of memory in apply, as a too-large model would"
+    config_class = _NoOptions
+    supported_quantization = frozenset({"none"})
+    supported_tasks = frozenset({"causal-lm"})
+
+    def apply(self, model, config):
+        import torch
+
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+
+def test_a_strategy_that_runs_out_of_memory_is_isolated(register_plugin, monkeypatch, tmp_path, capsys):
+    """A third-party strategy whose case runs out of memory is recorded as oom; the next one still runs.
+
+    Each case runs the worker's code in this process (worker processes are tested by the fixture
+    ``report`` and the Ctrl-C test; a plugin found in them by entry point, in test_example_plugin.py)."""
+    import adapters.bench.runner as runner
+
+    register_plugin(plugin_for(_FakeOOM()), name="adapters-fake-oom")
+    monkeypatch.setattr(runner, "run_case", bench_case_in_process)
     out = tmp_path / "r.json"
-    proc = subprocess.run([sys.executable, "-m", "adapters", "bench", "--model", "random:tiny", "--strategies",
-                           "fake-oom,linear-probe", "--steps", "1", "--warmup", "0", "--seq-len", "32",
-                           "--output", str(out)], capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr
+    code, stdout, stderr = run_in_process(capsys, "bench", "--model", "random:tiny", "--strategies",
+                                          "fake-oom,linear-probe", "--steps", "1", "--warmup", "0", "--seq-len", "32",
+                                          "--output", str(out))
+    assert code == 0, stderr
     results = {r["strategy"]: r for r in json.loads(out.read_text())["results"]}
     assert results["fake-oom"]["status"] == "oom" and "20.00 GiB" in results["fake-oom"]["message"]
     assert results["linear-probe"]["status"] == "ok"
-    assert "fake-oom" in proc.stdout and "oom" in proc.stdout
+    assert "fake-oom" in stdout and "oom" in stdout
 
 
 class _Undercounting:

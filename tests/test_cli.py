@@ -12,7 +12,7 @@ import torch
 
 import adapters
 
-from cli_helpers import assert_user_error, run_cli, run_in_process
+from cli_helpers import assert_user_error, run_captured, run_cli, run_in_process
 
 TINY = ["--model", "random:tiny"]
 QUICK = ["--max-steps", "1", "--batch-size", "2", "--seq-len", "32", "--eval-batches", "1"]
@@ -89,10 +89,9 @@ def test_unknown_model():
     assert_user_error(done.returncode, done.stdout, done.stderr, "'no-such-model'", "random:tiny")
 
 
-def test_full_finetune_refuses_quantization_naming_alternatives():
-    done = run_cli("train", *TINY, "--strategy", "full-finetune", "--quantization", "nf4")
-    line = assert_user_error(done.returncode, done.stdout, done.stderr, "'full-finetune'", "nf4",
-                             "--quantization none")
+def test_full_finetune_refuses_quantization_naming_alternatives(capsys):
+    code, out, err = run_in_process(capsys, "train", *TINY, "--strategy", "full-finetune", "--quantization", "nf4")
+    line = assert_user_error(code, out, err, "'full-finetune'", "nf4", "--quantization none")
     for alternative in ("lora", "qlora", "linear-probe", "prefix-tuning"):
         assert alternative in line
 
@@ -104,14 +103,13 @@ def test_unmatched_target_modules_list_available_names():
     assert_user_error(done.returncode, done.stdout, done.stderr, "nope", "q_proj", "v_proj", "down_proj")
 
 
-def test_non_empty_output_dir_is_refused_and_left_untouched(tmp_path):
+def test_non_empty_output_dir_is_refused_and_left_untouched(tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("precious")
     (out / "sub").mkdir()
     (out / "sub" / "x.bin").write_bytes(b"\x00\x01")
-    done = run_cli("train", *TINY, *QUICK, "--output", str(out))
-    assert_user_error(done.returncode, done.stdout, done.stderr, str(out), "--overwrite")
+    assert_user_error(*run_in_process(capsys, "train", *TINY, *QUICK, "--output", str(out)), str(out), "--overwrite")
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == ["keep.txt", "sub", "sub/x.bin"]
     assert (out / "keep.txt").read_text() == "precious"
     assert (out / "sub" / "x.bin").read_bytes() == b"\x00\x01"
@@ -166,9 +164,10 @@ def test_click_usage_errors_are_not_tracebacks(capsys):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
+    """A tiny LoRA run through `main` in this process (the real subprocesses: the QLoRA and torchrun runs below)."""
     out = tmp_path_factory.mktemp("cli") / "lora-out"
-    done = run_cli("train", *TINY, "--strategy", "lora", "--max-steps", "2", "--batch-size", "2", "--seq-len", "32",
-                   "--eval-batches", "1", "--output", str(out), "--json")
+    done = run_captured("train", *TINY, "--strategy", "lora", "--max-steps", "2", "--batch-size", "2", "--seq-len",
+                        "32", "--eval-batches", "1", "--output", str(out), "--json")
     return done, out
 
 
@@ -265,7 +264,7 @@ def test_done_when_qlora_on_real_smollm2_loads_in_plain_peft(tmp_path):
     out = tmp_path / "D"
     result = subprocess.run(
         [sys.executable, "-m", "adapters", "train", "--model", "smollm2-135m", "--strategy", "qlora",
-         "--max-steps", "2", "--eval-batches", "1", "--output", str(out)],
+         "--max-steps", "2", "--batch-size", "2", "--seq-len", "64", "--eval-batches", "1", "--output", str(out)],
         capture_output=True, text=True, env=dict(os.environ), timeout=600,
     )
     assert result.returncode == 0, result.stderr
