@@ -78,3 +78,21 @@ def test_readme_starts_with_the_two_commands_and_ci_runs_the_second():
     assert "adapters bench --suite benchmarks/suites/default.toml" in lines[0]
     assert lines[1] in (ROOT / ".ci" / "run").read_text()
     assert (ROOT / "benchmarks" / "suites" / "default.toml").exists()
+
+
+def test_readme_chat_file_is_chat_data_that_masks_all_but_the_answers(tmp_path, monkeypatch, smollm2):
+    """The worked example's chat.jsonl, written by the README's own snippet, is read as chat data, and its rows
+    train on the assistant's tokens alone (rendered with SmolLM2-Instruct's chat template)."""
+    from adapters.data import IGNORE_INDEX, instruction_rows, load_dataset
+
+    monkeypatch.chdir(tmp_path)
+    exec(compile(_block("chat-data"), "README chat-data", "exec"), {})
+    lines = [json.loads(line) for line in (tmp_path / "chat.jsonl").read_text().splitlines()]
+    assert len(lines) > 50 and all([m["role"] for m in line["messages"]] == ["user", "assistant"] for line in lines)
+    data = load_dataset(str(tmp_path / "chat.jsonl"), "causal-lm")
+    assert data.shape == "messages" and data.train and data.heldout
+    tokenizer = smollm2.tokenizer
+    ids, labels = instruction_rows(data.train[:1], tokenizer, 512)[0]
+    trained = [t for t, label in zip(ids, labels) if label != IGNORE_INDEX]
+    answer = data.train[0].messages[-1]["content"]
+    assert answer.split()[0] in tokenizer.decode(trained) and "In Python, what is" not in tokenizer.decode(trained)
