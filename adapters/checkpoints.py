@@ -40,7 +40,9 @@ STATE = "state.json"
 MODEL = "model"
 _STEP = re.compile(r"step-(\d+)")
 # The settings a resumed run may change: where it goes, not what it computes.
-RESUMABLE = ("output", "overwrite", "resume", "report_to", "keep_checkpoints", "log_every", "allow_other_base")
+# compile changes nothing but rounding, so a resumed run may turn it on or off.
+RESUMABLE = ("output", "overwrite", "resume", "report_to", "keep_checkpoints", "log_every", "allow_other_base",
+             "compile")
 
 
 class Position(msgspec.Struct):

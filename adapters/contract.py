@@ -195,6 +195,7 @@ class RunShape:
     quantization: str = "none"
     gradient_checkpointing: bool = False
     device: str = "cuda"  # "cuda": bf16 weights under bf16 autocast; "cpu": fp32, as adapters train runs
+    loss_chunk: int | None = None  # causal-lm loss in chunks of this many tokens; 0: whole logits; None: the default
 
     @property
     def tokens(self) -> int:

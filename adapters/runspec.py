@@ -51,6 +51,14 @@ class RunSpec:
     weight_decay: float | None = None  # None: the strategy's default (0)
     max_grad_norm: float | None = None  # None: the strategy's default (1.0); 0 turns clipping off
     gradient_checkpointing: bool = False
+    # Causal-LM training: the loss in chunks of this many tokens, each chunk's logits made through the model's own
+    # output head and dropped again (recomputed in backward); 0: the model's own loss over the full logits;
+    # None: adapters.loss.DEFAULT_CHUNK.
+    loss_chunk: int | None = None
+    compile: bool | None = None  # torch.compile each decoder layer (regional); None: the device's default
+    # Fit the run into SIZE (e.g. "6GiB"): the planner picks micro-batch, gradient checkpointing and accumulation,
+    # keeping the effective batch (batch_size x gradient_accumulation_steps); None: run as given.
+    memory_limit: str | None = None
     seed: int = 0
     eval_batches: int = 8  # held-out batches evaluated before and after training, and at each --eval-every
     eval_every: int | None = None  # also evaluate every N optimizer steps
@@ -88,6 +96,8 @@ class Run:
     warmup_steps: int = 0
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0  # 0: no clipping
+    # With --memory-limit: what `adapters.plan.fit` chose and why (JSON); ``spec`` then holds the choice.
+    fit: dict[str, Any] | None = None
 
 
 def spec_from(config_file: str | None, given: dict[str, Any], options: dict[str, Any]) -> RunSpec:
@@ -169,9 +179,12 @@ def check_supported(strategy: Strategy, quantization: str, task: str, gradient_c
 def resolve(spec: RunSpec, *, data: bool = True) -> Run:
     """Check everything a user can get wrong in ``spec``, before any model is loaded.
 
-    Typos (an unknown strategy, quantization, option or model, a count below 1) come first; then
-    what the strategy declares it cannot do (`StrategyRefused`); then the output directory and the
-    data, unless ``data=False`` (plan, and bench's parent process, which need no dataset).
+    Typos (an unknown strategy, quantization, option or model, a count below 1, a size) come first;
+    then what the strategy declares it cannot do (`StrategyRefused`); then the output directory and
+    the data, unless ``data=False`` (plan, and bench's parent process, which need no dataset). Last,
+    with ``memory_limit``, the fit (`adapters.plan.fit`): the run comes back with the micro-batch,
+    accumulation and checkpointing chosen, and ``Run.fit`` saying why; nothing fitting is
+    `adapters.plan.fit.MemoryLimitTooSmall`, a `StrategyRefused`.
     """
     from . import data as datasets
     from .host import get_registry
@@ -187,8 +200,11 @@ def resolve(spec: RunSpec, *, data: bool = True) -> Run:
     check_at_least(1, max_steps=spec.max_steps, batch_size=spec.batch_size, seq_len=spec.seq_len,
                    gradient_accumulation_steps=spec.gradient_accumulation_steps)
     check_at_least(0, eval_batches=spec.eval_batches, seed=spec.seed)  # 0 batches: the held-out loss is not measured
+    if spec.loss_chunk is not None:  # 0: the model's own loss over the whole batch's logits
+        check_at_least(0, loss_chunk=spec.loss_chunk)
     if spec.seed >= 2**32:  # what torch, numpy and random all accept
         raise AdaptersError(f"--seed must be below 2**32 ({2**32}), not {spec.seed}.")
+    limit = memory_limit(spec.memory_limit)
     model = resolve_model(spec.model)
     task = check_model_task(model, spec.task)
     hf_config = model_config(spec.model)
@@ -199,7 +215,27 @@ def resolve(spec: RunSpec, *, data: bool = True) -> Run:
     if dataset is not None:
         _check_model_fits(spec.model, strategy, config, hf_config, task, dataset.labels)
         spec = _settle_data(spec, dataset, task)
-    return Run(spec, strategy, entry.plugin, config, quantization, task, model, dataset, **optimization)
+    run = Run(spec, strategy, entry.plugin, config, quantization, task, model, dataset, **optimization)
+    if limit is not None:  # the planner chooses the micro-batch, checkpointing and accumulation
+        from .plan.fit import fit_spec
+
+        run = fit_spec(run, limit)
+    return run
+
+
+def memory_limit(size: str | None) -> int | None:
+    """--memory-limit in bytes (None: not given); a size that cannot be read, or is not positive, names the flag."""
+    from .text import parse_size
+
+    if size is None:
+        return None
+    try:
+        limit = parse_size(str(size))
+    except AdaptersError as exc:
+        raise AdaptersError(f"--memory-limit: {exc}") from None
+    if limit < 1:
+        raise AdaptersError(f"--memory-limit {size}: give a size above 0, e.g. --memory-limit 6GiB.")
+    return limit
 
 
 def _check_model_fits(name: str, strategy: Strategy, config: Any, hf_config: Any, task: str,

@@ -6,7 +6,10 @@ prepare, accumulate, backward, clip, step the optimizer and the learning-rate sc
 trackers, evaluates the held-out split every ``eval_every`` steps, and writes a checkpoint every
 ``save_every`` steps (`adapters.checkpoints`). A first SIGINT or SIGTERM ends the run after the
 current step with a checkpoint. Losses stay on the device between logging steps: no host
-synchronisation per step.
+synchronisation per step. The optimizer is `adapters.engine.make_optimizer`'s AdamW (fused where torch
+has the kernel); with ``--compile`` (on by default where `adapters.engine.compile_by_default` says) each
+decoder layer is compiled, and a compiler that fails at the first step leaves the run going on uncompiled
+with a `CompileFallback` warning. The result and the manifest's ``training["compiled"]`` say which ran.
 
 A run ends as failed, naming what and where, and saves nothing (its last good checkpoint and any
 earlier save in its output stay) when a loss, the gradient norm or a trainable weight stops being
@@ -48,12 +51,14 @@ from typing import Any
 
 import torch
 
-from . import checkpoints
+from . import checkpoints, engine
 from .contract import SavesOwnFormat
+from .data import IGNORE_INDEX
 from .errors import AdaptersError, NothingKept, OutOfMemoryBackoff
 from .host import distribution_of
 from .interrupts import graceful_stop
 from .loading import BaseModel
+from .loss import loss_path
 from .manifest import RUN_ENTRIES, read_manifest
 from .metrics import MetricsLog, clean
 from .nn import ParameterCount, count_parameters
@@ -105,6 +110,11 @@ class TrainResult:
     # base_dtype: the frozen weights'; trainable_dtype: the trained weights' while training; master_weights: the
     # dtypes the strategy gave the weights kept as float32 master weights (rounded back to them at the end); autocast.
     precision: dict[str, Any] = field(default_factory=dict)
+    # Whether the decoder layers ran compiled (--compile): "on", the layers compiled, and "error" when compiling
+    # failed and the run went on without it.
+    compiled: dict[str, Any] = field(default_factory=dict)
+    # --memory-limit: what the plan chose (micro-batch, accumulation, checkpointing) and why; None when not fitted.
+    memory_fit: dict[str, Any] | None = None
 
     def summary(self) -> dict[str, Any]:
         """What `adapters train --json` prints: strict JSON, a non-finite metric as null."""
@@ -116,7 +126,8 @@ class TrainResult:
             "heldout_before": clean(self.before)[0], "heldout_after": clean(self.after)[0],
             "tokens_per_s": round(self.tokens_per_s, 1), "seconds": round(self.seconds, 2),
             "batch_size": self.batch_size, "gradient_accumulation_steps": self.gradient_accumulation_steps,
-            "oom_backoffs": self.backoffs, "precision": self.precision,
+            "oom_backoffs": self.backoffs, "precision": self.precision, "compiled": self.compiled,
+            "memory_fit": self.memory_fit,
             "processes": self.processes, "output": str(self.output) if self.output else None,
             "checkpoints": [str(c) for c in self.checkpoints], "resume_command": self.resume_command,
         }
@@ -244,7 +255,9 @@ class _Loop:
         eval_loader = torch.utils.data.DataLoader(eval_set, batch_size=s.batch_size, collate_fn=eval_set.collate,
                                                   generator=torch.Generator().manual_seed(s.seed))
         trainable = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(trainable, lr=run.learning_rate, weight_decay=run.weight_decay)
+        optimizer = engine.make_optimizer(trainable, run.learning_rate, run.weight_decay, accelerator.device)
+        on = s.compile if s.compile is not None else engine.compile_by_default(accelerator.device)
+        self.compiled = {"on": on, "layers": engine.compile_layers(model) if on else 0, "error": None}
         # Accelerate steps a prepared schedule once per process per optimizer step.
         n = accelerator.num_processes
         # transformers' plain "constant" ignores the warm-up; its "constant_with_warmup" is the same without one.
@@ -265,6 +278,8 @@ class _Loop:
         self.micro_batch, self.accumulation = s.batch_size, s.gradient_accumulation_steps
         self.backoffs: list[dict[str, Any]] = []
         self.metrics = MetricsLog(s.output, accelerator, bool(s.report_to))
+        if run.fit is not None:  # --memory-limit: what the plan chose and why (every candidate: the manifest)
+            self.metrics.event(0, "memory_fit", **{k: v for k, v in run.fit.items() if k != "candidates"})
         if s.report_to:
             accelerator.init_trackers(f"adapters-{run.strategy.name}", config=_flat(s))
 
@@ -292,7 +307,8 @@ class _Loop:
         self.accumulation = s.gradient_accumulation_steps * math.ceil(s.batch_size / rows)
 
     def evaluate(self) -> dict[str, float | None]:
-        return evaluate(self.model, self.eval_loader, self.run.task, self.accelerator, self.spec.eval_batches)
+        with engine.eager():  # compiling for a few held-out batches would cost more than it saves
+            return evaluate(self.model, self.eval_loader, self.run.task, self.accelerator, self.spec.eval_batches)
 
     def train(self, stop: Callable[[int], bool], progress: bool) -> None:
         from tqdm.auto import tqdm
@@ -343,8 +359,12 @@ class _Loop:
         while True:
             try:
                 return optimizer_step(self.model, batches, self.optimizer, self.accelerator, self.scheduler,
-                                      self.run.max_grad_norm, self.micro_batch)
+                                      self.run.max_grad_norm, self.micro_batch, loss_chunk=self.spec.loss_chunk)
             except RuntimeError as exc:  # torch.OutOfMemoryError is one
+                if self.compiled["layers"] and engine.is_compile_error(exc):
+                    self.compiled.update(on=False, layers=0, error=engine.fall_back(self.model, exc))
+                    self.optimizer.zero_grad(set_to_none=True)  # the failed try's partial gradients
+                    continue
                 if not is_out_of_memory(exc):
                     raise
                 error = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -401,9 +421,15 @@ class _Loop:
     def _log(self, pending: list[torch.Tensor], tokens: torch.Tensor, grad_norm, bar) -> bool:
         """One line of metrics (and an evaluation when due); False when something was not finite."""
         p = self.position
-        losses = torch.stack(pending).tolist()  # the one host synchronisation of the interval
+        stacked = torch.stack(pending)
+        if self.accelerator.num_processes > 1:
+            # Each process saw its own rows: a step's loss is the mean over the processes, as its gradient is, and
+            # its tokens are their sum, so every process logs what one process with all the rows would.
+            stacked = self.accelerator.reduce(stacked, reduction="mean")
+            tokens = self.accelerator.reduce(tokens.clone(), reduction="sum")
+        losses = stacked.tolist()  # the one host synchronisation of the interval
         p.losses += [v if math.isfinite(v) else None for v in losses]
-        p.tokens = int(tokens.item()) * self.accelerator.num_processes
+        p.tokens = int(tokens.item())
         values = {"loss": losses[-1], "learning_rate": self.scheduler.get_last_lr()[0],
                   "grad_norm": None if grad_norm is None else float(grad_norm),
                   "tokens_per_s": p.tokens / p.seconds if p.seconds else None}
@@ -446,6 +472,7 @@ class _Loop:
     def finish(self) -> TrainResult:
         s, run, p, accelerator = self.spec, self.run, self.position, self.accelerator
         model = accelerator.unwrap_model(self.model)
+        engine.uncompile_layers(model)  # the model given back runs as it was loaded, for generation and the rest
         after: dict[str, float | None] = dict.fromkeys(self.before)
         output = None
         if self.status == COMPLETED:
@@ -470,7 +497,8 @@ class _Loop:
             accelerator.num_processes, accelerator.is_main_process, self.status, self.reason,
             [c for c in self.written if c.exists()], resume, model, self.base,
             batch_size=self.micro_batch, gradient_accumulation_steps=self.accumulation,
-            backoffs=list(self.backoffs), precision=dict(self.precision))
+            backoffs=list(self.backoffs), precision=dict(self.precision), compiled=dict(self.compiled),
+            memory_fit=run.fit)
 
     def _final_save(self) -> Path | None:
         s, run = self.spec, self.run
@@ -486,6 +514,10 @@ class _Loop:
                     "requested_batch_size": s.batch_size,
                     "requested_gradient_accumulation_steps": s.gradient_accumulation_steps,
                     "oom_backoffs": list(self.backoffs), "precision": dict(self.precision),
+                    **({"memory_fit": run.fit} if run.fit is not None else {}),
+                    "compiled": dict(self.compiled),
+                    # How the causal-LM loss was computed: "chunked(N)", "liger" or "model" (adapters.loss).
+                    "loss": loss_path(self.accelerator.unwrap_model(self.model), s.loss_chunk),
                     **({"started_from": self.position.started_from} if self.position.started_from else {})}
         # The run made this directory (or was allowed to replace it): replace it, keeping its checkpoints.
         return save(self.accelerator.unwrap_model(self.model), s.output, strategy=run.strategy, config=run.config,
@@ -505,8 +537,22 @@ def _due(step: int, every: int | None) -> bool:
 
 
 def _tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor | int:
+    """The real tokens of ``batch``, padding left out, on its device (no host synchronisation).
+
+    Padded rows say theirs by the attention mask. Packed rows (`adapters.data.packed`: position ids, no mask) end in
+    padding whose position ids restart at 0 and whose labels are all ignored, where every real example trains at
+    least one label; document blocks have no padding."""
     mask = batch.get("attention_mask")
-    return mask.sum() if mask is not None else batch["input_ids"].numel()
+    if mask is not None:
+        return mask.sum()
+    ids, positions, labels = batch["input_ids"], batch.get("position_ids"), batch.get("labels")
+    if positions is None or labels is None:
+        return ids.numel()
+    columns = torch.arange(ids.shape[1], device=ids.device)
+    last = torch.where(positions == 0, columns, 0).amax(dim=1, keepdim=True)  # where each row's last segment starts
+    tail = columns >= last
+    padding = tail & ~((labels != IGNORE_INDEX) & tail).any(dim=1, keepdim=True)  # a last segment that trains nothing
+    return ids.numel() - padding.sum()
 
 
 def _flat(spec: RunSpec) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from . import data as datasets
+from . import loss as losses
 from .contract import declared_trainable
 from .errors import AdaptersError, TrainingFailed
 from .loading import BaseModel, load_base_model
@@ -115,12 +116,15 @@ def _tokens(batch: dict[str, torch.Tensor]) -> int:
 
 
 @torch.no_grad()
-def evaluate(model, loader, task: str, accelerator, max_batches: int) -> dict[str, float | None]:
+def evaluate(model, loader, task: str, accelerator, max_batches: int,
+             loss_chunk: int | None = None) -> dict[str, float | None]:
     """Held-out loss and perplexity (causal-lm) or loss and accuracy (classification).
 
     The loss is a mean over the tokens the labels train (causal-lm: the completions of instruction data) or
     over the examples (classification), whatever the batches' sizes. Each is None when nothing was measured
     (``max_batches`` 0), never 0. A value may be NaN or infinite; the caller decides what that means.
+    The causal-lm loss is computed in chunks of ``loss_chunk`` tokens (`adapters.loss`), which changes no
+    value beyond float rounding and holds no [tokens x vocab] logits.
     """
     names = ("loss", "perplexity") if task == "causal-lm" else ("loss", "accuracy")
     if max_batches < 1:
@@ -131,9 +135,13 @@ def evaluate(model, loader, task: str, accelerator, max_batches: int) -> dict[st
     for i, batch in enumerate(loader):
         if i >= max_batches:
             break
-        out = model(**batch)
-        weight = _loss_weight(batch, task).to(out.loss.device)
-        loss, weight = accelerator.gather_for_metrics((out.loss.detach() * weight, weight))
+        if task == "causal-lm":
+            batch_loss = losses.loss(model, batch, loss_chunk)
+        else:
+            out = model(**batch)
+            batch_loss = out.loss
+        weight = _loss_weight(batch, task).to(batch_loss.device)
+        loss, weight = accelerator.gather_for_metrics((batch_loss.detach() * weight, weight))
         total_loss += float(loss.sum())
         total_weight += float(weight.sum())
         if task == "sequence-classification":
@@ -264,7 +272,8 @@ def split_batch(batch: dict[str, torch.Tensor], rows: int | None) -> list[dict[s
 
 def optimizer_step(model, batches: list[dict[str, torch.Tensor]], optimizer, accelerator, scheduler=None,
                    max_grad_norm: float = 0.0, micro_batch: int | None = None, step: int | None = None,
-                   check_finite: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                   check_finite: bool = False,
+                   loss_chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One optimizer step over ``batches`` (the micro-batches it accumulates): forward and backward of
     each, in pieces of at most ``micro_batch`` rows; then clipping, the optimizer and the scheduler.
 
@@ -273,6 +282,10 @@ def optimizer_step(model, batches: list[dict[str, torch.Tensor]], optimizer, acc
     it is here). Gradients are synchronised between processes on the last piece only. Returns the
     step's loss and the gradient norm before clipping (None when no clipping ran), both left on the
     device. ``accelerator`` must not accumulate itself (`make_accelerator` does not).
+
+    A causal LM's loss is computed in chunks of ``loss_chunk`` tokens through its own output head, never
+    the whole batch's logits (`adapters.loss`; None: its default chunk, 0: the model's own ``labels=``
+    loss); any other model's is its own.
 
     ``check_finite`` stops at a non-finite loss at once (`TrainingFailed`), at the cost of a host
     synchronisation per piece; the training loop checks at its logging interval instead. An error
@@ -284,7 +297,7 @@ def optimizer_step(model, batches: list[dict[str, torch.Tensor]], optimizer, acc
     for i, piece in enumerate(pieces):
         share = _rows(piece) / rows
         with contextlib.nullcontext() if i == len(pieces) - 1 else accelerator.no_sync(model):
-            loss = model(**piece).loss
+            loss = losses.loss(model, piece, loss_chunk)
             if check_finite and not torch.isfinite(loss):
                 raise TrainingFailed(f"loss became {loss.item()} at step {step}; stopped and saved nothing. "
                                      "Lower --learning-rate, or check the data.")
@@ -298,8 +311,8 @@ def optimizer_step(model, batches: list[dict[str, torch.Tensor]], optimizer, acc
     return total, grad_norm
 
 
-def training_step(model, batch, optimizer, accelerator, step: int, scheduler=None,
-                  max_grad_norm: float = 0.0, check_finite: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+def training_step(model, batch, optimizer, accelerator, step: int, scheduler=None, max_grad_norm: float = 0.0,
+                  check_finite: bool = True, loss_chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One optimizer step on one batch (`optimizer_step`), stopping at a non-finite loss by default."""
     return optimizer_step(model, [batch], optimizer, accelerator, scheduler, max_grad_norm, step=step,
-                          check_finite=check_finite)
+                          check_finite=check_finite, loss_chunk=loss_chunk)

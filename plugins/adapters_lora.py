@@ -15,7 +15,10 @@ import adapters
 class LoraOptions:
     r: int = 16  # rank of each adapter
     alpha: int = 32  # scale: updates are multiplied by alpha / r
-    dropout: float = 0.05
+    # 0, as unsloth does: PEFT's dropout keeps a dropped copy of each adapter's input for backward (seven a Llama
+    # layer), and on the built-in instruction data dropout 0.05 bought no held-out loss for that memory
+    # (benchmarks/dropout.py, benchmarks/results/dropout-cpu-2core.json).
+    dropout: float = 0.0
     target_modules: str | list[str] = "all-linear"  # "all-linear", or module names such as q_proj,v_proj
 
     def __post_init__(self) -> None:

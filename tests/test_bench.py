@@ -431,8 +431,9 @@ def test_a_file_that_appears_at_the_output_during_the_run_is_kept(tmp_path, monk
 # Non-finite numbers: null, with a status, never a crashed worker
 
 
-def _diverging_probe(learning_rate: float = 1e30, nan_in_eval: bool = False):
-    """The shipped linear probe, with a learning rate that blows its head up, or a head that gives NaN
+def _diverging_probe(learning_rate: float = 1e38, nan_in_eval: bool = False):
+    """The shipped linear probe, with a learning rate that blows its head up (an Adam step of about 1e38 takes the
+    head's weights past float32's range, with no weight decay needed to get there), or a head that gives NaN
     logits in evaluation (held-out quality) while training normally."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "plugins"))
     try:

@@ -1,13 +1,9 @@
 """`adapters plan`: memory predicted from the config alone, checked against real measured peaks."""
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import gc
 import json
-import tempfile
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +15,8 @@ from adapters.bench import BenchSettings, run_bench
 from adapters.plan import PlanSettings, RunShape, estimate, make_plans, model_shape, peak
 from adapters.testing import run_checks
 from adapters.text import parse_size
+
+from cli_helpers import bench_case_in_process
 
 DEFAULT_SUITE = ["lora", "lora@nf4", "prefix-tuning", "linear-probe", "full-finetune"]
 CPU_TARGET_PCT = 15.0
@@ -34,38 +32,17 @@ LLAMA_70B = {  # Llama-3-70B's published shape
 # Prediction against measurement, on real runs of the real SmolLM2
 
 
-def _work_here(spec, measurement):
-    """One case, measured by the worker's own code (`work`: the case and its result as JSON) in this
-    process. The same measurement as in the worker's fresh process (the CPU peak counts only the
-    tensors the step uses), without that process's seconds of imports; the fresh processes themselves
-    are tested in test_bench.py."""
-    from adapters.bench.worker import work
-    from adapters.files import write_json
-
-    with tempfile.TemporaryDirectory(prefix="adapters-bench-") as tmp:
-        case, out = Path(tmp) / "case.json", Path(tmp) / "result.json"
-        write_json(case, {"spec": spec.to_dict(), "measurement": measurement.to_dict()})
-        assert work(str(case), str(out)) == 0
-        result = json.loads(out.read_text())
-    gc.collect()  # the case's model and optimizer, before the next one loads
-    return result
-
-
-@contextlib.contextmanager
-def _cases_in_this_process():
+def bench(**settings) -> dict:
+    """`run_bench` (the plan beside each measurement, the report written), each case measured in this process:
+    the same measurement as in a worker process (the CPU peak counts the tensors the step uses), without its
+    seconds of imports; worker processes are tested in test_bench.py. One timed step and no warm-up: the
+    peak is measured on a step after it, with the optimizer's state in place."""
     import adapters.bench.capacity as capacity
     import adapters.bench.runner as runner
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(runner, "run_case", _work_here)
-        patch.setattr(capacity, "run_case", _work_here)
-        yield
-
-
-def bench(**settings) -> dict:
-    """`run_bench` (the plan beside each measurement, the report written), each case measured in this process.
-    One timed step and no warm-up: the peak is measured on a step after it, with the optimizer's state in place."""
-    with _cases_in_this_process():
+        patch.setattr(runner, "run_case", bench_case_in_process)
+        patch.setattr(capacity, "run_case", bench_case_in_process)
         return run_bench(BenchSettings(**{"steps": 1, "warmup": 0, **settings}), progress=False)
 
 
@@ -126,7 +103,7 @@ def test_done_when_llama_8b_qlora_answers_within_seconds_with_components_and_a_v
     (plan,) = result["plans"]
     assert plan["status"] == "ok" and plan["quantization"] == "nf4"
     assert sum(plan["components"].values()) == plan["peak_bytes"]
-    assert plan["components"]["base_weights_quantized"] > 0 and plan["components"]["logits_and_loss"] > 0
+    assert plan["components"]["base_weights_quantized"] > 0 and plan["components"]["activations"] > 0
     assert plan["budget_bytes"] == 24 * 2**30 and plan["fits"] is False  # 4 x 2048 without checkpointing
     assert plan["max_seq_len"] is not None and plan["max_seq_len"] < 2048
     assert result["seconds"] < 10 and seconds < 60  # the planning itself, and the whole command with imports
@@ -159,9 +136,37 @@ def test_the_logits_term_has_the_size_the_h200_anchors_show():
     # anchors.md: the [tokens x vocab] logits at vocab 128k cost several GiB; the chunked loss removes them.
     shape = model_shape("random:llama-1b", device="cuda")
     probe = adapters.get_strategy("linear-probe")
-    plan = estimate(shape, probe, probe.config_class(), RunShape(8, 512))
+    plan = estimate(shape, probe, probe.config_class(), RunShape(8, 512, loss_chunk=0))
     assert plan.components["logits_and_loss"] == 8 * 512 * 128256 * 12  # fp32 log-softmax and two gradients
     assert plan.peak_phase == "loss backward"
+    # Chunked, the logits are one chunk's; what stays is the trained head's weight gradient, which each chunk
+    # makes (bf16, then fp32) and adds into the one before.
+    chunked = estimate(shape, probe, probe.config_class(), RunShape(8, 512, loss_chunk=256))
+    head = 128256 * 2048
+    assert chunked.components["logits_and_loss"] == 256 * 128256 * 4 + head * (3 * 4 + 2)
+    assert chunked.peak_bytes < plan.peak_bytes - 2 * 2**30
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_done_when_the_chunked_loss_cuts_the_logits_term_of_lora_on_smollm2_five_times(capsys, device):
+    def plan(*args):
+        code, out, err = run_in_process(capsys, "plan", "--model", "smollm2-135m", "--strategy", "lora",
+                                        "--batch-size", "4", "--seq-len", "512", "--device", device, "--json", *args)
+        assert code == 0, err
+        result = json.loads(out)
+        return result["loss"], result["plans"][0]
+
+    (whole_path, whole), (chunked_path, chunked) = plan("--loss-chunk", "0"), plan()
+    assert whole_path == "model" and chunked_path.startswith("chunked(")
+    assert whole["components"]["logits_and_loss"] == 4 * 512 * 49152 * 12  # the issue's 1.12 GiB
+    assert chunked["components"]["logits_and_loss"] * 5 <= whole["components"]["logits_and_loss"]
+    assert chunked["peak_bytes"] < whole["peak_bytes"]
+    assert plan("--loss-chunk", "128")[1]["components"]["logits_and_loss"] < chunked["components"]["logits_and_loss"]
+
+
+def test_a_negative_loss_chunk_is_a_plan_error(capsys):
+    code, out, err = run_in_process(capsys, "plan", "--model", "random:tiny", "--loss-chunk", "-8")
+    assert_user_error(code, out, err, "--loss-chunk", "at least 0")
 
 
 def test_gradient_checkpointing_and_smaller_batches_predict_less():
@@ -342,7 +347,6 @@ def test_find_max_batch_searches_by_real_runs_under_a_cpu_memory_limit(tmp_path)
 @pytest.mark.parametrize("args, needles", [
     (["--find-max-batch"], ["--memory-limit"]),  # on the CPU nothing else would stop the search
     (["--find-max-batch", "--find-max-seq-len", "--memory-limit", "1GiB"], ["one of"]),
-    (["--memory-limit", "1GiB"], ["--find-max-batch"]),
     (["--find-max-seq-len", "--memory-limit", "lots"], ["lots", "GiB"]),
 ])
 def test_capacity_search_user_errors(capsys, args, needles):

@@ -1,8 +1,14 @@
-"""Every built-in strategy x every quantization it claims x every task it claims, on real models.
+"""Every built-in strategy x every kind of quantization it claims x every task it claims, on real models.
 
 causal-lm runs on the real SmolLM2-135M; sequence-classification on the real all-MiniLM-L6-v2.
 For each case: a training step changes the trainable weights and only those; a save -> load round
 trip reproduces the outputs; plain PEFT loads the PEFT-backed strategies' directories.
+
+The kinds are none, 8-bit and 4-bit: nf4 stands for both 4-bit data types, as fp4 runs the same code
+(bitsandbytes' Linear4bit, another quantization table). An alias such as qlora (lora with another
+default quantization) is lora on that base. The conformance kit checks every declared cell, fp4 and
+the aliases included, on random:tiny (test_plugin_kit.py), and test_cli.py trains qlora on the real
+SmolLM2 and loads it with plain PEFT.
 """
 from __future__ import annotations
 
@@ -27,9 +33,10 @@ def _cases():
         if entry.plugin not in DEFAULT_PLUGINS:
             continue
         s = entry.strategy
-        default_q = traits(s).default_quantization
-        # An alias such as qlora is lora with another default: test it at that default only.
-        quants = [default_q] if default_q != "none" else sorted(s.supported_quantization)
+        if traits(s).default_quantization != "none":
+            continue  # an alias of a strategy with another default quantization, tested as that strategy
+        quants = sorted(s.supported_quantization - {"fp4"} if "nf4" in s.supported_quantization
+                        else s.supported_quantization)
         for task in sorted(s.supported_tasks):
             for q in quants:
                 yield pytest.param(s.name, q, task, id=f"{s.name}@{q}-{task}")

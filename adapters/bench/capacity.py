@@ -5,7 +5,7 @@ import dataclasses
 from typing import Any
 
 from ..errors import AdaptersError
-from ..text import parse_size
+from ..runspec import memory_limit
 from .predict import predicted_largest
 from .provenance import device_kind
 from .settings import BenchSettings, Measurement
@@ -28,7 +28,7 @@ def search_limit(settings: BenchSettings) -> int | None:
                 "nothing else would stop the search."
             )
         return None
-    return parse_size(settings.memory_limit)
+    return memory_limit(settings.memory_limit)
 
 
 def find_capacity(settings: BenchSettings, strategy: str, limit: int | None,

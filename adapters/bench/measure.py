@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import math
 import resource
 import statistics
 import time
@@ -20,7 +21,8 @@ from typing import Any
 import torch
 
 from ..contract import traits
-from ..errors import AdaptersError
+from ..errors import AdaptersError, TrainingFailed
+from ..loss import loss_path
 from ..nn import ParameterCount, count_parameters, trainable_parameters
 from ..runspec import Run, RunSpec, resolve
 from ..text import parse_size
@@ -52,6 +54,7 @@ class _Training:
     params: ParameterCount
     declared: int | None  # the trainable count the strategy declared, if it does
     device: torch.device
+    compiled_layers: int = 0  # decoder layers compiled (--compile); 0: none
 
 
 def measure(spec: RunSpec, measurement: Measurement) -> dict[str, Any]:
@@ -62,8 +65,12 @@ def measure(spec: RunSpec, measurement: Measurement) -> dict[str, Any]:
         _prepare_gpu(measurement.memory_limit)
     training = _set_up(run)
     before = _checksums(training.model)
-    for i in range(measurement.warmup):
-        training.step(i + 1)
+    # Untimed warm-up; with --compile at least one step, the first, which compiles the layers.
+    warmup_s = []
+    for i in range(max(measurement.warmup, 1 if training.compiled_layers else 0)):
+        start = time.perf_counter()
+        _finite(training.step(i + 1).item(), i + 1)  # reading the loss waits for the step to end
+        warmup_s.append(time.perf_counter() - start)
     nvml = _Nvml() if cuda else None
     energy_start = nvml.energy_mj() if nvml else None
     if cuda:
@@ -72,6 +79,10 @@ def measure(spec: RunSpec, measurement: Measurement) -> dict[str, Any]:
     times, losses = _time_steps(training.step, measurement, cuda)
     energy_end = nvml.energy_mj() if nvml else None
     result = _result(run, measurement, training, times, losses)
+    # Compile time, apart from step time: the first step's seconds beyond a compiled step's (None: not compiled).
+    result["compiled_layers"] = training.compiled_layers
+    result["steps_run"] = len(warmup_s) + measurement.steps * measurement.repeats
+    result["compile_s"] = max(0.0, warmup_s[0] - result["step_s"]["median"]) if training.compiled_layers else None
     result["memory"] = _memory(training, cuda, nvml)
     result["flags"] = _flags(training, before)
     if cuda:
@@ -104,7 +115,8 @@ def _prepare_gpu(memory_limit: str | None) -> None:
 
 def _set_up(run: Run) -> _Training:
     """Load and apply the strategy, and put the model, its optimizer and one batch on the device."""
-    from ..training import build, make_accelerator, make_batches, training_step
+    from ..engine import compile_by_default, compile_layers, make_optimizer
+    from ..training import build, make_accelerator, make_batches, optimizer_step
 
     accelerator = make_accelerator()
     start = time.perf_counter()
@@ -114,17 +126,22 @@ def _set_up(run: Run) -> _Training:
     data = make_batches(run.dataset.train, base, run.spec.seq_len, "train")
     # The asked batch shape, whatever the data's size: short data repeats its rows (memory and
     # speed do not depend on the values; a silently smaller batch would be measured wrongly).
-    rows = torch.arange(run.spec.batch_size) % len(data)
+    # A step of micro-batches (--memory-limit may fit the batch into several): all of its rows, in micro-batches.
+    rows = torch.arange(run.spec.batch_size * run.spec.gradient_accumulation_steps) % len(data)
     batch = {k: v[rows] for k, v in data.tensors.items()}
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=run.learning_rate)
+    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], run.learning_rate,
+                               run.weight_decay, accelerator.device)
+    on = run.spec.compile if run.spec.compile is not None else compile_by_default(accelerator.device)
+    compiled = compile_layers(model) if on else 0
     model, optimizer = accelerator.prepare(model, optimizer)
     batch = {k: v.to(accelerator.device) for k, v in batch.items()}
     model.train()
 
     def step(i: int) -> torch.Tensor:
-        return training_step(model, batch, optimizer, accelerator, i)[0]
+        return optimizer_step(model, [batch], optimizer, accelerator, step=i, micro_batch=run.spec.batch_size,
+                              loss_chunk=run.spec.loss_chunk)[0]
 
-    return _Training(model, optimizer, batch, step, load_s, params, declared, accelerator.device)
+    return _Training(model, optimizer, batch, step, load_s, params, declared, accelerator.device, compiled)
 
 
 def _load_again(run: Run, device: torch.device) -> float:
@@ -153,11 +170,20 @@ def _time_steps(step: Callable[[int], torch.Tensor], measurement: Measurement,
         for i in range(measurement.steps):
             sync()
             start = time.perf_counter()
-            losses.append(step(i + 1).item())
+            losses.append(_finite(step(i + 1).item(), i + 1))
             sync()
             repeat.append(time.perf_counter() - start)
         times.append(repeat)
     return times, losses
+
+
+def _finite(loss: float, step: int) -> float:
+    """``loss``, read after its step as timing needs anyway (the step itself does not synchronise); `TrainingFailed`
+    when it is not finite."""
+    if not math.isfinite(loss):
+        raise TrainingFailed(f"loss became {loss} at step {step}; stopped and saved nothing. Lower --learning-rate, "
+                             "or check the data.")
+    return loss
 
 
 def _result(run: Run, measurement: Measurement, training: _Training, times: list[list[float]],
@@ -183,7 +209,9 @@ def _result(run: Run, measurement: Measurement, training: _Training, times: list
         "tokens_per_s": tokens / median,
         # What the row really ran with: bench never backs off, but a row that did must say so (compare checks it).
         "batch_size": run.spec.batch_size,
-        "gradient_accumulation_steps": 1,
+        "gradient_accumulation_steps": run.spec.gradient_accumulation_steps,
+        "memory_fit": run.fit,  # --memory-limit: what the plan chose and why; None when not fitted
+        "loss_path": loss_path(training.model, run.spec.loss_chunk) if run.task == "causal-lm" else "model",
         "trainable_parameters": training.params.trainable,
         "declared_trainable_parameters": training.declared,
         "total_parameters": training.params.total,

@@ -12,8 +12,7 @@ from typing import Any
 
 from ..errors import AdaptersError
 from ..options import read_toml, settings_values
-from ..runspec import DEFAULT_MODEL, RunSpec, check_at_least
-from ..text import parse_size
+from ..runspec import DEFAULT_MODEL, RunSpec, check_at_least, memory_limit
 
 FIND_MAX = ("batch_size", "seq_len")
 
@@ -48,20 +47,35 @@ class BenchSettings:
     warmup: int = Measurement.warmup
     repeats: int = Measurement.repeats
     gradient_checkpointing: bool = False
+    loss_chunk: int | None = None  # as RunSpec.loss_chunk
+    compile: bool | None = None  # as RunSpec.compile
     seed: int = 0
     quality_steps: int = Measurement.quality_steps
     find_max: str | None = None  # "batch_size" or "seq_len": search for the largest that runs
-    memory_limit: str | None = None  # e.g. "4GiB": a try over it fails (required on the CPU for a search)
+    # e.g. "4GiB". With find_max, a try whose peak exceeds it fails (required on the CPU for a search); without,
+    # each case is fitted into it as `adapters train --memory-limit` fits a run (`adapters.plan.fit`).
+    memory_limit: str | None = None
     output: str | None = None
     options: dict[str, Any] = field(default_factory=dict)  # strategy options, for every strategy of the suite
     data: str | None = None  # the data the steps train on (None: the built-in data for the task)
     run: str | None = None  # `adapters bench --run RUN`: the run whose settings these are
 
     def spec(self, strategy: str) -> RunSpec:
-        """The run measured for ``strategy`` (``NAME`` or ``NAME@QUANT``)."""
-        return RunSpec(model=self.model, strategy=strategy, task=self.task, batch_size=self.batch_size,
+        """The run measured for ``strategy`` (``NAME`` or ``NAME@QUANT``).
+
+        With a memory limit and no capacity search, the run as fitted into the limit: its micro-batch,
+        accumulation and checkpointing chosen by the plan (`adapters.plan.fit`), the limit kept in it so that the
+        worker's `resolve` fits it again (the same choice) and has the fit's record. A strategy that does not fit
+        raises `adapters.plan.fit.MemoryLimitTooSmall`, a `StrategyRefused`: a refused row.
+        """
+        spec = RunSpec(model=self.model, strategy=strategy, task=self.task, batch_size=self.batch_size,
                        seq_len=self.seq_len, gradient_checkpointing=self.gradient_checkpointing, seed=self.seed,
-                       data=self.data, options=dict(self.options))
+                       loss_chunk=self.loss_chunk, compile=self.compile, data=self.data, options=dict(self.options))
+        if self.memory_limit is None or self.find_max:
+            return spec
+        from ..runspec import resolve
+
+        return resolve(dataclasses.replace(spec, memory_limit=self.memory_limit), data=False).spec
 
     def measurement(self) -> Measurement:
         """How each case of the suite is measured."""
@@ -76,6 +90,8 @@ class BenchSettings:
 
 # What `adapters bench --run` takes from the run, so that flags may not give it too.
 FROM_RUN = ("model", "strategies", "task")
+# What it takes from the run unless flags say otherwise.
+RECORDED = ("batch_size", "seq_len", "gradient_checkpointing", "loss_chunk", "compile", "seed")
 
 
 def settings_for_run(run: str, given: dict[str, Any]) -> BenchSettings:
@@ -97,7 +113,7 @@ def settings_for_run(run: str, given: dict[str, Any]) -> BenchSettings:
     recorded = saved_spec(run)
     values = {"model": recorded["model"], "strategies": [f"{recorded['strategy']}@{recorded['quantization']}"],
               "task": recorded["task"], "options": recorded["options"], "data": recorded.get("data"), "run": str(run),
-              **{k: recorded[k] for k in ("batch_size", "seq_len", "gradient_checkpointing", "seed") if k in recorded}}
+              **{k: recorded[k] for k in RECORDED if k in recorded}}
     return settings_from(None, {**values, **given})
 
 
@@ -112,7 +128,5 @@ def settings_from(suite: str | None, given: dict[str, Any]) -> BenchSettings:
     if settings.find_max not in (None, *FIND_MAX):
         raise AdaptersError(f"find_max = {settings.find_max!r}: use batch_size or seq_len.")
     if settings.memory_limit is not None:
-        if not settings.find_max:
-            raise AdaptersError("--memory-limit bounds a capacity search: add --find-max-batch or --find-max-seq-len.")
-        parse_size(settings.memory_limit)
+        memory_limit(settings.memory_limit)
     return settings

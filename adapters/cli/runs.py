@@ -44,6 +44,14 @@ from .tables import plan_rows, train_summary
 @click.option("--max-grad-norm", type=float, default=None, help="Clip gradients to this norm; 0 turns it off "
               "(default: the strategy's, 1.0).")
 @click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations in backward to save memory.")
+@click.option("--loss-chunk", type=int, default=None, metavar="TOKENS",
+              help="Causal LM: compute the loss in chunks of this many tokens, never the whole batch's logits; 0: "
+              "the model's own loss (default: a measured chunk size).")
+@click.option("--compile/--no-compile", "compile", default=None,
+              help="torch.compile each decoder layer (default: the device's measured default).")
+@click.option("--memory-limit", default=None, metavar="SIZE",
+              help="Fit the run into SIZE (e.g. 6GiB): choose the micro-batch, gradient checkpointing and "
+              "accumulation, keeping the effective batch.")
 @click.option("--seed", type=int, default=RunSpec.seed, show_default=True)
 @click.option("--eval-batches", type=int, default=RunSpec.eval_batches, show_default=True)
 @click.option("--eval-every", type=int, default=None, help="Also evaluate the held-out split every N steps.")
@@ -113,12 +121,18 @@ def train(ctx: click.Context, assignments: tuple[str, ...], config_file: str | N
 @click.option("--repeats", type=int, default=None,
               help="Repeats of the timed steps, and loads of the model: two or more give load time a spread.")
 @click.option("--gradient-checkpointing", is_flag=True, default=None)
+@click.option("--loss-chunk", type=int, default=None, metavar="TOKENS",
+              help="Causal LM: the loss in chunks of this many tokens; 0: the model's own loss.")
+@click.option("--compile/--no-compile", "compile", default=None,
+              help="torch.compile each decoder layer; compile time is recorded apart from step time.")
 @click.option("--seed", type=int, default=None)
 @click.option("--quality-steps", type=int, default=None, help="Also measure held-out quality over this many steps.")
 @click.option("--find-max-batch", is_flag=True, help="Search each strategy's largest batch size by real runs.")
 @click.option("--find-max-seq-len", is_flag=True, help="Search each strategy's largest sequence length by real runs.")
 @click.option("--memory-limit", default=None, metavar="SIZE",
-              help="With --find-max-*: a try whose peak exceeds SIZE (e.g. 4GiB) fails; required on the CPU.")
+              help="Fit each case into SIZE (e.g. 4GiB) as train --memory-limit does: micro-batch, checkpointing and "
+              "accumulation chosen, the effective batch kept. With --find-max-*: a try whose peak exceeds SIZE "
+              "fails; required on the CPU.")
 @click.option("--output", default=None, help="Report file [default: bench-<model>-<time>.json].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --output file, only if it is a benchmark report.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of a table.")
@@ -177,6 +191,8 @@ def bench(ctx: click.Context, suite: str | None, run_dir: str | None, as_json: b
 @click.option("--seq-len", type=int, default=512, show_default=True)
 @click.option("--task", type=click.Choice(TASKS), default=None)
 @click.option("--gradient-checkpointing", is_flag=True, help="Plan with activations recomputed in backward.")
+@click.option("--loss-chunk", type=int, default=None, metavar="TOKENS",
+              help="Plan the causal-LM loss in chunks of this many tokens; 0: the model's own loss (default: train's).")
 @click.option("--device", type=click.Choice(["cuda", "cpu"]), default="cuda", show_default=True,
               help="cuda: bf16 under autocast, as training on a GPU runs; cpu: fp32.")
 @click.option("--budget", default=None, metavar="SIZE",

@@ -135,6 +135,9 @@ def train_summary(result: TrainResult) -> str:
     backoffs = [f"out of memory at step {b['step']}: micro-batch {b['from_batch_size']} -> {b['batch_size']}, "
                 f"accumulation {b['from_gradient_accumulation_steps']} -> {b['gradient_accumulation_steps']}"
                 for b in result.backoffs]
+    if result.memory_fit:
+        fit = result.memory_fit
+        backoffs.insert(0, f"fitted into --memory-limit {format_bytes(fit['limit_bytes'])}: {fit['reason']}")
     if result.status != "completed":
         lines = [head, *backoffs, f"{result.status}: {result.reason}"]
         if result.checkpoints:

@@ -90,10 +90,55 @@ def transients(shape: ModelShape, run: RunShape) -> tuple[int, int]:
     return max(attention, 2 * n * i * e) + 2 * n * h * e, max(attention, 2 * n * i * e)
 
 
-def loss(shape: ModelShape, run: RunShape) -> tuple[int, int]:
-    """(saved, transient) bytes of the loss: causal-lm's fp32 log-softmax over the vocabulary is
-    saved; its backward briefly holds two more buffers of that size."""
+def loss_chunk(run: RunShape) -> int:
+    """The run's loss chunk in tokens (0: the model's own loss over the whole logits)."""
+    from ..loss import DEFAULT_CHUNK
+
+    return DEFAULT_CHUNK if run.loss_chunk is None else run.loss_chunk
+
+
+def loss_path(shape: ModelShape, chunk: int | None) -> str:
+    """How a run computes the loss, as `adapters.loss.loss_path` says once the model is loaded. (Liger's
+    fused loss, which a GPU with liger-kernel uses instead, is planned as the torch chunks.)"""
+    chunk = loss_chunk(RunShape(1, 1, loss_chunk=chunk))
+    return f"chunked({chunk})" if shape.task == "causal-lm" and chunk else "model"
+
+
+def loss(shape: ModelShape, run: RunShape, flow: str) -> int:
+    """Bytes the loss adds at its backward, the loss's peak, beyond the activations.
+
+    The model's own loss (``loss_chunk`` 0, and classification): causal-lm's fp32 log-softmax over the
+    vocabulary is saved; its backward briefly holds two more buffers of that size, the gradients of the
+    log-softmax and of the logits.
+
+    The chunked loss (`adapters.loss`) holds those three for one chunk's tokens at a time, recomputed in
+    backward, beside what the whole batch keeps: the final hidden states, which the chunks keep for their
+    recomputation (a frozen head's forward keeps nothing: counted here for the "inputs" flow, by
+    `outside_layers` for the others), and the gradients of the hidden states of the chunks done so far (none
+    for the "head" flow, whose base records no graph).
+    A trained head (the "head" and "weights" flows): on the CPU the fused chunks keep one gradient of the
+    head's weight and add each chunk's share into it. On CUDA the head is a float32 master weight under bf16
+    compute, so the chunks run through the head module: each makes a weight gradient while its logits'
+    gradient still exists (and its bf16 copy before the cast to the master weight's dtype); from the second
+    chunk on, beside the gradient the chunks before it made, and a transient copy as it is added (measured on
+    the CPU before the fused chunks: three of the head's size at once).
+    """
+    n, v, h, e = run.tokens, shape.vocab_size, shape.hidden_size, run.compute_bytes
     if run.task != "causal-lm":
-        return run.batch_size * shape.num_labels * 4, run.batch_size * shape.num_labels * 8
-    logits = run.tokens * shape.vocab_size * 4
-    return logits, 2 * logits
+        return run.batch_size * shape.num_labels * 12
+    chunk = loss_chunk(run)
+    if not chunk:
+        return 3 * n * v * 4
+    c = min(chunk, n)
+    softmax = 3 * c * v * 4
+    held = 0 if flow == "head" else (n - c) * h * e  # a probe's base makes no graph: no gradient to its hidden states
+    held += n * h * e if flow == "inputs" else 0
+    if flow in ("head", "weights"):
+        if run.device == "cpu":
+            # A plain linear head in the compute dtype goes through the fused chunks (`_LinearCrossEntropy`), which
+            # add each chunk's share into one gradient of the head's weight, beside the chunk's logits.
+            softmax += v * h * 4
+        else:  # a float32 master weight under bf16 compute: the checkpointed chunks through the head module
+            head_gradients = c * v * 4 + (3 if c < n else 1) * v * h * 4 + v * h * 2
+            softmax = max(softmax, head_gradients)
+    return softmax + held

@@ -2,10 +2,10 @@
 
 - the forward: every activation saved so far, plus the last layer's working tensors;
 - the loss backward: every activation saved for backward, plus the ``[tokens x vocab]`` log-softmax
-  and its two gradient buffers;
+  and its two gradient buffers, or with the chunked loss (`adapters.loss`) one chunk's of them;
 - a layer's backward (with its recomputation under gradient checkpointing), and for full
   fine-tuning the end of backward, when every gradient exists;
-- the optimizer step: every gradient plus AdamW's temporaries.
+- the optimizer step: every gradient plus AdamW's temporaries (none for fused AdamW).
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ COMPONENTS = {
     "optimizer_state": "AdamW's two moments",
     "gradients": "gradients alive at the peak",
     "activations": "tensors saved for backward, alive at the peak",
-    "logits_and_loss": "the [tokens x vocab] log-softmax and its gradient buffers",
+    "logits_and_loss": "the log-softmax over the vocabulary and its gradient buffers (one chunk's, chunked)",
     "optimizer_step": "AdamW's temporaries during its update",
     "runtime_overhead": "memory outside the step's tensors (cuBLAS workspace)",
 }
@@ -105,7 +105,6 @@ def _phases(shape: ModelShape, run: RunShape, part: StrategyMemory) -> dict[str,
     layer = layer_activations(shape, run, flow, part.extra_attention_tokens)
     layer += part.layer_activation_bytes if flow != "head" else 0
     outside = outside_layers(shape, run, flow)
-    loss_saved, loss_transient = loss(shape, run)
     checkpointed = run.gradient_checkpointing and flow != "head"
     kept = shape.num_layers * (run.tokens * shape.hidden_size * run.compute_bytes if checkpointed else layer)
     if flow == "inputs" and not checkpointed and shape.family == "llama":  # the embeddings' output needs
@@ -113,7 +112,7 @@ def _phases(shape: ModelShape, run: RunShape, part: StrategyMemory) -> dict[str,
     forward, working = transients(shape, run)
     phases: dict[str, dict[str, int]] = {
         "forward": {"activations": kept + forward},
-        "loss backward": {"activations": kept + outside, "logits_and_loss": loss_saved + loss_transient},
+        "loss backward": {"activations": kept + outside, "logits_and_loss": loss(shape, run, flow)},
     }
     if flow != "head":
         # A layer's backward: its saved tensors (recomputed under checkpointing) plus the gradients
@@ -122,12 +121,25 @@ def _phases(shape: ModelShape, run: RunShape, part: StrategyMemory) -> dict[str,
         if flow == "weights":  # the first layer's backward, with every other gradient already made
             first = (kept if checkpointed else 0) + layer + working
             phases["end of backward"] = {"gradients": part.trainable_bytes, "activations": first}
-    if run.device == "cuda":  # foreach AdamW: one temporary the size of every trainable tensor at once
-        optimizer_step = part.trainable_bytes
-    else:  # the CPU's per-tensor AdamW: sqrt and a division of the largest tensor at once
-        optimizer_step = 2 * part.largest_trainable_tensor_bytes
-    phases["optimizer step"] = {"gradients": part.trainable_bytes, "optimizer_step": optimizer_step}
+    phases["optimizer step"] = {"gradients": part.trainable_bytes, "optimizer_step": _adamw_temporaries(run, part)}
     return phases
+
+
+def _adamw_temporaries(run: RunShape, part: StrategyMemory) -> int:
+    """AdamW's temporaries in `adapters.engine.make_optimizer`'s form for the device: fused updates each tensor in
+    place, with none; foreach makes one the size of every trainable tensor at once."""
+    return 0 if fused_adamw(run.device) else part.trainable_bytes
+
+
+def fused_adamw(device: str) -> bool:
+    """Whether this torch has a fused AdamW kernel for ``device`` ("cuda"; "cpu" since torch 2.4)."""
+    import inspect
+
+    import torch
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    return "fused" in inspect.signature(torch.optim.AdamW).parameters and \
+        device in _get_fused_kernels_supported_devices()
 
 
 def estimate(shape: ModelShape, strategy: Strategy, config: Any, run: RunShape, spec: str | None = None) -> Plan:

@@ -16,6 +16,7 @@ from ..errors import AdaptersError
 from ..host import Registry, get_registry
 from ..runspec import DEFAULT_MODEL, DEFAULT_STRATEGY, RunSpec, StrategyRefused, resolve, split_strategy
 from ..text import parse_size
+from .activations import loss_path
 from .budget import with_budget
 from .memory import RUNTIME_OVERHEAD, Plan, estimate
 from .skeleton import model_shape
@@ -31,6 +32,7 @@ class PlanSettings:
     seq_len: int = 512
     task: str | None = None
     gradient_checkpointing: bool = False
+    loss_chunk: int | None = None  # as RunSpec.loss_chunk: None, train's default chunk; 0, the model's own loss
     device: str = "cuda"
     options: dict[str, Any] = field(default_factory=dict)
     budget: str | None = None
@@ -59,13 +61,14 @@ def make_plans(settings: PlanSettings) -> dict[str, Any]:
     plans = []
     for one in asked:
         run = RunShape(settings.batch_size, settings.seq_len, shape.task, one.quantization,
-                       settings.gradient_checkpointing, settings.device)
+                       settings.gradient_checkpointing, settings.device, settings.loss_chunk)
         plans.append(_plan(one, shape, run, budget))
     return {
         "model": settings.model, "task": shape.task, "device": settings.device,
         "dtype": "bfloat16 (autocast)" if settings.device == "cuda" else "float32",
         "batch_size": settings.batch_size, "seq_len": settings.seq_len,
-        "gradient_checkpointing": settings.gradient_checkpointing, "budget_bytes": budget,
+        "gradient_checkpointing": settings.gradient_checkpointing, "loss": loss_path(shape, settings.loss_chunk),
+        "budget_bytes": budget,
         "plans": [p.to_dict() for p in plans], "seconds": round(time.perf_counter() - started, 3),
     }
 
@@ -92,6 +95,7 @@ def _asked(settings: PlanSettings, registry: Registry) -> list[_Asked]:
     for spec, strategy in zip(specs, strategies):
         run_spec = RunSpec(model=settings.model, strategy=spec, task=settings.task, batch_size=settings.batch_size,
                            seq_len=settings.seq_len, gradient_checkpointing=settings.gradient_checkpointing,
+                           loss_chunk=settings.loss_chunk,
                            options=_accepted(strategy, settings.options) if several else settings.options)
         try:
             run = resolve(run_spec, data=False)

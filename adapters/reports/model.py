@@ -181,6 +181,11 @@ class OkResult(_Result, tag="ok", kw_only=True):
     quality: Quality | None
     flags: list[str]
     prediction: Prediction | None = None
+    compiled_layers: int | None = None  # decoder layers under torch.compile (--compile); None in older reports
+    compile_s: Annotated[float, Meta(ge=0)] | None = None  # the first compiled step's extra seconds, apart from step_s
+    # --memory-limit: the micro-batch, accumulation and checkpointing the plan chose to fit, why, and each candidate.
+    memory_fit: dict[str, Any] | None = None
+    loss_path: str | None = None  # how the loss was computed: "chunked(N)", "liger" or "model"; None in older reports
 
 
 class NotRun(_Result):

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ..contract import EstimatesMemory, Strategy, traits, validate_strategy
+from ..engine import make_optimizer
 from ..nn import count_parameters
 from ..runspec import StrategyRefused
 from .harness import LABELS, STEPS, Harness, Skip
@@ -443,7 +444,7 @@ def memory_estimate(h: Harness) -> str:
     if part.trainable_parameters != trainable:
         raise AssertionError(f"estimate_memory says {part.trainable_parameters:,} trainable parameters, "
                              f"apply left {trainable:,}")
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=run.learning_rate)
+    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], run.learning_rate, 0.0, h.device)
     batch = h.batch(run, base)
     model.train()
     step = lambda: training_step(model, batch, optimizer, h.accelerator, 1)  # noqa: E731

@@ -19,6 +19,7 @@ import torch
 
 from ..contract import Strategy, declared_trainable, traits
 from ..data import Dataset, Example
+from ..engine import make_optimizer
 from ..loading import BaseModel
 from ..nn import ParameterCount, count_parameters
 from ..runspec import Run, RunSpec, resolve
@@ -164,7 +165,7 @@ class Harness:
                batch: dict[str, torch.Tensor]) -> tuple[list[float], dict[str, torch.Tensor | None]]:
         # No weight decay: it would move a trainable weight that no gradient reaches, which the
         # train-step check exists to catch.
-        optimizer = torch.optim.AdamW(list(trainable.values()), lr=run.learning_rate, weight_decay=0.0)
+        optimizer = make_optimizer(list(trainable.values()), run.learning_rate, 0.0, self.device)  # as train's
         grads: dict[str, torch.Tensor | None] = {}
 
         def keep_first_gradients(*_) -> None:  # training_step clears them once it has stepped

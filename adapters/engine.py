@@ -1,0 +1,126 @@
+"""How the training step runs on its device: the optimizer, and compiling the decoder.
+
+`make_optimizer` builds AdamW in its fastest form for the device: fused (one kernel for every tensor, no host
+synchronisation, no temporaries the size of the weights) where torch has a fused kernel for it, which it has on
+CUDA and, since torch 2.4, on the CPU; foreach (one launch per group of tensors) anywhere else.
+
+No host synchronisation in a step: the loop (`adapters.trainer`) keeps losses, token counts and the gradient norm on
+the device and reads them at its logging interval only; clipping (torch's ``clip_grad_norm_`` through Accelerate)
+and the fused AdamW read nothing back either. One read remains that is not ours: transformers' forward looks at
+the batch once (``masking_utils``: whether rows are packed, or padded) to choose its attention kernel.
+tests/test_engine.py counts the host reads of real steps on the CPU, and, on a GPU, runs a step under
+``torch.cuda.set_sync_debug_mode``.
+
+`compile_layers` compiles the decoder's repeated layers one by one, in place (``layer.compile()``): regional
+compilation, as torchtune and transformers recommend. Every layer has the same code, so torch compiles it once
+and reuses it for the others, which keeps compile time at about one layer's. The layers are found whatever
+wraps them (PEFT, a strategy's own modules): the longest `torch.nn.ModuleList` of modules of one class.
+Compiling is lazy: a compiler that fails (no C++ compiler for the CPU, an operation inductor does not support)
+fails at the first step, where `is_compile_error` tells it from other errors and `uncompile_layers` undoes it, so
+that the run goes on uncompiled with a one-line `CompileFallback` warning rather than dying.
+
+Whether compile is on by default depends on the device (`compile_by_default`); the CPU's default follows the
+measurement in ``benchmarks/compile.py`` (``benchmarks/results/compile-cpu-2core.json``).
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import sys
+import warnings
+from collections.abc import Iterable, Iterator
+
+import torch
+
+# What `compile_layers` compiles with; a test swaps in a backend that fails.
+BACKEND = "inductor"
+# Default on per device type. CUDA: on; a compiled decoder (with a chunked loss) gave LoRA 1.40x the tokens/s of
+# plain LoRA on an H200 (../shared/design/anchors.md). CPU: off; benchmarks/results/compile-cpu-2core.json measured
+# 0.91x (LoRA) and 1.02x (full fine-tuning) on SmolLM2 at batch 2 x 256, a gain that does not pay for compiling
+# (about 30-50 s the first time, a few seconds from inductor's cache).
+COMPILE_BY_DEFAULT = {"cuda": True, "cpu": False}
+
+
+class CompileFallback(UserWarning):
+    """Compiling the decoder layers failed, and the run goes on without compiling them."""
+
+
+def make_optimizer(params: Iterable[torch.nn.Parameter], lr: float, weight_decay: float = 0.0,
+                   device: torch.device | str | None = None) -> torch.optim.AdamW:
+    """AdamW over ``params`` for ``device`` (default: where the first parameter is): fused where torch has a fused
+    kernel for that device and those dtypes, else foreach. Neither synchronises with the host in ``step``."""
+    params = list(params)
+    device = torch.device(device) if device is not None else (params[0].device if params else torch.device("cpu"))
+    if _fused_supported(device, params):
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=True)
+
+
+def _fused_supported(device: torch.device, params: list[torch.nn.Parameter]) -> bool:
+    if "fused" not in inspect.signature(torch.optim.AdamW).parameters:
+        return False
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    return (device.type in _get_fused_kernels_supported_devices()
+            and all(p.is_floating_point() and p.device.type == device.type for p in params))
+
+
+def compile_by_default(device: torch.device | str) -> bool:
+    """Whether ``--compile`` is on when the user said neither ``--compile`` nor ``--no-compile``."""
+    return COMPILE_BY_DEFAULT.get(torch.device(device).type, False)
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList | None:
+    """The decoder's repeated blocks: the longest ModuleList (of two or more) whose modules are all one class; None
+    when the model has none."""
+    best = None
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) >= 2 and \
+                len({type(m) for m in module}) == 1 and (best is None or len(module) > len(best)):
+            best = module
+    return best
+
+
+def compile_layers(model: torch.nn.Module) -> int:
+    """Compile each of ``model``'s decoder layers in place (`decoder_layers`); the number compiled (0: none found).
+
+    Names and weights stay as they were, so saving, loading and checkpoints see the same model."""
+    layers = decoder_layers(model)
+    if layers is None:
+        return 0
+    for layer in layers:
+        layer.compile(backend=BACKEND)
+    return len(layers)
+
+
+def uncompile_layers(model: torch.nn.Module) -> None:
+    """Undo `compile_layers`: every module runs eagerly again."""
+    for module in model.modules():
+        if getattr(module, "_compiled_call_impl", None) is not None:
+            module._compiled_call_impl = None
+
+
+@contextlib.contextmanager
+def eager() -> Iterator[None]:
+    """Within the block, compiled layers run eagerly and nothing compiles (torch 2.6+; before, as they are)."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    with set_stance("force_eager") if set_stance is not None else contextlib.nullcontext():
+        yield
+
+
+def is_compile_error(exc: BaseException) -> bool:
+    """An error of torch.compile itself (dynamo, the backend compiler, inductor), not of the model or the data."""
+    kinds = [getattr(sys.modules.get(module), name, None) for module, name in
+             (("torch._dynamo.exc", "TorchDynamoException"), ("torch._inductor.exc", "InductorError"))]
+    return isinstance(exc, tuple(k for k in kinds if isinstance(k, type)))
+
+
+def fall_back(model: torch.nn.Module, exc: BaseException) -> str:
+    """After a compile error: run ``model`` uncompiled from now on, with a one-line warning; the reason, one line."""
+    uncompile_layers(model)
+    torch._dynamo.reset()  # and drop what the failed compile left behind
+    exc = getattr(exc, "inner_exception", None) or exc  # what the backend compiler raised
+    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+    warnings.warn(f"--compile failed ({type(exc).__name__}: {reason}); going on without compiling. Pass "
+                  "--no-compile to skip it.", CompileFallback, stacklevel=2)
+    return f"{type(exc).__name__}: {reason}"

@@ -1,0 +1,191 @@
+"""Fit a run into a memory limit: the planner chooses the micro-batch, gradient checkpointing and accumulation.
+
+`adapters train --memory-limit SIZE` (and `adapters bench --memory-limit SIZE` without a capacity search) keeps
+the effective batch the user asked for, E = ``batch_size x gradient_accumulation_steps``, and runs the way that
+is fastest among those predicted to fit:
+
+- **Candidates**: every micro-batch m that divides E, so that each optimizer step still sees E rows, in k = E / m
+  micro-batches of equal size (a micro-batch that does not divide E would need an uneven last piece); each
+  without and with gradient checkpointing. Only with it when the run asks for ``--gradient-checkpointing`` (the
+  fit then chooses the micro-batch alone); only without it when the strategy cannot checkpoint.
+- **Predicted peak**: the plan's peak for a micro-batch of m rows (`adapters.plan.estimate`, for the device the
+  run goes to: "cuda" in bf16, "cpu" in fp32). With k > 1, the gradients of the earlier micro-batches stay alive
+  through the later ones, and each new gradient is added into them (one more gradient tensor at a time): the
+  plan's phases before the gradients exist are taken again with every gradient added, and the largest trainable
+  tensor on top (`_accumulating_peak`). It fits when it is at most the limit less `HEADROOM`.
+- **Predicted time** of an optimizer step, in token-equivalents: ``k x ((1 + 1/3 gc) x m x seq_len +
+  MICRO_STEP_TOKENS[device])``. Checkpointing runs each layer's forward twice in backward: about a third more
+  compute. Each micro-step has a fixed cost beside its tokens (launching its kernels, reading every weight once),
+  counted as that many tokens' worth: a rule of thumb, not a measurement, which makes larger micro-batches
+  somewhat faster per row on a GPU. A CPU is compute-bound from a few tokens on, so there it is 0.
+- **Choice**: the lowest predicted time among the candidates that fit; at equal time, no checkpointing, then the
+  larger micro-batch. So on the CPU: no checkpointing with the largest micro-batch that fits, if any fits.
+
+Nothing fitting even at a micro-batch of 1 with checkpointing is `MemoryLimitTooSmall` (a `StrategyRefused`:
+train stops with it before any weight loads, bench records a refused row), naming the smallest limit that fits.
+
+The choice depends on the effective batch alone, never on how the spec split it, so fitting a fitted spec again
+(a bench worker, a resumed run) chooses the same.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..contract import ModelShape, RunShape, traits
+from ..runspec import Run, RunSpec, StrategyRefused
+from ..text import format_bytes
+from .memory import STATIC_COMPONENTS, Plan
+
+# The share of the limit kept free for the plan's error: on the CPU its predictions of fitted steps came within
+# -6%..+11% of the measured peaks (random:tiny, every built-in strategy, tests/test_fit.py), and its target on a
+# GPU is 10%, where the caching allocator also rounds blocks up.
+HEADROOM = 0.10
+# A micro-step's fixed cost, as that many tokens of compute (see the module's docstring).
+MICRO_STEP_TOKENS = {"cpu": 0, "cuda": 1024}
+CHECKPOINTING_COST = 1 / 3  # the extra compute of recomputing each layer's forward in backward
+
+
+class MemoryLimitTooSmall(StrategyRefused):
+    """Nothing fits under --memory-limit, not even a micro-batch of 1 with gradient checkpointing."""
+
+
+@dataclass
+class Candidate:
+    """One way to run the effective batch, as the fit predicts it."""
+
+    batch_size: int  # the micro-batch
+    gradient_accumulation_steps: int
+    gradient_checkpointing: bool
+    predicted_peak_bytes: int
+    predicted_time: float  # token-equivalents per optimizer step (see the module's docstring)
+    fits: bool
+
+
+@dataclass
+class Fit:
+    """What `fit` chose, and why: every candidate with its predicted peak and time."""
+
+    limit_bytes: int
+    usable_bytes: int  # the limit less HEADROOM: what a prediction must not exceed
+    device: str
+    effective_batch_size: int
+    asked: dict[str, Any]  # batch_size, gradient_accumulation_steps, gradient_checkpointing as given
+    chosen: Candidate
+    reason: str
+    candidates: list[Candidate] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def apply(self, spec: RunSpec) -> RunSpec:
+        """``spec`` with the chosen micro-batch, accumulation and checkpointing."""
+        c = self.chosen
+        return dataclasses.replace(spec, batch_size=c.batch_size, gradient_checkpointing=c.gradient_checkpointing,
+                                   gradient_accumulation_steps=c.gradient_accumulation_steps)
+
+
+def device_for_run() -> str:
+    """Where a run in this process goes: "cuda" when a GPU is there (bf16), else "cpu" (fp32)."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def fit(run: Run, limit: int, device: str | None = None) -> Fit:
+    """The fastest way predicted to fit ``run`` into ``limit`` bytes, keeping its effective batch.
+
+    Raises `MemoryLimitTooSmall` when nothing fits, or when the plan cannot estimate this strategy on this model.
+    """
+    from .memory import estimate
+    from .skeleton import model_shape
+
+    s = run.spec
+    device = device or device_for_run()
+    effective = s.batch_size * s.gradient_accumulation_steps
+    labels = run.dataset.labels if run.dataset is not None else []
+    shape = model_shape(s.model, run.task, device, len(labels) or 2)
+    usable = int(limit * (1 - HEADROOM))
+    can_checkpoint = traits(run.strategy).supports_gradient_checkpointing
+    checkpointing = [True] if s.gradient_checkpointing else [False, True] if can_checkpoint else [False]
+    candidates = []
+    for m in (d for d in range(effective, 0, -1) if effective % d == 0):
+        k = effective // m
+        for gc in checkpointing:
+            shape_of_run = RunShape(m, s.seq_len, run.task, run.quantization, gc, device, s.loss_chunk)
+            plan = estimate(shape, run.strategy, run.config, shape_of_run)
+            if plan.status != "ok":
+                raise MemoryLimitTooSmall(
+                    f"--memory-limit: the planner cannot predict {run.strategy.name} on {s.model} ({plan.message}), "
+                    "so it cannot fit the run. Drop --memory-limit and set --batch-size and "
+                    "--gradient-checkpointing yourself.", run.strategy, run.quantization)
+            peak = plan.peak_bytes if k == 1 else _accumulating_peak(plan, shape, run, shape_of_run)
+            time = k * ((1 + CHECKPOINTING_COST * gc) * m * s.seq_len + MICRO_STEP_TOKENS[device])
+            candidates.append(Candidate(m, k, gc, peak, round(time, 1), peak <= usable))
+    asked = {"batch_size": s.batch_size, "gradient_accumulation_steps": s.gradient_accumulation_steps,
+             "gradient_checkpointing": s.gradient_checkpointing}
+    fitting = [c for c in candidates if c.fits]
+    if not fitting:
+        raise MemoryLimitTooSmall(_too_small(run, limit, candidates, device), run.strategy, run.quantization)
+    chosen = min(fitting, key=_rank)
+    return Fit(limit, usable, device, effective, asked, chosen, _reason(chosen, candidates, usable),
+               candidates)
+
+
+def _rank(c: Candidate) -> tuple[float, bool, int]:
+    """The order of preference: the lowest predicted time, then no checkpointing, then the larger micro-batch."""
+    return c.predicted_time, c.gradient_checkpointing, -c.batch_size
+
+
+def _accumulating_peak(plan: Plan, shape: ModelShape, run: Run, shape_of_run: RunShape) -> int:
+    """The peak of a micro-step after the first: the plan's phases before the gradients exist (forward, loss,
+    layers' backward) now hold every gradient of the earlier micro-batches, and adding a new gradient into them
+    holds one more gradient tensor at a time (at most the largest).
+
+    The phases without gradients are the plan's phases with nothing trainable: their largest, plus what the run
+    holds outside them and the gradients, is that micro-step's peak."""
+    from .memory import peak, strategy_memory
+
+    part = strategy_memory(run.strategy, shape, run.config, shape_of_run)
+    static = sum(plan.components[k] for k in (*STATIC_COMPONENTS, "runtime_overhead"))
+    without = dataclasses.replace(part, trainable_bytes=0, largest_trainable_tensor_bytes=0, optimizer_state_bytes=0)
+    components, _ = peak(shape, shape_of_run, without)
+    phase = sum(v for k, v in components.items() if k not in (*STATIC_COMPONENTS, "runtime_overhead"))
+    return max(plan.peak_bytes, static + part.trainable_bytes + phase) + part.largest_trainable_tensor_bytes
+
+
+def fit_spec(run: Run, limit: int) -> Run:
+    """``run`` with its spec fitted into ``limit`` bytes and the fit recorded (`Run.fit`)."""
+    chosen = fit(run, limit)
+    return dataclasses.replace(run, spec=chosen.apply(run.spec), fit=chosen.to_dict())
+
+
+def _reason(chosen: Candidate, candidates: list[Candidate], usable: int) -> str:
+    """Why ``chosen``, in a sentence: what it is, its predicted peak, and a faster way that does not fit."""
+    what = (f"micro-batch {chosen.batch_size} x {chosen.gradient_accumulation_steps} accumulation "
+            f"{'with' if chosen.gradient_checkpointing else 'without'} gradient checkpointing, predicted to peak at "
+            f"{format_bytes(chosen.predicted_peak_bytes)} of the {format_bytes(usable)} usable")
+    before = [c for c in candidates if _rank(c) < _rank(chosen)]
+    if not before:
+        return f"{what}: the fastest way predicted, and it fits"
+    best = min(before, key=_rank)
+    return (f"{what}; the ways ranked before it (faster, or as fast with a larger micro-batch) do not fit, e.g. "
+            f"micro-batch {best.batch_size}"
+            f"{' with checkpointing' if best.gradient_checkpointing else ''} at "
+            f"{format_bytes(best.predicted_peak_bytes)}")
+
+
+def _too_small(run: Run, limit: int, candidates: list[Candidate], device: str) -> str:
+    """The error when nothing fits: the limit, the smallest predicted peak, and the smallest limit that fits it."""
+    s = run.spec
+    least = min(candidates, key=lambda c: c.predicted_peak_bytes)
+    needed = math.ceil(least.predicted_peak_bytes / (1 - HEADROOM) / 2**20)
+    how = (f"micro-batch {least.batch_size} x {least.gradient_accumulation_steps}"
+           f"{' and gradient checkpointing' if least.gradient_checkpointing else ''}")
+    predicted = format_bytes(least.predicted_peak_bytes)
+    return (f"--memory-limit {s.memory_limit or format_bytes(limit)} is too small for {run.strategy.name} on "
+            f"{s.model} at --seq-len {s.seq_len} ({device}): its least predicted peak is {predicted}, with {how}. "
+            f"Give --memory-limit {needed}MiB or more.")
+

@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# The GPU check of issue 12 in one call: under 8 minutes on one H100/H200, every result under $OUT.
+#
+# On the device machine (../shared/gpu/README.md). First, here, from the repository root:
+#   ../shared/gpu/prepare-wheels msgspec==0.23.0     # bitsandbytes, gguf and msgspec for Python 3.12, into .whl/
+# then the device tool's run, with carry [".whl"] and the command:
+#   S=$(mktemp -d) && python3 -m pip install -q --no-index --no-deps --no-compile --target $S .whl/*.whl && export PYTHONPATH=$S:$PWD:$PWD/plugins || exit; bash benchmarks/gpu/run.sh
+# (liger-kernel, the optional fused loss, is a pure-Python wheel: add liger-kernel==VERSION to prepare-wheels to
+# measure with it.) Commit what comes back under benchmarks/results/, with the device named.
+#
+# Without a GPU, DRY=1 runs every step at tiny sizes on the CPU (random:tiny, batch 1 x 64, one timed step, no
+# compiled variants of raw_stack.py), to check the script itself:
+#   DRY=1 OUT=/tmp/gpu-dry PYTHON=.venv/bin/python bash benchmarks/gpu/run.sh
+#
+# The steps, in order of what matters most; each runs under its own time limit (SIGINT first: adapters bench
+# then writes what it measured), so the whole stays under the budget and one failure does not lose the rest.
+# Each step's output goes to $OUT/<step>.log, its exit status and seconds to $OUT/steps.jsonl.
+#   tests        the GPU-marked tests (pytest -m gpu)
+#   side-by-side adapters bench lora, full-finetune, qlora (defaults) beside the plain stack's full fine-tuning,
+#                LoRA and HF QLoRA recipe (benchmarks/baseline/plain_stack.py), alternating -> side-by-side.json
+#   raw-stack    raw_stack.py, the hand-written reference loop of ../shared/design/anchors.md -> anchor-*.json
+#   bench        adapters bench prefix-tuning, linear-probe (defaults) -> bench-default.json
+#   compile      adapters bench all five with compilation the other way round from the device's default: --compile
+#                where it is off by default, --no-compile where it is on (so both ways are measured)
+#                -> bench-compile.json or bench-no-compile.json
+#   ratios       ratios.py: adapters against the plain stack and the issue's goals -> ratios.json
+# ONLY="compile ratios" runs only the steps named (a second call, after one was cut short by its limit).
+set -uo pipefail
+
+cd "$(dirname "$0")/../.."
+PY=${PYTHON:-python3}
+OUT=${OUT:-$(mktemp -d)}
+mkdir -p "$OUT"
+export OUT HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+STRATEGIES=lora,qlora,full-finetune,prefix-tuning,linear-probe
+
+if [[ "${DRY:-0}" == 1 ]]; then
+  MODEL=random:tiny SHAPE=tiny BATCH=1 SEQ=64 STEPS=1 WARMUP=1 SCALE=8
+  RAW_ONLY=${RAW_ONLY:-full,lora,qlora,qlora_gc_train,qlora_lean,prefix,linear_probe}
+else
+  MODEL=random:llama-1b SHAPE=llama-1b BATCH=8 SEQ=512 STEPS=10 WARMUP=3 SCALE=1
+  RAW_ONLY=${RAW_ONLY:-full,lora,qlora,qlora_gc_train,qlora_cce_compiled,prefix,linear_probe}
+fi
+SHAPE_ARGS=(--batch-size "$BATCH" --seq-len "$SEQ" --steps "$STEPS" --warmup "$WARMUP")
+
+# step NAME SECONDS COMMAND...: run COMMAND under a limit of SECONDS (times SCALE), its output to $OUT/NAME.log.
+step() {
+  local name=$1 limit=$(( $2 * SCALE )) start=$SECONDS rc
+  shift 2
+  [[ -z "${ONLY:-}" || " $ONLY " == *" $name "* ]] || return 0
+  echo "== $name (limit ${limit}s): $*"
+  timeout -s INT -k 20 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  rc=$?
+  echo "{\"step\": \"$name\", \"rc\": $rc, \"seconds\": $(( SECONDS - start )), \"limit_s\": $limit}" >> "$OUT/steps.jsonl"
+  tail -n 5 "$OUT/$name.log"
+  echo "== $name: exit $rc after $(( SECONDS - start ))s"
+}
+
+{ nvidia-smi || true; "$PY" -c "import torch, transformers, peft; print(torch.__version__, transformers.__version__, peft.__version__)"; } \
+  > "$OUT/machine.txt" 2>&1
+
+if [[ $("$PY" -c "from adapters.engine import compile_by_default; print(compile_by_default('cuda'))") == True ]]; then
+  OTHER=no-compile
+else
+  OTHER=compile
+fi
+
+mapfile -t GPU_TESTS < <(grep -l "mark.gpu" tests/*.py)
+step tests 120 "$PY" -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors \
+  --junitxml="$OUT/gpu-tests.xml" "${GPU_TESTS[@]}"
+step side-by-side 130 "$PY" benchmarks/side_by_side.py --model "$MODEL" "${SHAPE_ARGS[@]}" \
+  --output "$OUT/side-by-side.json"
+step raw-stack 75 "$PY" benchmarks/gpu/raw_stack.py --shape "$SHAPE" --batch "$BATCH" --seq "$SEQ" --steps "$STEPS" \
+  --warmup "$WARMUP" --only "$RAW_ONLY" --out "$OUT"
+step bench 45 "$PY" -m adapters bench --model "$MODEL" --strategies prefix-tuning,linear-probe "${SHAPE_ARGS[@]}" \
+  --output "$OUT/bench-default.json" --overwrite
+step compile 90 "$PY" -m adapters bench --model "$MODEL" --strategies "$STRATEGIES" "--$OTHER" "${SHAPE_ARGS[@]}" \
+  --output "$OUT/bench-$OTHER.json" --overwrite
+step ratios 10 "$PY" benchmarks/gpu/ratios.py "$OUT" --shape "$SHAPE"
+
+echo "results in $OUT"

@@ -1,0 +1,80 @@
+"""Data parallelism learns what one process learns: for every built-in strategy, 2 processes x micro-batch 1
+give the losses and the final trainable weights of 1 process x micro-batch 2 (DDP on the CPU, gloo)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import adapters
+from adapters import RunSpec
+
+# Built-in strategies (options that make a run deterministic across processes: dropout draws its masks from each
+# process's own random stream, so LoRA runs with dropout 0 here).
+STRATEGIES = {"lora": {"dropout": 0.0}, "prefix-tuning": {}, "linear-probe": {}, "full-finetune": {}}
+STEPS = 3
+# float32 sums in another order (a gradient all-reduce against one batch's backward): differences of a few ulps.
+RTOL, ATOL = 1e-4, 1e-6
+
+TWO_PROCESSES = '''
+import json, sys
+import adapters
+from adapters import RunSpec
+for name, options in json.loads(sys.argv[1]).items():
+    adapters.train(RunSpec(model="random:tiny", strategy=name, options=options, batch_size=1,
+                           max_steps=int(sys.argv[3]), seq_len=32, eval_batches=1, log_every=1,
+                           output=sys.argv[2] + "/" + name), progress=False)
+'''
+
+
+def _spec(name: str, output: Path, batch_size: int) -> RunSpec:
+    return RunSpec(model="random:tiny", strategy=name, options=STRATEGIES[name], batch_size=batch_size,
+                   max_steps=STEPS, seq_len=32, eval_batches=1, log_every=1, output=str(output))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Each built-in trained by 2 processes with micro-batch 1 (one torchrun for all), and by 1 with 2."""
+    root = tmp_path_factory.mktemp("ddp")
+    script = root / "two.py"
+    script.write_text(TWO_PROCESSES)
+    env = {**os.environ, "ADAPTERS_LOAD_PLUGINS": "", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script),
+                           json.dumps(STRATEGIES), str(root / "two"), str(STEPS)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for name in STRATEGIES:
+        result = adapters.train(_spec(name, root / "one" / name, 2), progress=False)
+        assert result.status == "completed"
+    return root
+
+
+def _logged(run: Path, key: str) -> list[float]:
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [line[key] for line in lines if key in line]
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    files = sorted(run.glob("*.safetensors"))
+    assert files, f"no weights saved in {run}"
+    return {f"{f.name}:{k}": v for f in files for k, v in load_file(f).items()}
+
+
+@pytest.mark.parametrize("name", list(STRATEGIES))
+def test_two_processes_learn_what_one_process_learns(runs, name):
+    one, two = runs / "one" / name, runs / "two" / name
+    assert len(_logged(two, "loss")) == STEPS and all(norm > 0 for norm in _logged(one, "grad_norm"))  # it learned
+    for key in ("loss", "grad_norm"):
+        torch.testing.assert_close(torch.tensor(_logged(two, key)), torch.tensor(_logged(one, key)), rtol=RTOL,
+                                   atol=ATOL, msg=key)
+    a, b = _weights(one), _weights(two)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=RTOL, atol=ATOL, msg=key)
+    assert json.loads((two / "adapters.json").read_text())["training"]["batch_size"] == 1

@@ -1,0 +1,232 @@
+"""--memory-limit: the planner fits a run into a limit (adapters.plan.fit), and real runs stay under it.
+
+The peaks are measured as `adapters bench` measures them on the CPU (the profiler's live tensor bytes,
+`adapters.bench.profiler.cpu_peak_tensor_bytes`), over a whole optimizer step of the fitted run: its micro-batches
+accumulated as the trainer accumulates them (`adapters.training.optimizer_step`), after a first step that put
+the optimizer's state in place.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from adapters.errors import AdaptersError
+from adapters.manifest import read_manifest
+from adapters.plan.fit import HEADROOM, MemoryLimitTooSmall, fit
+from adapters.runspec import RunSpec, resolve
+
+from cli_helpers import assert_user_error, bench_case_in_process, run_in_process
+
+
+def measured_peak(run) -> int:
+    """The CPU peak of one optimizer step of ``run`` as fitted and as the trainer runs it (its optimizer, its loss,
+    uncompiled as on the CPU by default): ``gradient_accumulation_steps`` micro-batches of ``batch_size`` rows, the
+    second step measured."""
+    from adapters.bench.profiler import cpu_peak_tensor_bytes
+    from adapters.engine import make_optimizer
+    from adapters.training import build, make_accelerator, make_batches, optimizer_step, split_batch
+
+    s = run.spec
+    accelerator = make_accelerator()
+    base, model, _ = build(run, accelerator.device)
+    data = make_batches(run.dataset.train, base, s.seq_len, "train")
+    rows = torch.arange(s.batch_size * s.gradient_accumulation_steps) % len(data)
+    batches = split_batch({k: v[rows] for k, v in data.tensors.items()}, s.batch_size)
+    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], run.learning_rate,
+                               run.weight_decay, accelerator.device)  # as the trainer makes it
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model.train()
+
+    def step():
+        return optimizer_step(model, batches, optimizer, accelerator, micro_batch=s.batch_size,
+                              loss_chunk=s.loss_chunk)
+
+    step()
+    return cpu_peak_tensor_bytes(step)
+
+
+def limit_between(spec: RunSpec) -> int:
+    """A limit under which the asked batch is predicted not to fit, and a micro-batch of 1 with checkpointing is."""
+    candidates = fit(resolve(spec, data=False), 2**50).candidates
+    asked = next(c for c in candidates if c.batch_size == spec.batch_size and not c.gradient_checkpointing)
+    least = min(c.predicted_peak_bytes for c in candidates)
+    return int((least + asked.predicted_peak_bytes) / 2 / (1 - HEADROOM))
+
+
+# ------------------------------------------------------------------------------------------------
+# Real runs under their limit
+
+
+@pytest.mark.parametrize("model, strategy, batch, seq_len", [
+    ("random:tiny", "lora", 8, 64),
+    ("random:tiny", "full-finetune", 8, 64),  # every gradient accumulates across the micro-batches
+    ("random:tiny", "prefix-tuning", 8, 64),  # it cannot checkpoint: the fit accumulates
+])
+def test_a_fitted_run_keeps_its_effective_batch_and_stays_under_its_limit(model, strategy, batch, seq_len):
+    asked = RunSpec(model=model, strategy=strategy, batch_size=batch, seq_len=seq_len)
+    limit = limit_between(asked)
+    run = resolve(dataclasses.replace(asked, memory_limit=f"{limit}B"))
+    s, record = run.spec, run.fit
+    assert s.batch_size * s.gradient_accumulation_steps == batch == record["effective_batch_size"]
+    assert (s.batch_size, s.gradient_checkpointing) != (batch, False), "the limit was meant to bind"
+    chosen = record["chosen"]
+    assert (chosen["batch_size"], chosen["gradient_accumulation_steps"], chosen["gradient_checkpointing"]) == (
+        s.batch_size, s.gradient_accumulation_steps, s.gradient_checkpointing)
+    assert record["limit_bytes"] == limit and chosen["predicted_peak_bytes"] <= record["usable_bytes"] < limit
+    peak = measured_peak(run)
+    assert peak <= limit, f"measured {peak:,} over the limit {limit:,} ({record['reason']})"
+    # The plan's prediction of the fitted step is what the choice rests on: close to the measurement.
+    assert abs(chosen["predicted_peak_bytes"] - peak) <= 0.15 * peak
+
+
+# ------------------------------------------------------------------------------------------------
+# The choice
+
+
+def test_the_fit_takes_the_fastest_that_fits_and_records_every_candidate():
+    spec = RunSpec(model="smollm2-135m", strategy="lora", batch_size=4, gradient_accumulation_steps=2, seq_len=128)
+    run = resolve(spec, data=False)
+    roomy = fit(run, 2**50, device="cpu")  # everything fits: the asked effective batch whole, no checkpointing
+    assert (roomy.chosen.batch_size, roomy.chosen.gradient_accumulation_steps) == (8, 1)
+    assert not roomy.chosen.gradient_checkpointing and "fastest" in roomy.reason
+    assert {(c.batch_size, c.gradient_checkpointing) for c in roomy.candidates} == {
+        (m, gc) for m in (1, 2, 4, 8) for gc in (False, True)}  # the divisors of 8, each with and without
+    peaks = {(c.batch_size, c.gradient_checkpointing): c.predicted_peak_bytes for c in roomy.candidates}
+    assert all(peaks[(m, True)] < peaks[(m, False)] for m in (1, 2, 4, 8))
+    assert peaks[(1, False)] < peaks[(2, False)] < peaks[(4, False)] < peaks[(8, False)]
+    # On the CPU, no checkpointing with the largest micro-batch that fits, while one does.
+    limit = int((peaks[(4, False)] + peaks[(8, False)]) / 2 / (1 - HEADROOM))
+    middle = fit(run, limit, device="cpu").chosen
+    assert (middle.batch_size, middle.gradient_checkpointing) == (4, False)
+    tight = fit(run, int(peaks[(1, True)] / (1 - HEADROOM)) + 1, device="cpu")  # only the smallest way fits
+    assert (tight.chosen.batch_size, tight.chosen.gradient_checkpointing) == (1, True)
+    assert "do not fit" in tight.reason
+    # On a GPU a micro-step costs more than its tokens: a larger micro-batch with checkpointing can be faster.
+    gpu = fit(run, 2**50, device="cuda")
+    assert gpu.chosen.batch_size == 8 and not gpu.chosen.gradient_checkpointing
+    times = {(c.batch_size, c.gradient_checkpointing): c.predicted_time for c in gpu.candidates}
+    assert times[(8, True)] < times[(1, False)]
+
+
+def test_fitting_a_fitted_spec_chooses_the_same():
+    """A bench worker and a resumed run fit the recorded spec again: the choice rests on the effective batch alone."""
+    spec = RunSpec(model="smollm2-135m", strategy="lora", batch_size=8, seq_len=128)
+    limit = limit_between(spec)
+    first = resolve(dataclasses.replace(spec, memory_limit=f"{limit}B"), data=False)
+    again = resolve(first.spec, data=False)
+    assert again.spec == first.spec
+    assert {k: v for k, v in again.fit.items() if k != "asked"} == {k: v for k, v in first.fit.items() if k != "asked"}
+    assert first.fit["asked"] == {"batch_size": 8, "gradient_accumulation_steps": 1, "gradient_checkpointing": False}
+
+
+def test_checkpointing_as_asked_or_as_the_strategy_allows():
+    # --gradient-checkpointing with --memory-limit: checkpointing stays on, the fit chooses the micro-batch.
+    asked = resolve(RunSpec(model="random:tiny", batch_size=4, gradient_checkpointing=True, memory_limit="1GiB"),
+                    data=False)
+    assert asked.spec.gradient_checkpointing and asked.spec.batch_size == 4
+    assert all(c["gradient_checkpointing"] for c in asked.fit["candidates"])
+    # prefix tuning cannot checkpoint: never a candidate with it.
+    prefix = fit(resolve(RunSpec(model="random:tiny", strategy="prefix-tuning", batch_size=4), data=False), 2**40)
+    assert not any(c.gradient_checkpointing for c in prefix.candidates)
+
+
+# ------------------------------------------------------------------------------------------------
+# Refusals, before any weight loads
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Any load of a base model fails the test."""
+    import adapters.training
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the base was loaded")
+
+    monkeypatch.setattr(adapters.training, "load_base_model", refuse)
+
+
+def test_a_limit_nothing_fits_under_is_refused_before_loading(capsys, tmp_path, no_loading):
+    code, out, err = run_in_process(capsys, "train", "--model", "random:tiny", "--batch-size", "4", "--seq-len", "64",
+                                    "--memory-limit", "1MiB", "--output", str(tmp_path / "run"))
+    line = assert_user_error(code, out, err, "--memory-limit 1MiB", "too small", "micro-batch 1")
+    needed = int(line.split("--memory-limit ")[-1].split("MiB")[0])  # the one fix: the smallest limit that fits
+    spec = RunSpec(model="random:tiny", batch_size=4, seq_len=64)
+    run = resolve(dataclasses.replace(spec, memory_limit=f"{needed}MiB"), data=False)
+    # It fits there (the smallest candidate; on a model this small others may fit within the same MiB), keeping
+    # the effective batch.
+    assert run.fit is not None and run.spec.batch_size * run.spec.gradient_accumulation_steps == 4
+    with pytest.raises(MemoryLimitTooSmall):
+        resolve(dataclasses.replace(spec, memory_limit=f"{needed - 1}MiB"), data=False)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("size", ["lots", "0", "-1GiB"])
+def test_a_size_that_cannot_be_read_names_the_flag(capsys, size, no_loading):
+    code, out, err = run_in_process(capsys, "train", "--model", "random:tiny", "--memory-limit", size)
+    assert_user_error(code, out, err, "--memory-limit")
+
+
+def test_a_model_the_planner_cannot_predict_is_refused(tmp_path):
+    """GPT-2's layers are not modelled: no plan, so no fit, said before anything loads."""
+    from transformers import AutoConfig
+
+    AutoConfig.for_model("gpt2", n_layer=2, n_embd=64, n_head=2, vocab_size=512, n_positions=256, bos_token_id=0,
+                         eos_token_id=0).save_pretrained(tmp_path / "gpt2")  # its config is all a plan reads
+    with pytest.raises(AdaptersError, match="--memory-limit: the planner cannot predict lora .* not modelled"):
+        resolve(RunSpec(model=str(tmp_path / "gpt2"), memory_limit="1GiB"), data=False)
+
+
+# ------------------------------------------------------------------------------------------------
+# Recorded by the run; bench fits each case the same way
+
+
+def test_train_records_what_was_chosen_and_why(capsys, tmp_path):
+    spec = RunSpec(model="random:tiny", batch_size=8, seq_len=64)
+    limit = limit_between(spec)
+    out = tmp_path / "run"
+    code, stdout, err = run_in_process(capsys, "train", "--model", "random:tiny", "--batch-size", "8", "--seq-len",
+                                       "64", "--max-steps", "1", "--eval-batches", "0", "--memory-limit", f"{limit}B",
+                                       "--output", str(out), "--json")
+    assert code == 0, err
+    summary = json.loads(stdout)
+    assert summary["batch_size"] * summary["gradient_accumulation_steps"] == 8 and summary["batch_size"] < 8
+    fitted = read_manifest(out).training["memory_fit"]
+    assert fitted["chosen"]["batch_size"] == summary["batch_size"] and fitted["effective_batch_size"] == 8
+    assert len(fitted["candidates"]) >= 4 and fitted["reason"]
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    (event,) = [e for e in events if e.get("event") == "memory_fit"]
+    assert event["chosen"] == fitted["chosen"] and event["limit_bytes"] == limit
+
+
+def bench(**settings) -> dict:
+    """`run_bench` with each case measured in this process (as tests/test_plan.py does)."""
+    import adapters.bench.capacity as capacity
+    import adapters.bench.runner as runner
+    from adapters.bench import run_bench
+    from adapters.bench.settings import BenchSettings
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(runner, "run_case", bench_case_in_process)
+        patch.setattr(capacity, "run_case", bench_case_in_process)
+        return run_bench(BenchSettings(**{"steps": 1, "warmup": 0, **settings}), progress=False)
+
+
+def test_bench_fits_each_case_and_agrees_with_the_capacity_search(tmp_path):
+    """The capacity search (real runs, doubling then bisecting) is the reference: the largest micro-batch the fit
+    predicts to fit without checkpointing is never larger than the largest batch that really fits, nor far below."""
+    spec = RunSpec(model="random:tiny", strategy="lora", batch_size=4, seq_len=64)
+    limit = limit_between(spec)
+    run = resolve(dataclasses.replace(spec, memory_limit=f"{limit}B"), data=False)
+    common = {"model": "random:tiny", "strategies": ["lora"], "seq_len": 64, "memory_limit": f"{limit}B"}
+    (row,) = bench(batch_size=4, output=str(tmp_path / "fit.json"), **common)["results"]
+    assert row["status"] == "ok", row.get("message")
+    assert row["memory"]["peak_bytes"] <= limit
+    assert row["batch_size"] == run.spec.batch_size < 4  # the measured row ran the chosen micro-batch
+    assert row["prediction"]["status"] == "ok" and abs(row["prediction"]["error_pct"]["total"]) <= 15
+    (search,) = bench(find_max="batch_size", output=str(tmp_path / "cap.json"), **common)["capacity"]
+    largest_predicted = max(c["batch_size"] for c in run.fit["candidates"]
+                            if c["fits"] and not c["gradient_checkpointing"])
+    assert largest_predicted <= search["largest"] < 4 * largest_predicted, (search["tries"], run.fit["reason"])
