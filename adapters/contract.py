@@ -196,6 +196,14 @@ class RunShape:
     gradient_checkpointing: bool = False
     device: str = "cuda"  # "cuda": bf16 weights under bf16 autocast; "cpu": fp32, as adapters train runs
     loss_chunk: int | None = None  # causal-lm loss in chunks of this many tokens; 0: whole logits; None: the default
+    compile: bool | None = None  # decoder layers under torch.compile; None: the device's default (on for cuda)
+
+    @property
+    def recomputes_mlp(self) -> bool:
+        """Whether gated MLPs recompute their activation and product in backward instead of keeping the
+        activation's output: without gradient checkpointing and outside torch.compile (adapters.engine)."""
+        compiled = self.compile if self.compile is not None else self.device == "cuda"
+        return not self.gradient_checkpointing and not compiled
 
     @property
     def tokens(self) -> int:

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from . import data as datasets
+from . import engine
 from . import loss as losses
 from .contract import declared_trainable
 from .errors import AdaptersError, TrainingFailed
@@ -194,6 +195,9 @@ def load_base(run: Run, device: torch.device) -> BaseModel:
     base.model.config.use_cache = False
     if s.gradient_checkpointing:
         enable_gradient_checkpointing(base.model)
+    compiled = s.compile if s.compile is not None else engine.compile_by_default(device)
+    if engine.recomputes_mlp(s.gradient_checkpointing, compiled):
+        engine.recompute_gated_mlps(base.model)
     return base
 
 

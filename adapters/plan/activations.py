@@ -34,7 +34,9 @@ def _llama_layer(shape: ModelShape, run: RunShape, flow: str, extra_tokens: int)
         attention = q_and_out + kv + b * shape.num_heads * t * 4  # the log-sum-exp
         if extra_tokens:
             attention += b * t * s * (4 if run.device == "cpu" else e)  # the prefix's explicit mask
-    mlp = 3 * n * i * e  # gate (for SiLU's backward), SiLU's output and up (for the product's)
+    # gate (for SiLU's backward), SiLU's output and up (for the product's); SiLU's output is recomputed in backward
+    # where the run recomputes its gated MLPs (adapters.engine.recompute_gated_mlps).
+    mlp = (2 if run.recomputes_mlp else 3) * n * i * e
     saved = norms + attention + mlp
     if flow == "weights":  # linear inputs for weight gradients, and the norms' normalized input
         saved += 2 * n * h * e + 2 * n * h * e + n * i * e

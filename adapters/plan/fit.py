@@ -114,7 +114,7 @@ def fit(run: Run, limit: int, device: str | None = None) -> Fit:
     for m in (d for d in range(effective, 0, -1) if effective % d == 0):
         k = effective // m
         for gc in checkpointing:
-            shape_of_run = RunShape(m, s.seq_len, run.task, run.quantization, gc, device, s.loss_chunk)
+            shape_of_run = RunShape(m, s.seq_len, run.task, run.quantization, gc, device, s.loss_chunk, s.compile)
             plan = estimate(shape, run.strategy, run.config, shape_of_run)
             if plan.status != "ok":
                 raise MemoryLimitTooSmall(

@@ -71,6 +71,8 @@ class IA3(adapters.PeftStrategy):
         for lin in model.layer_linears:
             if lin.name in leaf(feedforward):  # scales the input, cast to fp32
                 saved += run.tokens * lin.in_features * 4
+                if run.quantization == "int8":  # bitsandbytes' int8 matmul keeps its input: the scaled copy
+                    saved += run.tokens * lin.in_features * 4
             elif lin.name in leaf(targets):  # scales the output, which the product keeps
                 saved += run.tokens * lin.out_features * run.compute_bytes
         if run.task == "sequence-classification":  # PEFT trains a copy of the new head
