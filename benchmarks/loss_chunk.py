@@ -19,17 +19,15 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import statistics
-import subprocess
 import time
 import warnings
-from importlib.metadata import version
 from pathlib import Path
 
 import torch
 
 from adapters.bench import cpu_peak_tensor_bytes
+from adapters.bench.provenance import provenance
 from adapters.files import write_json
 from adapters.loss import DEFAULT_CHUNK, loss_path
 from adapters.runspec import RunSpec, resolve
@@ -106,33 +104,12 @@ def main() -> None:
                    "default_chunk_in_code": DEFAULT_CHUNK},
         "seconds": round(time.perf_counter() - started, 1),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": _commit(),
-        "versions": {"adapters": version("adapters-lab"), "torch": torch.__version__,
-                     "transformers": __import__("transformers").__version__},
-        "machine": {"cpu": _cpu(), "cores": os.cpu_count(), "threads": torch.get_num_threads(), "gpu": None,
-                    "load_average_1m_at_end": os.getloadavg()[0], "python": platform.python_version()},
+        "provenance": provenance(),  # commit, command, versions, CPU, as adapters bench records them
+        "threads": torch.get_num_threads(), "load_average_1m_at_end": os.getloadavg()[0],
     }
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     write_json(Path(args.output), report)
     print(f"chosen: {chosen} (DEFAULT_CHUNK in the code: {DEFAULT_CHUNK}) -> {args.output}")
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _commit() -> dict:
-    def git(*cmd: str) -> str:
-        return subprocess.run(["git", *cmd], capture_output=True, text=True, cwd=HERE).stdout.strip()
-
-    return {"id": git("rev-parse", "HEAD") or None, "dirty": bool(git("status", "--porcelain")),
-            "branch": git("rev-parse", "--abbrev-ref", "HEAD") or None}
 
 
 if __name__ == "__main__":

@@ -36,6 +36,23 @@ def load(name: str, quantization: str = "none", task: str | None = None, labels=
 
 
 @pytest.fixture(scope="session", autouse=True)
+def _one_thread():
+    """One thread here and in every process a test starts, whatever OMP_NUM_THREADS said: the models are small,
+    and on a busy 2-core machine two threads make each step several times slower."""
+    import torch
+
+    before, env = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    yield
+    torch.set_num_threads(before)
+    if env is None:
+        os.environ.pop("OMP_NUM_THREADS", None)
+    else:
+        os.environ["OMP_NUM_THREADS"] = env
+
+
+@pytest.fixture(scope="session", autouse=True)
 def _warm_random_tiny():
     """Generate the random:tiny checkpoint before any CLI subprocess test, so a cold cache's one-time
     "Generating ..." notice never mixes with the output those tests check."""

@@ -30,23 +30,6 @@ TINY = dict(model="random:tiny", batch_size=2, seq_len=32, steps=2, warmup=1)
 SUITE_REPORT = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "cpu-2core-default-suite.json"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """random:tiny gains nothing from threads; on a busy 2-core machine they make each step far slower.
-    The bench's worker processes inherit it through OMP_NUM_THREADS."""
-    import torch
-
-    before, env = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
-    torch.set_num_threads(1)
-    os.environ["OMP_NUM_THREADS"] = "1"
-    yield
-    torch.set_num_threads(before)
-    if env is None:
-        os.environ.pop("OMP_NUM_THREADS", None)
-    else:
-        os.environ["OMP_NUM_THREADS"] = env
-
-
 def measure_tiny(strategy, **changes):
     """One case of the TINY suite, measured in this process as the worker does."""
     settings = BenchSettings(**{**TINY, **changes})

@@ -29,14 +29,6 @@ HOST_READS = ("item", "__bool__", "__float__", "__int__", "__index__", "tolist",
 TRANSFORMERS_MASK = "transformers/masking_utils.py"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class HostReads:
     """Counts the host reads (`HOST_READS`) made while ``phase`` is set, with where each came from."""
 

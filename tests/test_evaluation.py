@@ -23,14 +23,6 @@ from cli_helpers import assert_user_error, run_in_process
 TINY_ARGS = ["--model", "random:tiny", "--batch-size", "2", "--seq-len", "32", "--eval-batches", "2"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def train(capsys, out: Path, *args: str) -> dict:
     code, stdout, err = run_in_process(capsys, "train", *TINY_ARGS, "--max-steps", "3", "--learning-rate", "1e-2",
                                        "--output", str(out), "--json", *args)

@@ -25,15 +25,6 @@ PROMPT = "The capital of France is"
 QUESTION = "What is the capital of France?"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Generation runs in a thread of its own; on a busy 2-core machine more threads only slow each step."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _save_lora(name: str, out: Path, **options) -> Opened:
     """A LoRA applied to a freshly loaded ``name`` and saved untrained to ``out``; returned as loaded."""
     base = adapters.load_base_model(name)

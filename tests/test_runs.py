@@ -31,18 +31,8 @@ from cli_helpers import assert_user_error, run_in_process
 
 TINY = dict(model="random:tiny", batch_size=2, seq_len=32, eval_batches=1)
 TINY_ARGS = ["--model", "random:tiny", "--batch-size", "2", "--seq-len", "32", "--eval-batches", "1"]
-# Subprocesses: no entry-point plugins, and one thread (see _one_thread).
+# Subprocesses: no entry-point plugins, and one thread (see conftest's _one_thread).
 SUBPROCESS_ENV = {**os.environ, "ADAPTERS_LOAD_PLUGINS": "", "OMP_NUM_THREADS": "1"}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """random:tiny gains nothing from threads, and on a busy 2-core machine two threads make each
-    step about 100 times slower than one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def run(progress: bool = False, stop=None, **values) -> adapters.TrainResult:
@@ -58,10 +48,6 @@ def read_metrics(output: Path) -> list[dict]:
     lines = (Path(output) / "metrics.jsonl").read_text().splitlines()
     assert lines, "metrics.jsonl is empty"
     return [json.loads(line, parse_constant=_refuse_constant) for line in lines]
-
-
-
-
 
 
 @pytest.fixture
