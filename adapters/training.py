@@ -111,11 +111,6 @@ def check_packing(base: BaseModel) -> None:
                                  "examples apart; pass --no-packing")
 
 
-def _tokens(batch: dict[str, torch.Tensor]) -> int:
-    mask = batch.get("attention_mask")
-    return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
-
-
 @torch.no_grad()
 def evaluate(model, loader, task: str, accelerator, max_batches: int,
              loss_chunk: int | None = None) -> dict[str, float | None]:
