@@ -132,7 +132,8 @@ def evaluate(model, loader, task: str, accelerator, max_batches: int,
         if i >= max_batches:
             break
         if task == "causal-lm":
-            batch_loss = losses.loss(model, batch, loss_chunk)
+            with accelerator.autocast():  # the head's chunks too, not only the model's own forward
+                batch_loss = losses.loss(model, batch, loss_chunk)
         else:
             out = model(**batch)
             batch_loss = out.loss
@@ -296,7 +297,8 @@ def optimizer_step(model, batches: list[dict[str, torch.Tensor]], optimizer, acc
     for i, piece in enumerate(pieces):
         share = _rows(piece) / rows
         with contextlib.nullcontext() if i == len(pieces) - 1 else accelerator.no_sync(model):
-            loss = losses.loss(model, piece, loss_chunk)
+            with accelerator.autocast():  # the model's forward has its own; the loss's head chunks need it too
+                loss = losses.loss(model, piece, loss_chunk)
             if check_finite and not torch.isfinite(loss):
                 raise TrainingFailed(f"loss became {loss.item()} at step {step}; stopped and saved nothing. "
                                      "Lower --learning-rate, or check the data.")

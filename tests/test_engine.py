@@ -216,7 +216,8 @@ def test_a_micro_step_on_the_gpu_does_not_synchronise():
             loss, norm = optimizer_step(model, [batch, batch], optimizer, accelerator, scheduler, 1.0)
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
+    # torch's own notice that the mode is a prototype is not a synchronisation (seen on an H200, torch 2.11)
+    syncs = [w for w in caught if "synchroniz" in str(w.message).lower() and "prototype" not in str(w.message)]
     ours = [f"{w.filename}:{w.lineno}: {w.message}" for w in syncs if TRANSFORMERS_MASK not in w.filename]
     assert ours == [], ours
     assert len(syncs) <= 2, [f"{w.filename}:{w.lineno}" for w in syncs]

@@ -213,6 +213,56 @@ def tiny_causal_lm(model_type: str, vocab_size: int = 300, layers: int = 2, **co
     return model
 
 
+class _HeadProducts(TorchDispatchMode):
+    """The dtypes of the matrix products with the vocabulary as a dimension (the head's, forward and backward)."""
+
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        self.vocab, self.dtypes = vocab, set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.linear):
+            mats = [a for a in args if isinstance(a, torch.Tensor) and a.dim() == 2]
+            if any(self.vocab in m.shape for m in mats):
+                self.dtypes |= {m.dtype for m in mats}
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("strategy", ["full-finetune", "linear-probe"])
+def test_under_autocast_the_fused_head_multiplies_in_its_dtype_and_sums_the_gradient_in_float32(strategy):
+    """As on a GPU: a bf16 base under bf16 autocast, the trained weights float32 master weights (full fine-tuning's
+    head and hidden states are float32; a probe's head is, its hidden states are bf16). The head's products run in
+    bf16 both ways, its gradient stays float32, and loss and gradients match the model's own loss under autocast."""
+    from adapters.training import keep_float32_trainable
+
+    base = adapters.load_base_model("random:tiny")
+    base.model.config.use_cache = False
+    base.model.to(torch.bfloat16)
+    s = adapters.get_strategy(strategy)
+    torch.manual_seed(0)
+    model = s.apply(base.model, s.config_class()).train()
+    keep_float32_trainable(model)
+    head = output_head(model)
+    assert head.weight.dtype == torch.float32 and head.weight.requires_grad
+    batch = instruction_batch(model.config.vocab_size)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def forward_under_autocast_backward_outside(chunk):  # as training runs it (and CUDA's backward thread)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            value = loss(model, batch, chunk)
+        return value.detach(), torch.autograd.grad(value, params)
+
+    reference, reference_grads = forward_under_autocast_backward_outside(0)
+    with _HeadProducts(model.config.vocab_size) as products:
+        value, grads = forward_under_autocast_backward_outside(16)
+    assert products.dtypes == {torch.bfloat16}
+    assert all(g.dtype == p.dtype for g, p in zip(grads, params))
+    torch.testing.assert_close(value, reference, rtol=1e-2, atol=1e-2)  # bf16 logits, summed in other orders
+    for got, want in zip(grads, reference_grads):
+        torch.testing.assert_close(got, want, rtol=5e-2, atol=2e-3)
+    assert any(g.abs().sum() > 0 for g in grads)
+
+
 def test_gemma2s_soft_capped_logits_are_capped_in_each_chunk():
     model = tiny_causal_lm("gemma2", final_logit_softcapping=3.0)
     batch = instruction_batch(300, packed=False)
@@ -327,3 +377,29 @@ def test_a_training_step_and_held_out_evaluation_match_the_models_own_loss():
     torch.testing.assert_close(after[16][1], after[0][1], **LOSS_TOL)  # micro-batches of 2 rows and 1
     for name, weight in after[0][2].items():  # the same update: AdamW moves each weight by about the lr
         torch.testing.assert_close(after[16][2][name], weight, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+def test_a_training_step_under_bf16_mixed_precision_runs_the_head_in_bf16(strategy):
+    """The GPU's recipe, on the CPU: a bf16 base, float32 master weights, an Accelerator with bf16 autocast (which
+    wraps the model's forward only). The loss's head chunks run under the same autocast, so a probe's float32
+    head meets bf16 hidden states without a dtype error and full fine-tuning's head multiplies in bf16."""
+    from accelerate import Accelerator
+
+    from adapters.training import keep_float32_trainable, optimizer_step
+
+    base = adapters.load_base_model("random:tiny")
+    base.model.config.use_cache = False
+    base.model.to(torch.bfloat16)
+    s = adapters.get_strategy(strategy)
+    torch.manual_seed(0)
+    model = s.apply(base.model, s.config_class(**STRATEGIES[strategy])).train()
+    keep_float32_trainable(model)
+    accelerator = Accelerator(cpu=True, mixed_precision="bf16")
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    batch = instruction_batch(base.model.config.vocab_size, packed=strategy != "prefix-tuning")
+    with _HeadProducts(base.model.config.vocab_size) as products:
+        value, _ = optimizer_step(model, [batch], optimizer, accelerator, loss_chunk=16)
+    assert torch.isfinite(value)
+    assert products.dtypes == {torch.bfloat16}

@@ -364,6 +364,7 @@ def test_gpu_llama_1b_predictions_are_within_10_percent(tmp_path):
                                          output=str(tmp_path / f"gc-{checkpointing}.json")), progress=False)
         for result in report["results"]:
             assert result["status"] == "ok", result.get("message")
+            assert result["prediction"]["status"] == "ok", result["prediction"]
             assert abs(result["prediction"]["error_pct"]["total"]) <= 10, (checkpointing, result["strategy"])
 
 
