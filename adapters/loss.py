@@ -177,13 +177,16 @@ class _Target:
             setattr(self.parent, self.attribute, self.head)
 
     def verify(self, logits: torch.Tensor | None, placeholder: torch.Tensor) -> bool:
-        """Whether the forward did to the head's output exactly what the chunks do. The identity needs no
-        look at values; a post-processing is compared once per model (a host read, on the first step)."""
-        if self.kind == "none" or logits is placeholder:
-            return self.kind == "none" and logits is placeholder
+        """Whether the forward did to the head's output exactly what the chunks do. The placeholder itself back
+        needs no look at values. Anything else is compared once per model (a host read, on the first step): a
+        post-processing, or the placeholder in float32, which is what a model prepared by Accelerate for mixed
+        precision returns (its ``convert_outputs_to_fp32``: missing it sent every bf16 model on a GPU to its
+        own loss, the whole batch's logits in float32)."""
+        if logits is placeholder:
+            return self.kind == "none"
         if not self.verified and logits is not None:
             with torch.no_grad():
-                expected = self.post(placeholder.float())
+                expected = self.post(placeholder.float()) if self.post is not None else placeholder.float()
                 self.verified = logits.shape == expected.shape and bool(
                     torch.allclose(logits.float(), expected, rtol=1e-2, atol=1e-2))
         return self.verified

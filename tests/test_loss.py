@@ -379,8 +379,18 @@ def test_a_training_step_and_held_out_evaluation_match_the_models_own_loss():
         torch.testing.assert_close(after[16][2][name], weight, rtol=1e-4, atol=1e-5)
 
 
+@pytest.fixture
+def bf16_accelerator_state():
+    """Accelerate's state is one per process, set by the first Accelerator: start afresh, and leave it fresh."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 @pytest.mark.parametrize("strategy", list(STRATEGIES))
-def test_a_training_step_under_bf16_mixed_precision_runs_the_head_in_bf16(strategy):
+def test_a_training_step_under_bf16_mixed_precision_runs_the_head_in_bf16(strategy, bf16_accelerator_state):
     """The GPU's recipe, on the CPU: a bf16 base, float32 master weights, an Accelerator with bf16 autocast (which
     wraps the model's forward only). The loss's head chunks run under the same autocast, so a probe's float32
     head meets bf16 hidden states without a dtype error and full fine-tuning's head multiplies in bf16."""
@@ -403,3 +413,8 @@ def test_a_training_step_under_bf16_mixed_precision_runs_the_head_in_bf16(strate
         value, _ = optimizer_step(model, [batch], optimizer, accelerator, loss_chunk=16)
     assert torch.isfinite(value)
     assert products.dtypes == {torch.bfloat16}
+    # Accelerate's float32 copy of the placeholder logits is still the chunks' case, not the model's own loss
+    assert loss_path(model, 16) == "chunked(16)"
+    with _LargestLogits(base.model.config.vocab_size) as seen:
+        optimizer_step(model, [batch], optimizer, accelerator, loss_chunk=16)
+    assert seen.largest <= 16 * base.model.config.vocab_size
