@@ -1,5 +1,10 @@
 #!/usr/bin/env bash
-# The GPU check of issue 12 in one call: under 8 minutes on one H100/H200, every result under $OUT.
+# The GPU check of issue 12 in two calls of under 6 minutes each on one H100/H200, every result under $OUT.
+# The first run on an H200 (benchmarks/results/h200-2026-11-30/) found one call too short for all of it: each
+# process makes the random model once and compiles, so the steps are split in two, ONLY naming each half:
+#   call 1: ONLY="tests side-by-side"            call 2: ONLY="inventory raw-stack bench compile ratios"
+# $OUT takes at most 8 files back: end the command with  tar czf $OUT/gpu.tar.gz -C $D .  where D is the
+# folder given to this script as OUT.
 #
 # On the device machine (../shared/gpu/README.md). First, here, from the repository root:
 #   ../shared/gpu/prepare-wheels msgspec==0.23.0     # bitsandbytes, gguf and msgspec for Python 3.12, into .whl/
@@ -20,9 +25,10 @@
 #                LoRA and HF QLoRA recipe (benchmarks/baseline/plain_stack.py), alternating -> side-by-side.json
 #   raw-stack    raw_stack.py, the hand-written reference loop of ../shared/design/anchors.md -> anchor-*.json
 #   bench        adapters bench prefix-tuning, linear-probe (defaults) -> bench-default.json
-#   compile      adapters bench all five with compilation the other way round from the device's default: --compile
+#   compile      adapters bench lora, qlora, full-finetune with compilation the other way round from the device's default: --compile
 #                where it is off by default, --no-compile where it is on (so both ways are measured)
 #                -> bench-compile.json or bench-no-compile.json
+#   inventory    inventory.py: what a step keeps for backward, tensor by tensor, at 2 and 4 layers -> inventory.json
 #   ratios       ratios.py: adapters against the plain stack and the issue's goals -> ratios.json
 # ONLY="compile ratios" runs only the steps named (a second call, after one was cut short by its limit).
 set -uo pipefail
@@ -32,10 +38,10 @@ PY=${PYTHON:-python3}
 OUT=${OUT:-$(mktemp -d)}
 mkdir -p "$OUT"
 export OUT HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-STRATEGIES=lora,qlora,full-finetune,prefix-tuning,linear-probe
+STRATEGIES=lora,qlora,full-finetune  # the compile step: the three with goals (five ran past its limit)
 
 if [[ "${DRY:-0}" == 1 ]]; then
-  MODEL=random:tiny SHAPE=tiny BATCH=1 SEQ=64 STEPS=1 WARMUP=1 SCALE=8
+  MODEL=random:tiny SHAPE=tiny BATCH=1 SEQ=64 STEPS=1 WARMUP=1 SCALE=8 INVENTORY_LAYERS=1
   RAW_ONLY=${RAW_ONLY:-full,lora,qlora,qlora_gc_train,qlora_lean,prefix,linear_probe}
 else
   MODEL=random:llama-1b SHAPE=llama-1b BATCH=8 SEQ=512 STEPS=10 WARMUP=3 SCALE=1
@@ -66,15 +72,17 @@ else
 fi
 
 mapfile -t GPU_TESTS < <(grep -l "mark.gpu" tests/*.py)
-step tests 120 "$PY" -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors \
+step tests 150 "$PY" -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors \
   --junitxml="$OUT/gpu-tests.xml" "${GPU_TESTS[@]}"
-step side-by-side 130 "$PY" benchmarks/side_by_side.py --model "$MODEL" "${SHAPE_ARGS[@]}" \
+step side-by-side 200 "$PY" benchmarks/side_by_side.py --model "$MODEL" "${SHAPE_ARGS[@]}" \
   --output "$OUT/side-by-side.json"
-step raw-stack 75 "$PY" benchmarks/gpu/raw_stack.py --shape "$SHAPE" --batch "$BATCH" --seq "$SEQ" --steps "$STEPS" \
+step inventory 45 "$PY" benchmarks/gpu/inventory.py --layers "${INVENTORY_LAYERS:-2,4}" --batch-size "$BATCH" \
+  --seq-len "$SEQ" --output "$OUT/inventory.json"
+step raw-stack 90 "$PY" benchmarks/gpu/raw_stack.py --shape "$SHAPE" --batch "$BATCH" --seq "$SEQ" --steps "$STEPS" \
   --warmup "$WARMUP" --only "$RAW_ONLY" --out "$OUT"
-step bench 45 "$PY" -m adapters bench --model "$MODEL" --strategies prefix-tuning,linear-probe "${SHAPE_ARGS[@]}" \
+step bench 60 "$PY" -m adapters bench --model "$MODEL" --strategies prefix-tuning,linear-probe "${SHAPE_ARGS[@]}" \
   --output "$OUT/bench-default.json" --overwrite
-step compile 90 "$PY" -m adapters bench --model "$MODEL" --strategies "$STRATEGIES" "--$OTHER" "${SHAPE_ARGS[@]}" \
+step compile 100 "$PY" -m adapters bench --model "$MODEL" --strategies "$STRATEGIES" "--$OTHER" "${SHAPE_ARGS[@]}" \
   --output "$OUT/bench-$OTHER.json" --overwrite
 step ratios 10 "$PY" benchmarks/gpu/ratios.py "$OUT" --shape "$SHAPE"
 
