@@ -59,6 +59,10 @@ class RunSpec:
     # Fit the run into SIZE (e.g. "6GiB"): the planner picks micro-batch, gradient checkpointing and accumulation,
     # keeping the effective batch (batch_size x gradient_accumulation_steps); None: run as given.
     memory_limit: str | None = None
+    # "fsdp": shard parameters, gradients and optimizer states across the processes (FSDP2 through Accelerate,
+    # one unit per decoder layer), set up for torchrun as `accelerate launch --use_fsdp` does; "none": each process
+    # holds the whole model (data parallelism).
+    sharding: str = "none"
     seed: int = 0
     eval_batches: int = 8  # held-out batches evaluated before and after training, and at each --eval-every
     eval_every: int | None = None  # also evaluate every N optimizer steps
@@ -205,6 +209,15 @@ def resolve(spec: RunSpec, *, data: bool = True) -> Run:
     if spec.seed >= 2**32:  # what torch, numpy and random all accept
         raise AdaptersError(f"--seed must be below 2**32 ({2**32}), not {spec.seed}.")
     limit = memory_limit(spec.memory_limit)
+    check_sharding(spec.sharding, quantization, spec.compile)
+    if spec.sharding == "fsdp" and spec.loss_chunk:
+        raise AdaptersError("--loss-chunk with --sharding fsdp: the chunked loss does not run on sharded weights "
+                            "yet (the model's own loss does). Drop --loss-chunk.")
+    if spec.sharding == "fsdp":
+        spec = dataclasses.replace(spec, loss_chunk=0)  # the model's own loss (see above)
+    if spec.sharding == "fsdp" and spec.save_every:
+        raise AdaptersError("--save-every with --sharding fsdp: checkpoints of a sharded run are not written yet. "
+                            "Drop --save-every (the final save is written), or --sharding fsdp.")
     model = resolve_model(spec.model)
     task = check_model_task(model, spec.task)
     hf_config = model_config(spec.model)
@@ -221,6 +234,22 @@ def resolve(spec: RunSpec, *, data: bool = True) -> Run:
 
         run = fit_spec(run, limit)
     return run
+
+
+SHARDINGS = ("none", "fsdp")
+
+
+def check_sharding(sharding: str, quantization: str, compile: bool | None) -> None:
+    """--sharding: known, and not with what FSDP cannot shard here."""
+    if sharding not in SHARDINGS:
+        raise AdaptersError(f"--sharding {sharding!r} is not one of: {', '.join(SHARDINGS)}.")
+    if sharding == "fsdp" and quantization != "none":
+        raise AdaptersError(
+            f"--sharding fsdp cannot shard a {quantization}-quantized base: bitsandbytes' packed weights need "
+            "FSDP-QLoRA's storage settings (bnb_4bit_quant_storage in the weights' dtype, on CUDA), which adapters "
+            "does not set up yet. Use --quantization none, or drop --sharding fsdp (data parallelism).")
+    if sharding == "fsdp" and compile:
+        raise AdaptersError("--sharding fsdp with --compile is not supported yet: drop --compile.")
 
 
 def memory_limit(size: str | None) -> int | None:

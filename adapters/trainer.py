@@ -66,8 +66,10 @@ from .runspec import Run, RunSpec, resolve
 from .store import check_base, load_trainable, restore, save
 from .training import (
     apply_strategy,
+    compiles,
     evaluate,
     is_out_of_memory,
+    is_sharded,
     keep_float32_trainable,
     load_base,
     make_accelerator,
@@ -145,7 +147,7 @@ def train(spec: RunSpec, progress: bool = True, stop: Callable[[int], bool] | No
     s = run.spec
     if s.output and s.overwrite and not s.resume and started_from is None:
         _clear_run_files(Path(s.output))
-    accelerator = make_accelerator(s.report_to, Path(s.output) / "logs" if s.output else None)
+    accelerator = make_accelerator(s.report_to, Path(s.output) / "logs" if s.output else None, s.sharding)
     resume_from = checkpoints.latest_checkpoint(s.output) if s.resume else None
     position = checkpoints.read(resume_from)[0] if resume_from is not None else None
     model = _model(run, accelerator, resume_from, position, Path(s.output) if started_from else None)
@@ -256,7 +258,7 @@ class _Loop:
                                                   generator=torch.Generator().manual_seed(s.seed))
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = engine.make_optimizer(trainable, run.learning_rate, run.weight_decay, accelerator.device)
-        on = s.compile if s.compile is not None else engine.compile_by_default(accelerator.device)
+        on = compiles(s, accelerator.device)
         self.compiled = {"on": on, "layers": engine.compile_layers(model) if on else 0, "error": None}
         # Accelerate steps a prepared schedule once per process per optimizer step.
         n = accelerator.num_processes
@@ -438,7 +440,7 @@ class _Loop:
             what = f"the loss became {losses[bad]} at step {p.step - len(losses) + bad + 1}"
         elif values["grad_norm"] is not None and not math.isfinite(values["grad_norm"]):
             what = f"the gradient norm became {values['grad_norm']} at step {p.step}"
-        elif (name := _non_finite_weight(self.accelerator.unwrap_model(self.model))) is not None:
+        elif (name := self._non_finite_weight()) is not None:
             what = f"the trainable weight {name} became non-finite by step {p.step}"
         elif _due(p.step, self.spec.eval_every):
             values.update({f"eval_{k}": v for k, v in self.evaluate().items()})
@@ -455,10 +457,26 @@ class _Loop:
                         tok_s=f"{values['tokens_per_s'] or 0:,.0f}")
         return True
 
+    def _non_finite_weight(self) -> str | None:
+        """The first trainable weight holding a NaN or an infinity; a sharded model's shards all checked, so that
+        every process gives the same answer."""
+        model = self.accelerator.unwrap_model(self.model)
+        if not is_sharded(self.model):
+            return _non_finite_weight(model)
+        named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        local = [p.to_local() if hasattr(p, "to_local") else p for _, p in named]  # this process's shard (DTensor)
+        finite = torch.stack([torch.isfinite(t).all().to(self.accelerator.device) for t in local]).int()
+        finite = self.accelerator.reduce(finite, reduction="sum") == self.accelerator.num_processes
+        return None if bool(finite.all()) else named[int((~finite).nonzero()[0])][0]
+
     def _checkpoint(self) -> None:
         s, run, accelerator = self.spec, self.run, self.accelerator
         accelerator.wait_for_everyone()
         if not s.output:
+            return
+        if is_sharded(self.model):
+            warnings.warn("checkpoints of a sharded run (--sharding fsdp) are not written yet: this run can be "
+                          "resumed only from its final save", stacklevel=2)
             return
         if accelerator.is_main_process:
             def save_model(directory: Path) -> None:
@@ -477,8 +495,9 @@ class _Loop:
         output = None
         if self.status == COMPLETED:
             # The result in the dtypes the strategy gave it (what adapters.load gives back), then checked.
-            restore_dtypes(model, self.dtypes)
-            if (name := _non_finite_weight(model)) is not None:
+            if not is_sharded(self.model):  # a sharded run's save rounds its own gathered copy (_final_save)
+                restore_dtypes(model, self.dtypes)
+            if (name := self._non_finite_weight()) is not None:
                 self._fail(f"the trainable weight {name} is not finite at the end, after step {p.step}")
             else:
                 after = self.evaluate()
@@ -501,10 +520,31 @@ class _Loop:
             memory_fit=run.fit)
 
     def _final_save(self) -> Path | None:
-        s, run = self.spec, self.run
         self.accelerator.wait_for_everyone()
-        if not s.output or not self.accelerator.is_main_process:
+        if not self.spec.output:
             return None
+        if not is_sharded(self.model):
+            return self._save_whole(self.accelerator.unwrap_model(self.model), self.base) \
+                if self.accelerator.is_main_process else None
+        # Sharded: the whole state dict gathered into the main process (a collective), loaded there into the
+        # strategy applied afresh to a fresh base, which saves the same files as one process's run.
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(self.accelerator.unwrap_model(self.model),
+                                     options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not self.accelerator.is_main_process:
+            return None
+        base = load_base(self.run, torch.device("cpu"))
+        model, _, dtypes = apply_strategy(self.run, base)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if unexpected or any(p.requires_grad for n, p in model.named_parameters() if n in missing):
+            raise AdaptersError(f"the gathered weights do not fit the model: unexpected {unexpected[:3]}, missing "
+                                f"{[n for n in missing if model.get_parameter(n).requires_grad][:3]}")
+        restore_dtypes(model, dtypes)
+        return self._save_whole(model, base)
+
+    def _save_whole(self, model: torch.nn.Module, base: BaseModel) -> Path:
+        s, run = self.spec, self.run
         training = {**{k: v for k, v in dataclasses.asdict(s).items()
                        if k not in ("output", "overwrite", "resume", "allow_other_base")},
                     "quantization": run.quantization, "task": run.task, "learning_rate": run.learning_rate,
@@ -517,11 +557,11 @@ class _Loop:
                     **({"memory_fit": run.fit} if run.fit is not None else {}),
                     "compiled": dict(self.compiled),
                     # How the causal-LM loss was computed: "chunked(N)", "liger" or "model" (adapters.loss).
-                    "loss": loss_path(self.accelerator.unwrap_model(self.model), s.loss_chunk),
+                    "loss": loss_path(model, s.loss_chunk),
                     **({"started_from": self.position.started_from} if self.position.started_from else {})}
         # The run made this directory (or was allowed to replace it): replace it, keeping its checkpoints.
-        return save(self.accelerator.unwrap_model(self.model), s.output, strategy=run.strategy, config=run.config,
-                    base=self.base, overwrite=True, plugin_versions=dict([distribution_of(run.plugin)]),
+        return save(model, s.output, strategy=run.strategy, config=run.config,
+                    base=base, overwrite=True, plugin_versions=dict([distribution_of(run.plugin)]),
                     training=training, keep=RUN_FILES, other_base=self.other_base)
 
 

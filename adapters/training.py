@@ -161,22 +161,56 @@ def _loss_weight(batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
     return torch.tensor(float(batch["input_ids"].shape[0]))
 
 
-def make_accelerator(log_with: list[str] | None = None, project_dir: str | Path | None = None):
+def make_accelerator(log_with: list[str] | None = None, project_dir: str | Path | None = None,
+                     sharding: str = "none"):
     """bf16 mixed precision on GPU, full precision on the CPU; ``log_with`` names Accelerate's trackers.
 
+    ``sharding="fsdp"`` sets up what ``accelerate launch --use_fsdp`` would (`fsdp_plugin`). A run started by
+    ``accelerate launch`` with FSDP configured gets Accelerate's own plugin whatever ``sharding`` says.
     Gradient accumulation is `optimizer_step`'s, not Accelerate's: its losses are never divided again.
     """
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration
+    from accelerate.utils import DataLoaderConfiguration, DistributedType
 
     cuda = torch.cuda.is_available()
-    return Accelerator(
+    plugin = fsdp_plugin() if sharding == "fsdp" else None
+    accelerator = Accelerator(
         mixed_precision="bf16" if cuda else "no",
         cpu=not cuda,  # without it, processes started by torchrun on a CPU machine would not join one group
         # Each epoch's order follows from the seed and the epoch alone, so a resumed run can find its place.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-        log_with=log_with or None, project_dir=project_dir,
+        log_with=log_with or None, project_dir=project_dir, fsdp_plugin=plugin,
     )
+    if plugin is not None and accelerator.distributed_type != DistributedType.FSDP:
+        # Accelerate turns FSDP on for accelerators only; FSDP2 itself shards over gloo on the CPU as well.
+        accelerator.state.distributed_type = DistributedType.FSDP
+        accelerator.state.fsdp_plugin = plugin
+    return accelerator
+
+
+def fsdp_plugin():
+    """FSDP2, one unit per decoder layer (the model's ``_no_split_modules``), saved as one full state dict."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    return FullyShardedDataParallelPlugin(
+        fsdp_version=2, auto_wrap_policy="transformer_based_wrap", state_dict_type="FULL_STATE_DICT",
+        reshard_after_forward=True, cpu_ram_efficient_loading=False)
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether FSDP sharded ``model`` (or a module in it)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without FSDP2
+        return False
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+def compiles(spec, device: torch.device | str) -> bool:
+    """Whether ``spec``'s layers run compiled: as asked, else the device's default (never under sharding)."""
+    if spec.compile is not None:
+        return spec.compile
+    return spec.sharding == "none" and engine.compile_by_default(device)
 
 
 def load_base(run: Run, device: torch.device) -> BaseModel:
@@ -191,7 +225,7 @@ def load_base(run: Run, device: torch.device) -> BaseModel:
     base.model.config.use_cache = False
     if s.gradient_checkpointing:
         enable_gradient_checkpointing(base.model)
-    compiled = s.compile if s.compile is not None else engine.compile_by_default(device)
+    compiled = compiles(s, device)
     if engine.recomputes_mlp(s.gradient_checkpointing, compiled):
         engine.recompute_gated_mlps(base.model)
     return base

@@ -1,5 +1,7 @@
 """Data parallelism learns what one process learns: for every built-in strategy, 2 processes x micro-batch 1
-give the losses and the final trainable weights of 1 process x micro-batch 2 (DDP on the CPU, gloo)."""
+give the losses and the final trainable weights of 1 process x micro-batch 2, with DDP and with FSDP
+(`--sharding fsdp`: FSDP2 through Accelerate, on the CPU over gloo). A sharded run's save is an ordinary one:
+the same files, reloaded by one process to the same logits."""
 from __future__ import annotations
 
 import json
@@ -21,6 +23,7 @@ STRATEGIES = {"lora": {"dropout": 0.0}, "prefix-tuning": {}, "linear-probe": {},
 STEPS = 3
 # float32 sums in another order (a gradient all-reduce against one batch's backward): differences of a few ulps.
 RTOL, ATOL = 1e-4, 1e-6
+SHARDINGS = ("none", "fsdp")  # DDP, and FSDP2 (which computes the model's own loss: no chunks on sharded weights)
 
 TWO_PROCESSES = '''
 import json, sys
@@ -29,7 +32,7 @@ from adapters import RunSpec
 for name, options in json.loads(sys.argv[1]).items():
     adapters.train(RunSpec(model="random:tiny", strategy=name, options=options, batch_size=1,
                            max_steps=int(sys.argv[3]), seq_len=32, eval_batches=1, log_every=1,
-                           output=sys.argv[2] + "/" + name), progress=False)
+                           sharding=sys.argv[4], output=sys.argv[2] + "/" + name), progress=False)
 '''
 
 
@@ -38,17 +41,23 @@ def _spec(name: str, output: Path, batch_size: int) -> RunSpec:
                    max_steps=STEPS, seq_len=32, eval_batches=1, log_every=1, output=str(output))
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """Each built-in trained by 2 processes with micro-batch 1 (one torchrun for all), and by 1 with 2."""
-    root = tmp_path_factory.mktemp("ddp")
+def _two_processes(root: Path, sharding: str) -> None:
+    """Each built-in trained by 2 processes with micro-batch 1, one torchrun for all, into ``root/two-SHARDING``."""
     script = root / "two.py"
     script.write_text(TWO_PROCESSES)
     env = {**os.environ, "ADAPTERS_LOAD_PLUGINS": "", "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script),
-                           json.dumps(STRATEGIES), str(root / "two"), str(STEPS)],
+                           json.dumps(STRATEGIES), str(root / f"two-{sharding}"), str(STEPS), sharding],
                           capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Each built-in trained by 2 processes with micro-batch 1, with DDP and with FSDP, and by 1 with 2."""
+    root = tmp_path_factory.mktemp("ddp")
+    for sharding in SHARDINGS:
+        _two_processes(root, sharding)
     for name in STRATEGIES:
         result = adapters.train(_spec(name, root / "one" / name, 2), progress=False)
         assert result.status == "completed"
@@ -66,9 +75,10 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
     return {f"{f.name}:{k}": v for f in files for k, v in load_file(f).items()}
 
 
+@pytest.mark.parametrize("sharding", SHARDINGS)
 @pytest.mark.parametrize("name", list(STRATEGIES))
-def test_two_processes_learn_what_one_process_learns(runs, name):
-    one, two = runs / "one" / name, runs / "two" / name
+def test_two_processes_learn_what_one_process_learns(runs, name, sharding):
+    one, two = runs / "one" / name, runs / f"two-{sharding}" / name
     assert len(_logged(two, "loss")) == STEPS and all(norm > 0 for norm in _logged(one, "grad_norm"))  # it learned
     for key in ("loss", "grad_norm"):
         torch.testing.assert_close(torch.tensor(_logged(two, key)), torch.tensor(_logged(one, key)), rtol=RTOL,
@@ -78,3 +88,25 @@ def test_two_processes_learn_what_one_process_learns(runs, name):
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=RTOL, atol=ATOL, msg=key)
     assert json.loads((two / "adapters.json").read_text())["training"]["batch_size"] == 1
+
+
+@pytest.mark.parametrize("name", ["full-finetune", "lora"])
+def test_a_sharded_runs_save_reloads_in_one_process_to_the_same_logits(runs, name):
+    one, two = runs / "one" / name, runs / "two-fsdp" / name
+    assert sorted(p.name for p in two.iterdir() if p.suffix != ".jsonl") == \
+        sorted(p.name for p in one.iterdir() if p.suffix != ".jsonl")  # the same files as one process's save
+    ids = torch.arange(3, 35).reshape(2, 16)
+    with torch.no_grad():
+        a, b = (adapters.load(run).model.eval()(input_ids=ids).logits for run in (one, two))
+    torch.testing.assert_close(b, a, rtol=RTOL, atol=1e-5)
+    manifest = json.loads((two / "adapters.json").read_text())["training"]
+    assert manifest["sharding"] == "fsdp" and manifest["loss"] == "model"
+
+
+def test_sharding_a_quantized_base_is_refused_before_loading(capsys, tmp_path):
+    from cli_helpers import assert_user_error, run_in_process
+
+    code, out, err = run_in_process(capsys, "train", "--model", "random:tiny", "--strategy", "qlora", "--sharding",
+                                    "fsdp", "--output", str(tmp_path / "out"))
+    assert_user_error(code, out, err, "--sharding fsdp", "--quantization none")
+    assert not (tmp_path / "out").exists()

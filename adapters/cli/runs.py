@@ -8,7 +8,7 @@ from click.core import ParameterSource
 
 from ..contract import LR_SCHEDULERS, QUANTIZATIONS, TASKS
 from ..errors import AdaptersError
-from ..runspec import DEFAULT_MODEL, DEFAULT_STRATEGY, RunSpec
+from ..runspec import DEFAULT_MODEL, DEFAULT_STRATEGY, SHARDINGS, RunSpec
 from ..text import aligned_table
 from . import cli, echo_json
 from .tables import plan_rows, train_summary
@@ -52,6 +52,9 @@ from .tables import plan_rows, train_summary
 @click.option("--memory-limit", default=None, metavar="SIZE",
               help="Fit the run into SIZE (e.g. 6GiB): choose the micro-batch, gradient checkpointing and "
               "accumulation, keeping the effective batch.")
+@click.option("--sharding", type=click.Choice(SHARDINGS), default=RunSpec.sharding, show_default=True,
+              help="fsdp: shard weights, gradients and optimizer states across the processes of torchrun (FSDP2 "
+              "through Accelerate, a unit per decoder layer); none: each process holds the whole model.")
 @click.option("--seed", type=int, default=RunSpec.seed, show_default=True)
 @click.option("--eval-batches", type=int, default=RunSpec.eval_batches, show_default=True)
 @click.option("--eval-every", type=int, default=None, help="Also evaluate the held-out split every N steps.")
