@@ -215,9 +215,6 @@ def resolve(spec: RunSpec, *, data: bool = True) -> Run:
                             "yet (the model's own loss does). Drop --loss-chunk.")
     if spec.sharding == "fsdp":
         spec = dataclasses.replace(spec, loss_chunk=0)  # the model's own loss (see above)
-    if spec.sharding == "fsdp" and spec.save_every:
-        raise AdaptersError("--save-every with --sharding fsdp: checkpoints of a sharded run are not written yet. "
-                            "Drop --save-every (the final save is written), or --sharding fsdp.")
     model = resolve_model(spec.model)
     task = check_model_task(model, spec.task)
     hf_config = model_config(spec.model)

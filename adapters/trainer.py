@@ -63,13 +63,13 @@ from .manifest import RUN_ENTRIES, read_manifest
 from .metrics import MetricsLog, clean
 from .nn import ParameterCount, count_parameters
 from .runspec import Run, RunSpec, resolve
+from .sharding import is_sharded, load_optimizer_state, save_optimizer_state, whole_optimizer_state, whole_state
 from .store import check_base, load_trainable, restore, save
 from .training import (
     apply_strategy,
     compiles,
     evaluate,
     is_out_of_memory,
-    is_sharded,
     keep_float32_trainable,
     load_base,
     make_accelerator,
@@ -148,6 +148,9 @@ def train(spec: RunSpec, progress: bool = True, stop: Callable[[int], bool] | No
     if s.output and s.overwrite and not s.resume and started_from is None:
         _clear_run_files(Path(s.output))
     accelerator = make_accelerator(s.report_to, Path(s.output) / "logs" if s.output else None, s.sharding)
+    if s.sharding == "none" and accelerator.distributed_type == "FSDP":  # `accelerate launch --use_fsdp`, a config
+        run = dataclasses.replace(run, spec=dataclasses.replace(s, sharding="fsdp", loss_chunk=0))
+        s = run.spec
     resume_from = checkpoints.latest_checkpoint(s.output) if s.resume else None
     position = checkpoints.read(resume_from)[0] if resume_from is not None else None
     model = _model(run, accelerator, resume_from, position, Path(s.output) if started_from else None)
@@ -296,7 +299,11 @@ class _Loop:
                   f"learning-rate schedule for {self.spec.max_steps} more steps.", file=sys.stderr, flush=True)
 
     def resume(self, checkpoint: Path, position: checkpoints.Position) -> None:
-        self.accelerator.load_state(str(checkpoint))
+        if is_sharded(self.model):
+            load_optimizer_state(checkpoint, self.accelerator.unwrap_model(self.model), self.optimizer.optimizer,
+                                 self.scheduler.scheduler)
+        else:
+            self.accelerator.load_state(str(checkpoint))
         self.position = position
         self.before = position.before
         if position.micro_batch is not None:  # go on with the micro-batch that fitted
@@ -474,9 +481,20 @@ class _Loop:
         accelerator.wait_for_everyone()
         if not s.output:
             return
-        if is_sharded(self.model):
-            warnings.warn("checkpoints of a sharded run (--sharding fsdp) are not written yet: this run can be "
-                          "resumed only from its final save", stacklevel=2)
+        if is_sharded(self.model):  # gathered by every process; written by the main one
+            whole = self._whole_model()
+            optimizer_state = whole_optimizer_state(accelerator.unwrap_model(self.model), self.optimizer.optimizer)
+            if accelerator.is_main_process:
+                model, base = whole
+
+                def save_sharded(directory: Path) -> None:
+                    save(model, directory, strategy=run.strategy, config=run.config, base=base,
+                         plugin_versions=dict([distribution_of(run.plugin)]), other_base=self.other_base)
+
+                self.written.append(checkpoints.write(
+                    s.output, self.position, s, save_sharded,
+                    lambda d: save_optimizer_state(d, optimizer_state, self.scheduler), s.keep_checkpoints))
+            accelerator.wait_for_everyone()
             return
         if accelerator.is_main_process:
             def save_model(directory: Path) -> None:
@@ -526,22 +544,29 @@ class _Loop:
         if not is_sharded(self.model):
             return self._save_whole(self.accelerator.unwrap_model(self.model), self.base) \
                 if self.accelerator.is_main_process else None
-        # Sharded: the whole state dict gathered into the main process (a collective), loaded there into the
-        # strategy applied afresh to a fresh base, which saves the same files as one process's run.
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        whole = self._whole_model()
+        if whole is None:
+            return None
+        model, base = whole
+        restore_dtypes(model, self.dtypes)
+        return self._save_whole(model, base)
 
-        state = get_model_state_dict(self.accelerator.unwrap_model(self.model),
-                                     options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    def _whole_model(self) -> tuple[torch.nn.Module, BaseModel] | None:
+        """A sharded model as one process's: its whole state dict gathered into the main process (every process
+        calls this), loaded there into the strategy applied afresh to a fresh base on the CPU, which saves the
+        same files as one process's run would. None in the other processes."""
+        state = whole_state(self.accelerator.unwrap_model(self.model))
         if not self.accelerator.is_main_process:
             return None
         base = load_base(self.run, torch.device("cpu"))
-        model, _, dtypes = apply_strategy(self.run, base)
+        model, _, _ = apply_strategy(self.run, base)
+        keep_float32_trainable(model)  # as trained: master weights in float32
         missing, unexpected = model.load_state_dict(state, strict=False)
-        if unexpected or any(p.requires_grad for n, p in model.named_parameters() if n in missing):
+        trained = {n for n, p in model.named_parameters() if p.requires_grad}
+        if unexpected or trained & set(missing):
             raise AdaptersError(f"the gathered weights do not fit the model: unexpected {unexpected[:3]}, missing "
-                                f"{[n for n in missing if model.get_parameter(n).requires_grad][:3]}")
-        restore_dtypes(model, dtypes)
-        return self._save_whole(model, base)
+                                f"{sorted(trained & set(missing))[:3]}")
+        return model, base
 
     def _save_whole(self, model: torch.nn.Module, base: BaseModel) -> Path:
         s, run = self.spec, self.run

@@ -173,6 +173,8 @@ def make_accelerator(log_with: list[str] | None = None, project_dir: str | Path 
     from accelerate.utils import DataLoaderConfiguration, DistributedType
 
     cuda = torch.cuda.is_available()
+    from .sharding import fsdp_plugin
+
     plugin = fsdp_plugin() if sharding == "fsdp" else None
     accelerator = Accelerator(
         mixed_precision="bf16" if cuda else "no",
@@ -186,24 +188,6 @@ def make_accelerator(log_with: list[str] | None = None, project_dir: str | Path 
         accelerator.state.distributed_type = DistributedType.FSDP
         accelerator.state.fsdp_plugin = plugin
     return accelerator
-
-
-def fsdp_plugin():
-    """FSDP2, one unit per decoder layer (the model's ``_no_split_modules``), saved as one full state dict."""
-    from accelerate.utils import FullyShardedDataParallelPlugin
-
-    return FullyShardedDataParallelPlugin(
-        fsdp_version=2, auto_wrap_policy="transformer_based_wrap", state_dict_type="FULL_STATE_DICT",
-        reshard_after_forward=True, cpu_ram_efficient_loading=False)
-
-
-def is_sharded(model: torch.nn.Module) -> bool:
-    """Whether FSDP sharded ``model`` (or a module in it)."""
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # a torch without FSDP2
-        return False
-    return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
 def compiles(spec, device: torch.device | str) -> bool:

@@ -36,20 +36,40 @@ for name, options in json.loads(sys.argv[1]).items():
 '''
 
 
+# A sharded run stopped after step 2 (a checkpoint), then resumed to the end, in one torchrun.
+STOP_AND_RESUME = '''
+import sys
+import adapters
+from adapters import RunSpec
+from adapters.checkpoints import resume_spec
+for name in ("full-finetune", "lora"):
+    spec = RunSpec(model="random:tiny", strategy=name, options={"dropout": 0.0} if name == "lora" else {},
+                   batch_size=1, max_steps=int(sys.argv[2]), seq_len=32, eval_batches=1, log_every=1,
+                   sharding="fsdp", output=sys.argv[1] + "/" + name)
+    first = adapters.train(spec, progress=False, stop=lambda step: step == 2)
+    assert first.status == "interrupted" and len(first.checkpoints) == 1 or not first.main_process, first
+    assert adapters.train(resume_spec(spec.output, {}, {}), progress=False).status == "completed"
+'''
+
+
 def _spec(name: str, output: Path, batch_size: int) -> RunSpec:
     return RunSpec(model="random:tiny", strategy=name, options=STRATEGIES[name], batch_size=batch_size,
                    max_steps=STEPS, seq_len=32, eval_batches=1, log_every=1, output=str(output))
 
 
-def _two_processes(root: Path, sharding: str) -> None:
-    """Each built-in trained by 2 processes with micro-batch 1, one torchrun for all, into ``root/two-SHARDING``."""
-    script = root / "two.py"
-    script.write_text(TWO_PROCESSES)
+def _torchrun(root: Path, source: str, *args: str) -> None:
+    """``source`` run by 2 processes under torchrun on the CPU."""
+    script = root / "script.py"
+    script.write_text(source)
     env = {**os.environ, "ADAPTERS_LOAD_PLUGINS": "", "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script),
-                           json.dumps(STRATEGIES), str(root / f"two-{sharding}"), str(STEPS), sharding],
-                          capture_output=True, text=True, env=env, timeout=600)
+                           *args], capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def _two_processes(root: Path, sharding: str) -> None:
+    """Each built-in trained by 2 processes with micro-batch 1, one torchrun for all, into ``root/two-SHARDING``."""
+    _torchrun(root, TWO_PROCESSES, json.dumps(STRATEGIES), str(root / f"two-{sharding}"), str(STEPS), sharding)
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +78,7 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
     for sharding in SHARDINGS:
         _two_processes(root, sharding)
+    _torchrun(root, STOP_AND_RESUME, str(root / "resumed-fsdp"), str(STEPS))
     for name in STRATEGIES:
         result = adapters.train(_spec(name, root / "one" / name, 2), progress=False)
         assert result.status == "completed"
@@ -110,3 +131,19 @@ def test_sharding_a_quantized_base_is_refused_before_loading(capsys, tmp_path):
                                     "fsdp", "--output", str(tmp_path / "out"))
     assert_user_error(code, out, err, "--sharding fsdp", "--quantization none")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", ["full-finetune", "lora"])
+def test_a_sharded_run_resumed_from_its_checkpoint_ends_as_an_uninterrupted_one(runs, name):
+    """Its checkpoint (the gathered weights, AdamW's whole state and the schedule's, all in safetensors and JSON)
+    lets the run go on where it stopped: the same losses after the resume and the same final weights."""
+    straight, resumed = runs / "two-fsdp" / name, runs / "resumed-fsdp" / name
+    checkpoint = resumed / "checkpoints" / "step-2"
+    assert {p.name for p in checkpoint.iterdir()} >= {"model", "optimizer.safetensors", "optimizer.json"}
+    assert not [p for p in checkpoint.rglob("*") if p.suffix in (".bin", ".pt", ".pkl")]  # nothing pickled
+    last = [torch.tensor(_logged(run, "loss")[-1]) for run in (resumed, straight)]
+    torch.testing.assert_close(*last, rtol=RTOL, atol=ATOL)  # the step after the resume
+    a, b = _weights(straight), _weights(resumed)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=RTOL, atol=ATOL, msg=key)

@@ -26,7 +26,7 @@ from ..loss import loss_path
 from ..nn import ParameterCount, count_parameters, trainable_parameters
 from ..runspec import Run, RunSpec, resolve
 from ..text import parse_size
-from .profiler import cpu_peak_tensor_bytes
+from .profiler import cpu_peak_allocated_bytes, cpu_peak_tensor_bytes
 from .settings import Measurement
 
 # Dense bf16 peak FLOP/s per GPU, for MFU (vendor datasheets, without sparsity).
@@ -118,7 +118,7 @@ def _set_up(run: Run) -> _Training:
     from ..engine import compile_by_default, compile_layers, make_optimizer
     from ..training import build, make_accelerator, make_batches, optimizer_step
 
-    accelerator = make_accelerator()
+    accelerator = make_accelerator(sharding=run.spec.sharding)
     start = time.perf_counter()
     base, model, declared = build(run, accelerator.device)
     load_s = time.perf_counter() - start
@@ -229,10 +229,15 @@ def _result(run: Run, measurement: Measurement, training: _Training, times: list
 
 def _memory(training: _Training, cuda: bool, nvml: _Nvml | None) -> dict[str, Any]:
     """The step's peak, split into what is held outside the step and the step's own activations."""
+    from ..sharding import is_sharded
+
     static = static_components(training.model, training.optimizer)
     gradients = static["trainable_parameters"]  # at the backward peak, every trainable weight has its gradient
     if cuda:
         peak, source = torch.cuda.max_memory_allocated(), "cuda_max_memory_allocated"
+    elif is_sharded(training.model):  # what the step allocates, over what it uses from before (see the profiler)
+        before = sum(static.values()) + _tensor_bytes(list(training.batch.values()))
+        peak, source = before + cpu_peak_allocated_bytes(lambda: training.step(0)), "cpu_profiler_allocation_events"
     else:
         peak, source = cpu_peak_tensor_bytes(lambda: training.step(0)), "cpu_profiler_allocation_events"
     components = {**static, "gradients": gradients}
@@ -285,6 +290,7 @@ def _tensor_bytes(tensors: list[torch.Tensor | None]) -> int:
     for t in tensors:
         if t is None or t.device.type == "meta":
             continue
+        t = t.to_local() if hasattr(t, "to_local") else t  # a DTensor (--sharding fsdp): this process's shard
         key = (t.untyped_storage().data_ptr(), t.device)
         if key not in seen:
             seen.add(key)

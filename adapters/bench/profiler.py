@@ -58,3 +58,32 @@ def cpu_peak_tensor_bytes(step: Callable[[], Any]) -> int:
     except (AttributeError, TypeError, ValueError) as exc:  # the timeline's layout changed
         raise _unavailable("memory timeline in the layout (time, action, (key, version), size)", exc) from None
     return peak
+
+
+def cpu_peak_allocated_bytes(step: Callable[[], Any]) -> int:
+    """Peak bytes of CPU memory ``step()`` allocates beyond what was allocated before it, from the profiler's raw
+    allocation events (their running sum).
+
+    For steps whose tensor timeline `cpu_peak_tensor_bytes` cannot follow: FSDP2 frees and refills its gathered
+    parameters' storages in place (``resize_``), which the profiler's data-flow graph refuses (a version mismatch).
+    What the step uses from before it (weights, optimizer state, the batch) is the caller's to add.
+    """
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    try:
+        nodes, allocations = list(prof.profiler.kineto_results.experimental_event_tree()), []
+        while nodes:
+            node = nodes.pop()
+            nodes.extend(node.children)
+            if node.tag == _EventType.Allocation and node.extra_fields.device.type == "cpu":
+                allocations.append((node.start_time_ns, node.extra_fields.alloc_size))
+    except AttributeError as exc:  # the event tree's layout changed
+        raise _unavailable("allocation events in the profiler's event tree", exc) from None
+    live = peak = 0
+    for _, size in sorted(allocations, key=lambda a: a[0]):
+        live += size
+        peak = max(peak, live)
+    return peak

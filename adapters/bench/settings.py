@@ -59,6 +59,10 @@ class BenchSettings:
     options: dict[str, Any] = field(default_factory=dict)  # strategy options, for every strategy of the suite
     data: str | None = None  # the data the steps train on (None: the built-in data for the task)
     run: str | None = None  # `adapters bench --run RUN`: the run whose settings these are
+    # Each case as one run of this many processes (torchrun), `batch_size` rows each; above 1, each strategy is also
+    # measured in one process, for the scaling efficiency.
+    processes: int = 1
+    sharding: str = "none"  # as RunSpec.sharding: "fsdp" shards weights, gradients and optimizer states
 
     def spec(self, strategy: str) -> RunSpec:
         """The run measured for ``strategy`` (``NAME`` or ``NAME@QUANT``).
@@ -70,7 +74,8 @@ class BenchSettings:
         """
         spec = RunSpec(model=self.model, strategy=strategy, task=self.task, batch_size=self.batch_size,
                        seq_len=self.seq_len, gradient_checkpointing=self.gradient_checkpointing, seed=self.seed,
-                       loss_chunk=self.loss_chunk, compile=self.compile, data=self.data, options=dict(self.options))
+                       loss_chunk=self.loss_chunk, compile=self.compile, data=self.data, options=dict(self.options),
+                       sharding=self.sharding)
         if self.memory_limit is None or self.find_max:
             return spec
         from ..runspec import resolve
@@ -129,4 +134,22 @@ def settings_from(suite: str | None, given: dict[str, Any]) -> BenchSettings:
         raise AdaptersError(f"find_max = {settings.find_max!r}: use batch_size or seq_len.")
     if settings.memory_limit is not None:
         memory_limit(settings.memory_limit)
+    check_processes(settings)
     return settings
+
+
+def check_processes(settings: BenchSettings) -> None:
+    """--processes and --sharding: what a run of several processes can measure here."""
+    from ..runspec import SHARDINGS
+
+    check_at_least(1, processes=settings.processes)
+    if settings.sharding not in SHARDINGS:
+        raise AdaptersError(f"--sharding {settings.sharding!r} is not one of: {', '.join(SHARDINGS)}.")
+    if settings.processes == 1:
+        return
+    unsupported = {"--quality-steps": settings.quality_steps, "--find-max-batch/--find-max-seq-len": settings.find_max,
+                   "--memory-limit": settings.memory_limit}
+    given = [flag for flag, value in unsupported.items() if value]
+    if given:
+        raise AdaptersError(f"{given[0]} with --processes {settings.processes}: measured in one process only so far. "
+                            "Drop it, or --processes.")

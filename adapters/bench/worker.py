@@ -4,11 +4,16 @@ Each case runs in its own process, so peak memory and allocator state never blee
 and one that fails (out of memory, an error, a refusal) is recorded while the rest go on. The case
 travels as JSON, ``{"spec": RunSpec.to_dict(), "measurement": Measurement.to_dict()}``, and the
 result comes back as JSON too; the worker is ``python -m adapters.bench CASE.json RESULT.json``.
+
+A case of several processes is one run started by torchrun (``python -m torch.distributed.run --standalone
+--nproc_per_node N -m adapters.bench ...``), as `adapters train` runs there: each process measures its own part and
+writes ``RESULT.json.RANK``, and `combine` makes them one result (each process's peak, the tokens of all of them).
 """
 from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 import tempfile
@@ -21,18 +26,46 @@ from ..runspec import RunSpec
 from .settings import Measurement
 
 
-def run_case(spec: RunSpec, measurement: Measurement) -> dict[str, Any]:
-    """Measure ``spec`` in a fresh Python process; its result, or the reason it failed."""
+def run_case(spec: RunSpec, measurement: Measurement, processes: int | None = None) -> dict[str, Any]:
+    """Measure ``spec`` in a fresh Python process, or in a fresh torchrun of ``processes`` (even of 1); its result,
+    or the reason it failed."""
     with tempfile.TemporaryDirectory(prefix="adapters-bench-") as tmp:
         case, out = Path(tmp) / "case.json", Path(tmp) / "result.json"
         write_json(case, {"spec": spec.to_dict(), "measurement": measurement.to_dict()})
-        proc = subprocess.run([sys.executable, "-m", "adapters.bench", str(case), str(out)],
+        # --standalone: a free port of its own, so that benches and runs on one machine never meet.
+        launcher = [] if processes is None else ["-m", "torch.distributed.run", "--standalone",
+                                                 "--nproc_per_node", str(processes)]
+        proc = subprocess.run([sys.executable, *launcher, "-m", "adapters.bench", str(case), str(out)],
                               capture_output=True, text=True)
-        if out.exists():
+        if processes is None and out.exists():
             return json.loads(out.read_text())
+        ranks = [out.with_name(f"{out.name}.{rank}") for rank in range(processes or 0)]
+        if ranks and all(r.exists() for r in ranks):
+            return combine([json.loads(r.read_text()) for r in ranks])
+        failed = [json.loads(r.read_text()) for r in ranks if r.exists()]
+        failed = [r for r in failed if r["status"] != "ok"]
+        if failed:
+            return failed[0]
     tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
     return {"strategy": spec.strategy, "status": "failed",
             "message": f"worker exited with code {proc.returncode}: {' | '.join(tail)}"}
+
+
+def combine(ranks: list[dict[str, Any]]) -> dict[str, Any]:
+    """One result from each process's (rank order): rank 0's, with the largest per-process peak (and its
+    components), every process's peak, and the tokens of all processes per step and per second."""
+    failed = [(rank, r) for rank, r in enumerate(ranks) if r["status"] != "ok"]
+    if failed:
+        rank, result = failed[0]
+        return {**result, "message": f"process {rank} of {len(ranks)}: {result['message']}"}
+    peaks = [r["memory"]["peak_bytes"] for r in ranks]
+    result = dict(ranks[0])
+    result["memory"] = {**ranks[peaks.index(max(peaks))]["memory"], "per_process_peak_bytes": peaks}
+    result["processes"] = len(ranks)
+    result["tokens_per_step"] = sum(r["tokens_per_step"] for r in ranks)
+    result["tokens_per_s"] = sum(r["tokens_per_s"] for r in ranks)
+    result["flags"] = sorted({f for r in ranks for f in r["flags"]})
+    return result
 
 
 def work(case_path: str, out_path: str) -> int:
@@ -41,6 +74,8 @@ def work(case_path: str, out_path: str) -> int:
 
     case = json.loads(Path(case_path).read_text())
     spec = RunSpec(**case["spec"])
+    rank = os.environ.get("RANK")  # set by torchrun: each process writes its own result
+    out = Path(out_path) if rank is None else Path(f"{out_path}.{rank}")
     try:
         result = finite(measure(spec, Measurement(**case["measurement"])))
     except TrainingFailed as exc:  # a non-finite loss in the measured steps: the loss is null, the row failed
@@ -51,8 +86,9 @@ def work(case_path: str, out_path: str) -> int:
         oom = "out of memory" in str(exc).lower()
         result = {"strategy": spec.strategy, "status": "oom" if oom else "failed",
                   "message": f"{type(exc).__name__}: {exc}"[:500]}
-    write_json(Path(out_path), result)
-    return 0
+    write_json(out, result)
+    # A process that failed exits with an error, so that torchrun stops the others, which would wait for it.
+    return 0 if rank is None or result["status"] == "ok" else 1
 
 
 # Where a non-finite number is only a missing extra: recorded as null, with a flag. Anywhere else
