@@ -40,6 +40,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .sharding import is_sharded
+
 IGNORE_INDEX = -100
 # Tokens a chunk's logits are made for. Measured by benchmarks/loss_chunk.py on SmolLM2 (vocabulary 49,152):
 # below it the step slows for little saved memory; above it the chunk's logits and their gradient dominate
@@ -60,6 +62,8 @@ def loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk: int | No
     target = _Target.of(model) if chunk and labels is not None and labels.dim() == 2 else None
     if target is None:
         return model(**batch).loss
+    if is_sharded(model):
+        return target.within_forward(transformers_model(model), model, batch, chunk)
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     with target.captured() as capture:
         out = model(**inputs)
@@ -190,6 +194,41 @@ class _Target:
                 self.verified = logits.shape == expected.shape and bool(
                     torch.allclose(logits.float(), expected, rtol=1e-2, atol=1e-2))
         return self.verified
+
+    def within_forward(self, inner: torch.nn.Module, model: torch.nn.Module, batch: dict[str, torch.Tensor],
+                       chunk: int) -> torch.Tensor:
+        """The chunks computed inside the model's forward, as its ``labels=`` loss: what a sharded model needs.
+
+        FSDP gathers a unit's whole weights for its forward and frees them after it; it gathers them again for
+        backward when the gradient reaches the unit's outputs. The head is the root unit's, so the chunks must
+        run inside the root's forward and their loss be one of its outputs: the model's own loss function is
+        stood in for (``_loss_function``, which transformers' models call with the logits, here the placeholder
+        the forward made of them). A forward that does more to the logits than the chunks do gets its whole
+        logits made from the hidden states once, and its own loss from then on."""
+        capture_box: list[_Capture] = []
+
+        def chunked(logits: torch.Tensor, labels: torch.Tensor, **_: Any) -> torch.Tensor:
+            capture = capture_box[0]
+            hidden = capture.hidden if len(capture.hiddens) == 1 else None
+            if hidden is None or hidden.shape[1] < labels.shape[1] or not self.verify(logits, capture.placeholder):
+                self.give_up()
+                if hidden is None:
+                    raise RuntimeError("the model's forward called its output head other than once")
+                logits = self.head(hidden)
+                logits = self.post(logits) if self.post is not None else logits
+                targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1).to(logits.device)
+                return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets,
+                                       ignore_index=IGNORE_INDEX)
+            hidden = hidden[:, hidden.shape[1] - labels.shape[1]:]
+            return self.cross_entropy(hidden, labels.to(hidden.device), chunk)
+
+        with self.captured() as capture:
+            capture_box.append(capture)
+            inner._loss_function = chunked
+            try:
+                return model(**batch).loss
+            finally:
+                del inner._loss_function
 
     def give_up(self) -> None:
         self.usable = False

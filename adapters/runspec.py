@@ -210,11 +210,6 @@ def resolve(spec: RunSpec, *, data: bool = True) -> Run:
         raise AdaptersError(f"--seed must be below 2**32 ({2**32}), not {spec.seed}.")
     limit = memory_limit(spec.memory_limit)
     check_sharding(spec.sharding, quantization, spec.compile)
-    if spec.sharding == "fsdp" and spec.loss_chunk:
-        raise AdaptersError("--loss-chunk with --sharding fsdp: the chunked loss does not run on sharded weights "
-                            "yet (the model's own loss does). Drop --loss-chunk.")
-    if spec.sharding == "fsdp":
-        spec = dataclasses.replace(spec, loss_chunk=0)  # the model's own loss (see above)
     model = resolve_model(spec.model)
     task = check_model_task(model, spec.task)
     hf_config = model_config(spec.model)

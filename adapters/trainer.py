@@ -149,7 +149,7 @@ def train(spec: RunSpec, progress: bool = True, stop: Callable[[int], bool] | No
         _clear_run_files(Path(s.output))
     accelerator = make_accelerator(s.report_to, Path(s.output) / "logs" if s.output else None, s.sharding)
     if s.sharding == "none" and accelerator.distributed_type == "FSDP":  # `accelerate launch --use_fsdp`, a config
-        run = dataclasses.replace(run, spec=dataclasses.replace(s, sharding="fsdp", loss_chunk=0))
+        run = dataclasses.replace(run, spec=dataclasses.replace(s, sharding="fsdp"))
         s = run.spec
     resume_from = checkpoints.latest_checkpoint(s.output) if s.resume else None
     position = checkpoints.read(resume_from)[0] if resume_from is not None else None

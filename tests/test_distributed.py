@@ -23,7 +23,7 @@ STRATEGIES = {"lora": {"dropout": 0.0}, "prefix-tuning": {}, "linear-probe": {},
 STEPS = 3
 # float32 sums in another order (a gradient all-reduce against one batch's backward): differences of a few ulps.
 RTOL, ATOL = 1e-4, 1e-6
-SHARDINGS = ("none", "fsdp")  # DDP, and FSDP2 (which computes the model's own loss: no chunks on sharded weights)
+SHARDINGS = ("none", "fsdp")  # DDP, and FSDP2
 
 TWO_PROCESSES = '''
 import json, sys
@@ -121,7 +121,7 @@ def test_a_sharded_runs_save_reloads_in_one_process_to_the_same_logits(runs, nam
         a, b = (adapters.load(run).model.eval()(input_ids=ids).logits for run in (one, two))
     torch.testing.assert_close(b, a, rtol=RTOL, atol=1e-5)
     manifest = json.loads((two / "adapters.json").read_text())["training"]
-    assert manifest["sharding"] == "fsdp" and manifest["loss"] == "model"
+    assert manifest["sharding"] == "fsdp" and manifest["loss"] == "chunked(256)"  # inside the sharded forward
 
 
 def test_sharding_a_quantized_base_is_refused_before_loading(capsys, tmp_path):
