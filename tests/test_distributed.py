@@ -147,3 +147,16 @@ def test_a_sharded_run_resumed_from_its_checkpoint_ends_as_an_uninterrupted_one(
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=RTOL, atol=ATOL, msg=key)
+
+
+def test_the_kits_optional_distributed_check_runs_only_when_asked(tmp_path):
+    """`adapters check STRATEGY --with distributed`: the same comparison, for any installed strategy."""
+    from adapters.testing.checks import distributed
+    from adapters.testing.harness import TINY_MODEL, Harness
+    from adapters.testing.runner import _Runner
+
+    harness = Harness(adapters.get_strategy("lora"), ["none"], ["causal-lm"], TINY_MODEL, 0, "cpu", tmp_path)
+    detail = distributed(harness, "causal-lm", "none")
+    assert "data parallel" in detail and "FSDP" in detail
+    assert "distributed" not in [c.name for c in _Runner(harness).checks]  # optional: not run unless asked
+    assert "distributed" in [c.name for c in _Runner(harness, ["distributed"]).checks]

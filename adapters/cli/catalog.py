@@ -97,15 +97,18 @@ def _split_choices(values: tuple[str, ...]) -> list[str] | None:
               help="Only these quantizations (none, nf4, fp4, int8; repeatable) [default: all].")
 @click.option("--task", "tasks", multiple=True, metavar="TASK[,TASK]",
               help="Only these tasks (causal-lm, sequence-classification; repeatable) [default: all].")
+@click.option("--with", "optional", multiple=True, metavar="CHECK",
+              help="Also run this optional check (distributed: 2 processes learn what 1 does; repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON (with each failure's traceback).")
 @click.option("--traceback", "tracebacks", is_flag=True, help="After the table, print each failed check's traceback.")
 @click.pass_context
 def check(ctx: click.Context, strategy: str, quantizations: tuple[str, ...], tasks: tuple[str, ...],
-          as_json: bool, tracebacks: bool) -> None:
+          optional: tuple[str, ...], as_json: bool, tracebacks: bool) -> None:
     """Run the conformance checks on STRATEGY and print a pass/fail table; exit 1 on any failure."""
     from ..testing import run_checks
 
-    report = run_checks(strategy, quantizations=_split_choices(quantizations), tasks=_split_choices(tasks))
+    report = run_checks(strategy, quantizations=_split_choices(quantizations), tasks=_split_choices(tasks),
+                        optional=_split_choices(optional) or ())
     if as_json:
         echo_json(report.to_dict())
     else:

@@ -25,14 +25,15 @@ them), `harness` (the runs of the core's training pipeline they share), `runner`
 `report` (the results), `fixtures` (registering plugins for a test), `matrix` (`adapters matrix`).
 The checks are described in docs/plugins.md.
 """
-from .checks import CELL_CHECKS, CHECKS
+from .checks import CELL_CHECKS, CHECKS, OPTIONAL_CHECKS
 from .fixtures import plugin_for, register_plugin, registered
 from .harness import LABELS, STEPS, TINY_MODEL
 from .report import FAIL, PASS, SKIP, CheckReport, CheckResult, ConformanceError
 from .runner import assert_conforms, cases, run_checks
 
 __all__ = [
-    "CELL_CHECKS", "CHECKS", "FAIL", "LABELS", "PASS", "SKIP", "STEPS", "TINY_MODEL", "CheckReport", "CheckResult",
+    "CELL_CHECKS", "CHECKS", "FAIL", "OPTIONAL_CHECKS", "LABELS", "PASS", "SKIP", "STEPS", "TINY_MODEL",
+    "CheckReport", "CheckResult",
     "ConformanceError", "assert_conforms", "cases", "plugin_for", "register_plugin", "registered",
     "run_checks",
 ]

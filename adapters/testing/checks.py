@@ -12,6 +12,7 @@ import json
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -45,12 +46,14 @@ class Check:
     fn: Callable[..., str]
     # Nothing after it can run when it fails: the run stops ("strategy"), or the rest of its cell is skipped.
     required: bool = False
+    # Runs only when asked for (`run_checks(..., optional=[name])`, `adapters check --with NAME`): it takes long.
+    optional: bool = False
 
 
 REGISTRY: dict[str, Check] = {}
 
 
-def check(name: str, *, each: str, doc: str, required: bool = False) -> Callable:
+def check(name: str, *, each: str, doc: str, required: bool = False, optional: bool = False) -> Callable:
     """Declare a check; a report lists the checks in the order they are declared."""
     if each not in EACH:
         raise ValueError(f"each={each!r}: use one of {', '.join(EACH)}")
@@ -58,7 +61,7 @@ def check(name: str, *, each: str, doc: str, required: bool = False) -> Callable
     def register(fn: Callable[..., str]) -> Callable[..., str]:
         if name in REGISTRY:
             raise ValueError(f"check {name!r} is declared twice")
-        REGISTRY[name] = Check(name, each, doc, fn, required)
+        REGISTRY[name] = Check(name, each, doc, fn, required, optional)
         return fn
 
     return register
@@ -462,6 +465,80 @@ def memory_estimate(h: Harness) -> str:
 
 
 # The public listing, in report order: name -> what passing means.
+DISTRIBUTED_STEPS = 3
+# Two processes' gradients are averaged by an all-reduce, one process's summed by one backward: float32 sums in
+# another order, a few ulps apart on the CPU.
+DISTRIBUTED_TOLERANCE = 1e-4
+_TWO_PROCESSES = """
+import json, sys
+from adapters import RunSpec, train
+for sharding, output in json.loads(sys.argv[2]).items():
+    result = train(RunSpec(**json.loads(sys.argv[1]), sharding=sharding, output=output), progress=False)
+    assert result.status == "completed", result.reason
+"""
+
+
+@check("distributed", each="task", optional=True,
+       doc=f"optional: 2 processes (torchrun, the CPU) with micro-batch 1 learn what 1 process with micro-batch 2 "
+           f"learns, data parallel and sharded (--sharding fsdp, unquantized bases): the same losses and trained "
+           f"weights over {DISTRIBUTED_STEPS} steps, within rtol {DISTRIBUTED_TOLERANCE:g}")
+def distributed(h: Harness, task: str, quantization: str) -> str:
+    import os
+    import subprocess
+    import sys
+
+    from ..runspec import RunSpec
+    from ..trainer import train
+
+    if h.device.type != "cpu":
+        raise Skip("runs on the CPU (gloo), where two processes share one machine")
+    if h.registered_here:
+        raise Skip("the processes torchrun starts find strategies by name: install the plugin to run this check")
+    spec = dict(model=h.model, strategy=h.name, quantization=quantization, task=task, max_steps=DISTRIBUTED_STEPS,
+                seq_len=32, eval_batches=1, log_every=1, seed=h.seed)
+    shardings = ["none"] + (["fsdp"] if quantization == "none" else [])
+    outputs = {sharding: str(h.workdir / f"distributed-{task}-{sharding}") for sharding in shardings}
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(_script(h.workdir)),
+         json.dumps({**spec, "batch_size": 1}), json.dumps(outputs)],
+        capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if done.returncode != 0:
+        raise AssertionError(f"2 processes under torchrun failed: {done.stderr.strip().splitlines()[-1:]}")
+    one = train(RunSpec(**spec, batch_size=2, output=str(h.workdir / f"distributed-{task}-one")), progress=False)
+    expected = _weights(Path(one.output))
+    lines = []
+    for sharding, output in outputs.items():
+        losses = [json.loads(line).get("loss") for line in (Path(output) / "metrics.jsonl").read_text().splitlines()]
+        losses = [v for v in losses if v is not None]
+        if not _close(losses, one.losses, DISTRIBUTED_TOLERANCE):
+            raise AssertionError(f"--sharding {sharding}: 2 processes logged losses {losses}, 1 process {one.losses}")
+        got = _weights(Path(output))
+        if got.keys() != expected.keys():
+            raise AssertionError(f"--sharding {sharding}: 2 processes saved other tensors: "
+                                 f"{_names(got.keys() ^ expected.keys())}")
+        diff = max(float((got[k].float() - expected[k].float()).abs().max()) for k in expected)
+        scale = max(float(t.float().abs().max()) for t in expected.values())
+        if diff > DISTRIBUTED_TOLERANCE * max(1.0, scale):
+            raise AssertionError(f"--sharding {sharding}: the weights 2 processes saved differ by up to {diff:.3g} "
+                                 "from 1 process's")
+        lines.append(f"{'data parallel' if sharding == 'none' else 'FSDP'} (max difference {diff:.1e})")
+    skipped = "" if "fsdp" in outputs else f"; FSDP not on a {quantization} base"
+    return f"2 processes x 1 row = 1 process x 2 rows over {DISTRIBUTED_STEPS} steps: {', '.join(lines)}{skipped}"
+
+
+def _script(workdir: Path) -> Path:
+    path = workdir / "two_processes.py"
+    path.write_text(_TWO_PROCESSES)
+    return path
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    from ..store import read_safetensors
+
+    return {f"{f.name}:{k}": v for f in sorted(run.glob("*.safetensors")) for k, v in read_safetensors(f).items()}
+
+
 CHECKS: dict[str, str] = {c.name: c.doc for c in REGISTRY.values()}
+OPTIONAL_CHECKS = frozenset(c.name for c in REGISTRY.values() if c.optional)  # run only when asked
 # The checks that run for each declared (task, quantization); the capability matrix is made of them.
 CELL_CHECKS = tuple(c.name for c in REGISTRY.values() if c.each == "cell")

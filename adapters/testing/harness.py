@@ -114,6 +114,7 @@ class Harness:
         self.device = torch.device(device)
         self.workdir = workdir
         self.exact = self.device.type == "cpu"  # elsewhere kernels may differ in the last bits
+        self.registered_here = False  # registered for this run only: other processes cannot find it by name
         self.accelerator = make_accelerator()
         self._runs: dict[tuple, Trained | Exception] = {}
         self._reported: set[tuple] = set()

@@ -23,8 +23,9 @@ from .report import FAIL, PASS, SKIP, CheckReport, CheckResult, ConformanceError
 class _Runner:
     """Runs the registry's checks on one harness, in order, into result rows."""
 
-    def __init__(self, harness: Harness) -> None:
+    def __init__(self, harness: Harness, optional: Iterable[str] = ()) -> None:
         self.h = harness
+        self.checks = [c for c in REGISTRY.values() if not c.optional or c.name in set(optional)]
         self.results: list[CheckResult] = []
         self.blocked: dict[tuple, str] = {}  # (task, quantization) -> the required check that failed there
 
@@ -54,7 +55,7 @@ class _Runner:
 
         A failed required check that runs once ends the run.
         """
-        for per_strategy, group in itertools.groupby(REGISTRY.values(), key=lambda c: c.each == "strategy"):
+        for per_strategy, group in itertools.groupby(self.checks, key=lambda c: c.each == "strategy"):
             if not per_strategy:
                 self.sweep(list(group))
                 continue
@@ -124,15 +125,18 @@ def run_checks(
     model: str = TINY_MODEL,
     seed: int = 0,
     device: str = "cpu",
+    optional: Iterable[str] = (),
 ) -> CheckReport:
     """Run every conformance check on ``strategy`` (a registered name, or a strategy object).
 
     ``quantizations`` and ``tasks`` narrow the run (default: all of them; those the strategy does
-    not declare are checked for a clear refusal). A strategy object that is not registered is
-    registered for the duration of the run. Nothing is cached between runs.
+    not declare are checked for a clear refusal). ``optional`` adds the optional checks named (``"distributed"``).
+    A strategy object that is not registered is registered for the duration of the run. Nothing is
+    cached between runs.
     """
     from ..models import quiet_transformers
 
+    optional = _checked(optional, tuple(c.name for c in REGISTRY.values() if c.optional), "optional check")
     quantizations = _checked(quantizations, QUANTIZATIONS, "quantization")
     tasks = _checked(tasks, TASKS, "task")
     if not isinstance(strategy, str):
@@ -155,7 +159,8 @@ def run_checks(
         stack.enter_context(quiet_transformers())
         stack.enter_context(reproducible())  # one thread, deterministic algorithms; restored after
         harness = Harness(obj, quantizations, tasks, model, seed, device, workdir)
-        report.results = _Runner(harness).run_all()
+        harness.registered_here = needs_registering
+        report.results = _Runner(harness, optional).run_all()
     return report
 
 
