@@ -18,6 +18,7 @@ What a sharded run writes is what one process writes, never a format of its own:
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,11 @@ def fsdp_plugin():
     return FullyShardedDataParallelPlugin(
         fsdp_version=2, auto_wrap_policy="transformer_based_wrap", state_dict_type="FULL_STATE_DICT",
         reshard_after_forward=True, cpu_ram_efficient_loading=False)
+
+
+def launched_with_fsdp() -> bool:
+    """Whether ``accelerate launch --use_fsdp`` (or an ``accelerate config`` with FSDP) started this process."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("true", "1")
 
 
 def is_sharded(model: torch.nn.Module) -> bool:

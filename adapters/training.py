@@ -172,9 +172,11 @@ def make_accelerator(log_with: list[str] | None = None, project_dir: str | Path 
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, DistributedType
 
-    cuda = torch.cuda.is_available()
-    from .sharding import fsdp_plugin
+    from .sharding import fsdp_plugin, launched_with_fsdp
 
+    cuda = torch.cuda.is_available()
+    if not cuda and launched_with_fsdp():  # Accelerate would ignore its own --use_fsdp on the CPU
+        sharding = "fsdp"
     plugin = fsdp_plugin() if sharding == "fsdp" else None
     accelerator = Accelerator(
         mixed_precision="bf16" if cuda else "no",

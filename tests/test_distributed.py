@@ -25,27 +25,23 @@ STEPS = 3
 RTOL, ATOL = 1e-4, 1e-6
 SHARDINGS = ("none", "fsdp")  # DDP, and FSDP2
 
+# One torchrun (2 processes) for all of it, since each start costs seconds: every built-in with micro-batch 1, data
+# parallel and sharded, into ROOT/two-SHARDING/NAME; then a sharded run stopped after step 2 (a checkpoint) and
+# resumed to the end, into ROOT/resumed-fsdp/NAME.
 TWO_PROCESSES = '''
 import json, sys
 import adapters
 from adapters import RunSpec
-for name, options in json.loads(sys.argv[1]).items():
-    adapters.train(RunSpec(model="random:tiny", strategy=name, options=options, batch_size=1,
-                           max_steps=int(sys.argv[3]), seq_len=32, eval_batches=1, log_every=1,
-                           sharding=sys.argv[4], output=sys.argv[2] + "/" + name), progress=False)
-'''
-
-
-# A sharded run stopped after step 2 (a checkpoint), then resumed to the end, in one torchrun.
-STOP_AND_RESUME = '''
-import sys
-import adapters
-from adapters import RunSpec
 from adapters.checkpoints import resume_spec
+strategies, root, steps = json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+for sharding in ("none", "fsdp"):
+    for name, options in strategies.items():
+        adapters.train(RunSpec(model="random:tiny", strategy=name, options=options, batch_size=1, max_steps=steps,
+                               seq_len=32, eval_batches=1, log_every=1, sharding=sharding,
+                               output=f"{root}/two-{sharding}/{name}"), progress=False)
 for name in ("full-finetune", "lora"):
-    spec = RunSpec(model="random:tiny", strategy=name, options={"dropout": 0.0} if name == "lora" else {},
-                   batch_size=1, max_steps=int(sys.argv[2]), seq_len=32, eval_batches=1, log_every=1,
-                   sharding="fsdp", output=sys.argv[1] + "/" + name)
+    spec = RunSpec(model="random:tiny", strategy=name, options=strategies[name], batch_size=1, max_steps=steps,
+                   seq_len=32, eval_batches=1, log_every=1, sharding="fsdp", output=f"{root}/resumed-fsdp/{name}")
     first = adapters.train(spec, progress=False, stop=lambda step: step == 2)
     assert first.status == "interrupted" and len(first.checkpoints) == 1 or not first.main_process, first
     assert adapters.train(resume_spec(spec.output, {}, {}), progress=False).status == "completed"
@@ -57,28 +53,31 @@ def _spec(name: str, output: Path, batch_size: int) -> RunSpec:
                    max_steps=STEPS, seq_len=32, eval_batches=1, log_every=1, output=str(output))
 
 
-def _torchrun(root: Path, source: str, *args: str) -> None:
-    """``source`` run by 2 processes under torchrun on the CPU."""
+def _torchrun(root: Path) -> None:
+    """`TWO_PROCESSES` run by 2 processes under torchrun on the CPU."""
     script = root / "script.py"
-    script.write_text(source)
+    script.write_text(TWO_PROCESSES)
     env = {**os.environ, "ADAPTERS_LOAD_PLUGINS": "", "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script),
-                           *args], capture_output=True, text=True, env=env, timeout=600)
+                           json.dumps(STRATEGIES), str(root), str(STEPS)],
+                          capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-
-
-def _two_processes(root: Path, sharding: str) -> None:
-    """Each built-in trained by 2 processes with micro-batch 1, one torchrun for all, into ``root/two-SHARDING``."""
-    _torchrun(root, TWO_PROCESSES, json.dumps(STRATEGIES), str(root / f"two-{sharding}"), str(STEPS), sharding)
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Each built-in trained by 2 processes with micro-batch 1, with DDP and with FSDP, and by 1 with 2."""
     root = tmp_path_factory.mktemp("ddp")
-    for sharding in SHARDINGS:
-        _two_processes(root, sharding)
-    _torchrun(root, STOP_AND_RESUME, str(root / "resumed-fsdp"), str(STEPS))
+    _torchrun(root)
+    accelerate = Path(sys.executable).with_name("accelerate")  # its own FSDP flags instead of --sharding
+    done = subprocess.run([str(accelerate), "launch", "--use_fsdp", "--fsdp_version", "2", "--num_processes", "2",
+                           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "adapters", "train",
+                           "--model", "random:tiny", "--strategy", "full-finetune", "--batch-size", "1",
+                           "--max-steps", str(STEPS), "--seq-len", "32", "--eval-batches", "1", "--log-every", "1",
+                           "--output", str(root / "accelerate-fsdp")],
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "ADAPTERS_LOAD_PLUGINS": "", "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
     for name in STRATEGIES:
         result = adapters.train(_spec(name, root / "one" / name, 2), progress=False)
         assert result.status == "completed"
@@ -160,3 +159,12 @@ def test_the_kits_optional_distributed_check_runs_only_when_asked(tmp_path):
     assert "data parallel" in detail and "FSDP" in detail
     assert "distributed" not in [c.name for c in _Runner(harness).checks]  # optional: not run unless asked
     assert "distributed" in [c.name for c in _Runner(harness, ["distributed"]).checks]
+
+
+def test_accelerate_launch_use_fsdp_shards_as_sharding_fsdp_does(runs):
+    """`accelerate launch --use_fsdp` on the CPU, where Accelerate alone would ignore it: the run is sharded."""
+    two = runs / "accelerate-fsdp"
+    assert json.loads((two / "adapters.json").read_text())["training"]["sharding"] == "fsdp"
+    a, b = _weights(runs / "one" / "full-finetune"), _weights(two)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=RTOL, atol=ATOL, msg=key)
