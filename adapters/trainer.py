@@ -347,7 +347,7 @@ class _Loop:
                 p.step += 1
                 pending.append(step_loss)
                 bar.update()
-                stopping = stop(p.step) and p.step < s.max_steps
+                stopping = self._agreed(stop(p.step)) and p.step < s.max_steps
                 saving = _due(p.step, s.save_every) or stopping
                 if saving or _due(p.step, s.log_every) or _due(p.step, s.eval_every) or p.step == s.max_steps:
                     p.seconds = time.perf_counter() - start
@@ -361,6 +361,14 @@ class _Loop:
                     return
         finally:
             bar.close()
+
+    def _agreed(self, stop: bool) -> bool:
+        """Whether any process was asked to stop after this step (a signal reaches each at its own moment): all
+        stop together, or their collectives would no longer match. One tiny all-reduce a step with several."""
+        if self.accelerator.num_processes == 1:
+            return stop
+        flag = torch.tensor([int(stop)], device=self.accelerator.device)
+        return bool(self.accelerator.reduce(flag, reduction="sum").item())
 
     def _step(self, batches: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """One optimizer step; after an out-of-memory error, again with half the micro-batch. None when

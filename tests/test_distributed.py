@@ -168,3 +168,34 @@ def test_accelerate_launch_use_fsdp_shards_as_sharding_fsdp_does(runs):
     a, b = _weights(runs / "one" / "full-finetune"), _weights(two)
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=RTOL, atol=ATOL, msg=key)
+
+
+def test_ctrl_c_stops_every_process_of_a_sharded_run_after_the_same_step_with_a_checkpoint(tmp_path):
+    """SIGINT to the whole process group, as Ctrl-C in a terminal sends it: each process gets it at its own moment
+    of a step, yet all stop after the same one (they agree by an all-reduce) and write one checkpoint together,
+    instead of one process waiting forever in a collective the other never joins."""
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    env = {**os.environ, "ADAPTERS_LOAD_PLUGINS": "", "OMP_NUM_THREADS": "1"}
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "adapters", "train",
+         "--model", "random:tiny", "--strategy", "full-finetune", "--batch-size", "1", "--max-steps", "100000",
+         "--seq-len", "32", "--eval-batches", "1", "--log-every", "1", "--sharding", "fsdp", "--output", str(out)],
+        env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        metrics = out / "metrics.jsonl"
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+            assert launcher.poll() is None and time.monotonic() < deadline, launcher.stderr.read()[-2000:]
+            time.sleep(0.1)
+        os.killpg(launcher.pid, signal.SIGINT)
+        said, err = launcher.communicate(timeout=120)
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+    last = json.loads(metrics.read_text().splitlines()[-1])["step"]
+    assert [p.name for p in (out / "checkpoints").iterdir()] == [f"step-{last}"], err[-2000:]
+    assert f"interrupted after step {last}" in said and f"adapters train --resume {out}" in said  # the main process
+    assert {p.name for p in (out / "checkpoints" / f"step-{last}").iterdir()} >= {"model", "optimizer.safetensors"}
