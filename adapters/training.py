@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
+from . import batches, engine
 from . import data as datasets
-from . import engine
 from . import loss as losses
 from .contract import declared_trainable
 from .errors import AdaptersError, TrainingFailed
@@ -85,17 +85,17 @@ def make_batches(examples: list[datasets.Example], base: BaseModel, seq_len: int
     """
     try:
         if base.task != "causal-lm":
-            ids, mask, labels = datasets.classification_batch_tensors(examples, base.labels, base.tokenizer, seq_len)
+            ids, mask, labels = batches.classification_batch_tensors(examples, base.labels, base.tokenizer, seq_len)
             return _Tensors(input_ids=ids, attention_mask=mask, labels=labels)
-        if not datasets.is_instruction(examples):
-            blocks = datasets.causal_lm_blocks([e.text for e in examples], base.tokenizer, seq_len)
+        if not batches.is_instruction(examples):
+            blocks = batches.causal_lm_blocks([e.text for e in examples], base.tokenizer, seq_len)
             return _Tensors(input_ids=blocks, labels=blocks)
-        rows = datasets.instruction_rows(examples, base.tokenizer, seq_len, train_on_prompt)
-        pad = datasets.pad_id(base.tokenizer)
+        rows = batches.instruction_rows(examples, base.tokenizer, seq_len, train_on_prompt)
+        pad = batches.pad_id(base.tokenizer)
         if packing:
             check_packing(base)
-            return _Tensors(**datasets.packed(rows, seq_len, pad))
-        return _Tensors(trim=True, **datasets.padded(rows, seq_len, pad))
+            return _Tensors(**batches.packed(rows, seq_len, pad))
+        return _Tensors(trim=True, **batches.padded(rows, seq_len, pad))
     except datasets.DataError as exc:
         raise datasets.DataError(f"{what} split: {exc}") from None
 

@@ -10,13 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from adapters.batches import causal_lm_blocks, classification_batch_tensors
 from adapters.data import (
     TASKS,
     DataError,
     Dataset,
     Example,
-    causal_lm_blocks,
-    classification_batch_tensors,
     default_dataset,
     load_dataset,
     read_file,
@@ -338,15 +337,8 @@ def test_dataset_type() -> None:
 # Instruction and chat data: shapes, containers, masking, packing
 
 
-from adapters.data import (  # noqa: E402
-    ALPACA_PROMPT,
-    IGNORE_INDEX,
-    ExamplesSkipped,
-    example_tokens,
-    instruction_rows,
-    packed,
-    padded,
-)
+from adapters.batches import ExamplesSkipped, example_tokens, instruction_rows, packed, padded  # noqa: E402
+from adapters.data import ALPACA_PROMPT, IGNORE_INDEX  # noqa: E402
 
 PC_ROWS = [{"prompt": f"Q{i}: ", "completion": f"answer {i}"} for i in range(12)]
 

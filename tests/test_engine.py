@@ -176,7 +176,8 @@ def test_a_compiler_that_fails_falls_back_with_one_warning_and_the_run_goes_on(m
 
 
 def test_packed_rows_count_their_tokens_without_the_closing_padding():
-    from adapters.data import IGNORE_INDEX, packed
+    from adapters.batches import packed
+    from adapters.data import IGNORE_INDEX
     from adapters.trainer import _tokens
 
     rows = [([5, 6, 7, 8], [IGNORE_INDEX, IGNORE_INDEX, 7, 8]), ([1, 2, 3], [IGNORE_INDEX, 2, 3]),

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import adapters
+from adapters import batches
 from adapters import data as datasets
 from adapters.contract import declared_trainable
 from adapters.models import quiet_transformers
@@ -95,10 +96,10 @@ def _load(folder, family: str) -> adapters.BaseModel:
 def _batch(base: adapters.BaseModel) -> dict[str, torch.Tensor]:
     texts = [e.text for e in datasets.default_dataset("causal-lm").train[:4]]
     if base.task == "causal-lm":
-        blocks = datasets.causal_lm_blocks(texts, base.tokenizer, 16)[:2]
+        blocks = batches.causal_lm_blocks(texts, base.tokenizer, 16)[:2]
         return {"input_ids": blocks, "labels": blocks}
     examples = [datasets.Example(text, LABELS[i % 2]) for i, text in enumerate(texts)]
-    ids, mask, labels = datasets.classification_batch_tensors(examples, LABELS, base.tokenizer, 16)
+    ids, mask, labels = batches.classification_batch_tensors(examples, LABELS, base.tokenizer, 16)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 

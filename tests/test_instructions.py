@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import adapters
+from adapters import batches
 from adapters import data as datasets
 from adapters.data import IGNORE_INDEX
 from adapters.training import make_batches
@@ -31,8 +32,8 @@ def test_packed_rows_give_each_example_its_logits_alone(model: str, request) -> 
     # Lengths that vary, so rows hold examples of several sizes; every label trained, so that the padding closing
     # a row is the only segment without one.
     rows = [(ids[: 12 + 7 * i], labels[: 12 + 7 * i]) for i, (ids, labels) in
-            enumerate(datasets.instruction_rows(examples, base.tokenizer, 64, train_on_prompt=True))]
-    batch = datasets.packed(rows, 64, datasets.pad_id(base.tokenizer))
+            enumerate(batches.instruction_rows(examples, base.tokenizer, 64, train_on_prompt=True))]
+    batch = batches.packed(rows, 64, batches.pad_id(base.tokenizer))
     config = base.model.config
     implementation = config._attn_implementation
     try:

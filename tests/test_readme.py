@@ -83,7 +83,8 @@ def test_readme_starts_with_the_two_commands_and_ci_runs_the_second():
 def test_readme_chat_file_is_chat_data_that_masks_all_but_the_answers(tmp_path, monkeypatch, smollm2):
     """The worked example's chat.jsonl, written by the README's own snippet, is read as chat data, and its rows
     train on the assistant's tokens alone (rendered with SmolLM2-Instruct's chat template)."""
-    from adapters.data import IGNORE_INDEX, instruction_rows, load_dataset
+    from adapters.batches import instruction_rows
+    from adapters.data import IGNORE_INDEX, load_dataset
 
     monkeypatch.chdir(tmp_path)
     exec(compile(_block("chat-data"), "README chat-data", "exec"), {})

@@ -34,9 +34,9 @@ import torch
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
+from adapters.batches import causal_lm_blocks
 from adapters.bench.profiler import cpu_peak_tensor_bytes
 from adapters.corpora import python_reference
-from adapters.data import causal_lm_blocks
 from adapters.loading import ByteTokenizer
 from adapters.models import resolve_model
 
