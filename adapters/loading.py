@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from .checkpoint_files import weight_files
 from .contract import QUANTIZATIONS
 from .errors import AdaptersError, TokenizerFallback
 from .models import (
@@ -33,7 +34,6 @@ from .models import (
     quiet_transformers,
     read_config,
     resolve_model,
-    weight_files,
 )
 
 # Output heads stay in the compute dtype under quantization: they are what the probe and
