@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from run_helpers import assert_learned_the_same, logged, saved_weights
 
 import adapters
 from adapters import RunSpec
@@ -84,29 +84,11 @@ def runs(tmp_path_factory):
     return root
 
 
-def _logged(run: Path, key: str) -> list[float]:
-    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [line[key] for line in lines if key in line]
-
-
-def _weights(run: Path) -> dict[str, torch.Tensor]:
-    files = sorted(run.glob("*.safetensors"))
-    assert files, f"no weights saved in {run}"
-    return {f"{f.name}:{k}": v for f in files for k, v in load_file(f).items()}
-
-
 @pytest.mark.parametrize("sharding", SHARDINGS)
 @pytest.mark.parametrize("name", list(STRATEGIES))
 def test_two_processes_learn_what_one_process_learns(runs, name, sharding):
     one, two = runs / "one" / name, runs / f"two-{sharding}" / name
-    assert len(_logged(two, "loss")) == STEPS and all(norm > 0 for norm in _logged(one, "grad_norm"))  # it learned
-    for key in ("loss", "grad_norm"):
-        torch.testing.assert_close(torch.tensor(_logged(two, key)), torch.tensor(_logged(one, key)), rtol=RTOL,
-                                   atol=ATOL, msg=key)
-    a, b = _weights(one), _weights(two)
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=RTOL, atol=ATOL, msg=key)
+    assert_learned_the_same(two, one, STEPS, RTOL, ATOL)
     assert json.loads((two / "adapters.json").read_text())["training"]["batch_size"] == 1
 
 
@@ -140,9 +122,9 @@ def test_a_sharded_run_resumed_from_its_checkpoint_ends_as_an_uninterrupted_one(
     checkpoint = resumed / "checkpoints" / "step-2"
     assert {p.name for p in checkpoint.iterdir()} >= {"model", "optimizer.safetensors", "optimizer.json"}
     assert not [p for p in checkpoint.rglob("*") if p.suffix in (".bin", ".pt", ".pkl")]  # nothing pickled
-    last = [torch.tensor(_logged(run, "loss")[-1]) for run in (resumed, straight)]
+    last = [torch.tensor(logged(run, "loss")[-1]) for run in (resumed, straight)]
     torch.testing.assert_close(*last, rtol=RTOL, atol=ATOL)  # the step after the resume
-    a, b = _weights(straight), _weights(resumed)
+    a, b = saved_weights(straight), saved_weights(resumed)
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=RTOL, atol=ATOL, msg=key)
@@ -165,7 +147,7 @@ def test_accelerate_launch_use_fsdp_shards_as_sharding_fsdp_does(runs):
     """`accelerate launch --use_fsdp` on the CPU, where Accelerate alone would ignore it: the run is sharded."""
     two = runs / "accelerate-fsdp"
     assert json.loads((two / "adapters.json").read_text())["training"]["sharding"] == "fsdp"
-    a, b = _weights(runs / "one" / "full-finetune"), _weights(two)
+    a, b = saved_weights(runs / "one" / "full-finetune"), saved_weights(two)
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=RTOL, atol=ATOL, msg=key)
 

@@ -16,8 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
+from run_helpers import assert_learned_the_same
 
 STEPS = 3
 RTOL, ATOL = 1e-4, 1e-6  # as test_distributed: an all-reduce sums float32 in another order than one backward
@@ -73,17 +72,6 @@ def _two_nodes(root: Path, launcher) -> Path:
     return nodes[0] / "run"
 
 
-def _logged(run: Path, key: str) -> list[float]:
-    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [line[key] for line in lines if key in line]
-
-
-def _weights(run: Path) -> dict[str, torch.Tensor]:
-    files = sorted(run.glob("*.safetensors"))
-    assert files, f"no weights saved in {run}"
-    return {f"{f.name}:{k}": v for f in files for k, v in load_file(f).items()}
-
-
 @pytest.fixture(scope="module")
 def one(tmp_path_factory) -> Path:
     """One process with micro-batch 2: what two nodes with micro-batch 1 each must learn."""
@@ -97,12 +85,5 @@ def one(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("launcher", [_torchrun, _accelerate], ids=["torchrun", "accelerate-launch"])
 def test_two_nodes_learn_what_one_process_learns(tmp_path, one, launcher):
     two = _two_nodes(tmp_path, launcher)
-    assert len(_logged(two, "loss")) == STEPS and all(norm > 0 for norm in _logged(one, "grad_norm"))  # it learned
-    for key in ("loss", "grad_norm"):
-        torch.testing.assert_close(torch.tensor(_logged(two, key)), torch.tensor(_logged(one, key)), rtol=RTOL,
-                                   atol=ATOL, msg=key)
-    a, b = _weights(one), _weights(two)
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=RTOL, atol=ATOL, msg=key)
+    assert_learned_the_same(two, one, STEPS, RTOL, ATOL)
     assert json.loads((two / "adapters.json").read_text())["training"]["batch_size"] == 1
