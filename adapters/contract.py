@@ -197,6 +197,8 @@ class RunShape:
     device: str = "cuda"  # "cuda": bf16 weights under bf16 autocast; "cpu": fp32, as adapters train runs
     loss_chunk: int | None = None  # causal-lm loss in chunks of this many tokens; 0: whole logits; None: the default
     compile: bool | None = None  # decoder layers under torch.compile; None: the device's default (on for cuda)
+    processes: int = 1  # the estimate is one process's of a run of this many, batch_size rows each
+    sharding: str = "none"  # "none": each process holds the whole model (DDP); "fsdp": 1/processes of it (FSDP2)
 
     @property
     def recomputes_mlp(self) -> bool:

@@ -25,7 +25,8 @@ def predict(spec: RunSpec, result: dict[str, Any], shapes: dict[str, Any] | None
         strategy = get_registry().get(result["name"])
         config = build_config(strategy.config_class, spec.options, strategy.name)
         run = RunShape(spec.batch_size, spec.seq_len, task, result["quantization"], spec.gradient_checkpointing,
-                       device, loss_chunk=spec.loss_chunk, compile=spec.compile)
+                       device, loss_chunk=spec.loss_chunk, compile=spec.compile,
+                       processes=result.get("processes", 1), sharding=spec.sharding)
         plan = estimate(shapes[task], strategy, config, run, result["strategy"])
     except Exception as exc:  # the measurement stands; a failing plan is recorded, not fatal
         return {"status": "no estimate", "message": f"planning failed: {type(exc).__name__}: {exc}"}

@@ -17,7 +17,7 @@ from ..runspec import RunSpec
 from .capacity import find_capacity, search_limit
 from .predict import predict
 from .provenance import device_kind, provenance
-from .settings import BenchSettings
+from .settings import BenchSettings, Measurement
 from .worker import null_non_finite, run_case
 
 
@@ -176,11 +176,30 @@ def _run_cases(settings: BenchSettings, refusals: dict[str, str], limit: int | N
                 if search["largest"] is not None:  # predicted for the shape it ran: the largest found
                     spec = dataclasses.replace(spec, **{settings.find_max: search["largest"]})
             else:
-                result = run_case(spec, measurement)
+                result = _measure(settings, spec, measurement)
             outcome.results.append(result)
             outcome.measured.append((spec, result))
     finally:
         bar.close()
+
+
+def _measure(settings: BenchSettings, spec: RunSpec, measurement: Measurement) -> dict[str, Any]:
+    """One strategy measured in a fresh process, or in a torchrun of ``settings.processes``; with several, also in a
+    torchrun of one, for the scaling efficiency: tokens/s with N processes / (N x tokens/s with 1)."""
+    n = settings.processes
+    if n == 1 and settings.sharding == "none":
+        return run_case(spec, measurement)
+    result = run_case(spec, measurement, n)
+    if n > 1 and result["status"] == "ok":
+        single = run_case(spec, measurement, 1)
+        if single["status"] == "ok":
+            result["scaling"] = {"single_process_tokens_per_s": single["tokens_per_s"],
+                                 "single_process_peak_bytes": single["memory"]["peak_bytes"],
+                                 "efficiency": result["tokens_per_s"] / (n * single["tokens_per_s"])}
+        else:
+            result["flags"].append(f"no scaling efficiency: the run of 1 process {single['status']}: "
+                                   f"{single['message']}")
+    return result
 
 
 def _report(settings: BenchSettings, outcome: _Outcome) -> dict[str, Any]:
@@ -193,7 +212,7 @@ def _report(settings: BenchSettings, outcome: _Outcome) -> dict[str, Any]:
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "provenance": {**provenance(), "seed": settings.seed},
         "settings": {**settings.to_dict(), "gradient_accumulation_steps": 1,
-                     "effective_batch_size": settings.batch_size,
+                     "effective_batch_size": settings.batch_size * settings.processes,
                      "dtype": "bfloat16" if device == "cuda" else "float32", "device": device},
         "results": outcome.results,
     }

@@ -140,16 +140,16 @@ def settings_from(suite: str | None, given: dict[str, Any]) -> BenchSettings:
 
 def check_processes(settings: BenchSettings) -> None:
     """--processes and --sharding: what a run of several processes can measure here."""
-    from ..runspec import SHARDINGS
+    from ..runspec import check_sharding
 
     check_at_least(1, processes=settings.processes)
-    if settings.sharding not in SHARDINGS:
-        raise AdaptersError(f"--sharding {settings.sharding!r} is not one of: {', '.join(SHARDINGS)}.")
-    if settings.processes == 1:
+    check_sharding(settings.sharding, "none", None)  # the name; with a quantized base, resolve refuses each case
+    if settings.processes == 1 and settings.sharding == "none":
         return
+    launched = f"--processes {settings.processes}" if settings.processes > 1 else f"--sharding {settings.sharding}"
     unsupported = {"--quality-steps": settings.quality_steps, "--find-max-batch/--find-max-seq-len": settings.find_max,
                    "--memory-limit": settings.memory_limit}
     given = [flag for flag, value in unsupported.items() if value]
     if given:
-        raise AdaptersError(f"{given[0]} with --processes {settings.processes}: measured in one process only so far. "
-                            "Drop it, or --processes.")
+        raise AdaptersError(f"{given[0]} with {launched}: measured in one plain process only so far. "
+                            f"Drop {given[0].split('/')[0]}, or {launched.split()[0]}.")

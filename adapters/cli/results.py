@@ -12,14 +12,17 @@ from . import cli
               help="With one report: every other strategy's speed and memory relative to this one.")
 @click.option("--fail-on", "fail_on", multiple=True, metavar="METRIC:PCT",
               help="Exit 1 when METRIC is worse by more than PCT and beyond noise, e.g. tokens_per_s:5% (repeatable).")
+@click.option("--allow-different-processes", is_flag=True,
+              help="Compare reports whose runs had different process counts (--processes).")
 @click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
 @click.pass_context
 def compare(ctx: click.Context, reports: tuple[str, ...], reference: str | None, fail_on: tuple[str, ...],
-            as_json: bool) -> None:
+            as_json: bool, allow_different_processes: bool) -> None:
     """Compare two benchmark reports (better / worse / noise), or strategies in one report against --reference."""
     from ..reports import run_compare
 
-    output, code = run_compare(reports, reference=reference, fail_on=fail_on, as_json=as_json)
+    output, code = run_compare(reports, reference=reference, fail_on=fail_on, as_json=as_json,
+                               allow_different_processes=allow_different_processes)
     click.echo(output)
     ctx.exit(code)
 

@@ -136,6 +136,11 @@ def train(ctx: click.Context, assignments: tuple[str, ...], config_file: str | N
               help="Fit each case into SIZE (e.g. 4GiB) as train --memory-limit does: micro-batch, checkpointing and "
               "accumulation chosen, the effective batch kept. With --find-max-*: a try whose peak exceeds SIZE "
               "fails; required on the CPU.")
+@click.option("--processes", type=int, default=None,
+              help="Measure each strategy as one torchrun of N processes (--batch-size rows each), and in 1 for the "
+              "scaling efficiency [default: 1].")
+@click.option("--sharding", type=click.Choice(SHARDINGS), default=None,
+              help="fsdp: shard weights, gradients and optimizer states across the processes [default: none].")
 @click.option("--output", default=None, help="Report file [default: bench-<model>-<time>.json].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --output file, only if it is a benchmark report.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of a table.")
@@ -200,6 +205,10 @@ def bench(ctx: click.Context, suite: str | None, run_dir: str | None, as_json: b
               help="cuda: bf16 under autocast, as training on a GPU runs; cpu: fp32.")
 @click.option("--budget", default=None, metavar="SIZE",
               help="Memory to fit in (e.g. 24GiB): a verdict, and the largest batch and sequence that fit.")
+@click.option("--processes", type=int, default=1, show_default=True,
+              help="Plan one process of a run of this many (--batch-size rows each).")
+@click.option("--sharding", type=click.Choice(SHARDINGS), default="none", show_default=True,
+              help="fsdp: weights, gradients and optimizer states sharded across the processes (FSDP2).")
 @click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE", help="A strategy option (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 def plan(strategies: str, quantization: str | None, assignments: tuple[str, ...], as_json: bool,
@@ -218,9 +227,11 @@ def plan(strategies: str, quantization: str | None, assignments: tuple[str, ...]
         echo_json(result)
         return
     headers, rows = plan_rows(result)
+    parallel = "FSDP" if result["sharding"] == "fsdp" else "data parallel"
     click.echo(f"{result['model']} ({result['task']}) on {result['device']}, {result['dtype']}: "
                f"batch {result['batch_size']} x seq {result['seq_len']}"
-               + (", gradient checkpointing" if result["gradient_checkpointing"] else ""))
+               + (", gradient checkpointing" if result["gradient_checkpointing"] else "")
+               + (f"; one of {result['processes']} processes ({parallel})" if result["processes"] > 1 else ""))
     click.echo(aligned_table(rows, headers))
     if result["device"] == "cuda":
         click.echo("Peaks are tensor memory, as torch.cuda.max_memory_allocated reports it; the CUDA context "

@@ -13,15 +13,23 @@ SUMMARY_HEADERS = ["strategy", "status", "trainable", "step ms", "tokens/s", "pe
 
 
 def summary_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """Headers and rows of the summary table of a report: one row a strategy, failures with their reason."""
+    """Headers and rows of the summary table of a report: one row a strategy, failures with their reason.
+
+    With several processes, the peak is the largest process's, tokens/s all processes', and a column gives the
+    scaling efficiency against one process with that one's tokens/s."""
+    processes = report["settings"].get("processes", 1)
+    headers = list(SUMMARY_HEADERS)
+    if processes > 1:
+        headers[4], headers[5] = f"tokens/s ({processes} proc)", "peak MiB/proc"
+        headers.insert(7, "scaling (1 proc tokens/s)")
     rows = []
     for r in report["results"]:
         if r["status"] != "ok":
-            rows.append([r["strategy"], r["status"], "", "", "", "", "", "", r.get("message") or ""])
+            rows.append([r["strategy"], r["status"], *[""] * (len(headers) - 3), r.get("message") or ""])
             continue
         mem = r["memory"]
         comp = mem["components"]
-        rows.append([
+        row = [
             r["strategy"], "ok", f"{r['trainable_parameters']:,}",
             f"{r['step_s']['median'] * 1000:,.0f} ±{100 * r['step_s']['spread'] / 2:.0f}%",
             f"{r['tokens_per_s']:,.0f}", f"{mem['peak_bytes'] / MiB:,.0f}", _predicted(r.get("prediction")),
@@ -29,8 +37,13 @@ def summary_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
             f"{(comp['trainable_parameters'] + comp['gradients'] + comp['optimizer_state']) / MiB:,.0f} / "
             f"{comp['activations_and_temporaries'] / MiB:,.0f}",
             "; ".join(r.get("flags") or []),
-        ])
-    return SUMMARY_HEADERS, rows
+        ]
+        if processes > 1:
+            scaling = r.get("scaling")
+            row.insert(7, "-" if not scaling else
+                       f"{scaling['efficiency']:.2f} ({scaling['single_process_tokens_per_s']:,.0f})")
+        rows.append(row)
+    return headers, rows
 
 
 def _predicted(prediction: dict[str, Any] | None) -> str:
@@ -97,9 +110,11 @@ def print_summary(report: dict[str, Any]) -> None:
 
 
 def plan_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """Headers and rows of the plan table."""
+    """Headers and rows of the plan table; with several processes, one process's, with its communication buffers."""
     budget = result["budget_bytes"]
-    headers = ["strategy", "peak", "weights", "train+grad+opt", "activations", "logits+loss", "peak at"]
+    several = result.get("processes", 1) > 1
+    headers = ["strategy", "peak", "weights", "train+grad+opt", "activations", "logits+loss",
+               *(["communication"] if several else []), "peak at"]
     if budget is not None:
         headers += ["verdict", "max batch", "max seq"]
     headers.append("notes")
@@ -112,7 +127,8 @@ def plan_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         row = [p["strategy"], plan_size(p["peak_bytes"]),
                plan_size(c["base_weights_quantized"] + c["base_weights_unquantized"]),
                plan_size(c["trainable_parameters"] + c["gradients"] + c["optimizer_state"] + c["optimizer_step"]),
-               plan_size(c["activations"]), plan_size(c["logits_and_loss"]), p["peak_phase"]]
+               plan_size(c["activations"]), plan_size(c["logits_and_loss"]),
+               *([plan_size(c["communication_buffers"])] if several else []), p["peak_phase"]]
         if budget is not None:
             verdict = "fits" if p["fits"] else "does not fit"
             if p["fits"] and p["peak_bytes"] > 0.9 * budget:

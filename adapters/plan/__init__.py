@@ -3,7 +3,8 @@
 The pipeline mirrors a real step: `model_shape` builds the model's skeleton on the meta device (no
 weights, no allocation, seconds even for 70B; `skeleton`); each strategy's ``estimate_memory`` hook
 says what it trains and what its own modules keep for backward (`StrategyMemory`); `estimate` adds
-the base's part (`weights`, `activations`) and takes the largest of the step's phases (`memory`);
+the base's part (`weights`, `activations`) and takes the largest of the step's phases (`memory`), for one
+process of a run of several when `RunShape.processes` says so (data parallel or FSDP2: `processes`);
 `with_budget` adds the fit and the largest batch and sequence under a budget (`budget`);
 `make_plans` does all of it for the strategies a user asks for (`plans`).
 

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +18,7 @@ from ..contract import GRADIENT_FLOWS, EstimatesMemory, ModelShape, RunShape, St
 from ..errors import AdaptersError
 from ..text import MiB
 from .activations import layer_activations, loss, outside_layers, transients
+from .processes import distributed_phases, shard_share
 from .weights import base_weights
 
 # Memory that is not tensors the step creates. The CPU peak is read from the profiler's tensor
@@ -33,6 +35,8 @@ COMPONENTS = {
     "activations": "tensors saved for backward, alive at the peak",
     "logits_and_loss": "the log-softmax over the vocabulary and its gradient buffers (one chunk's, chunked)",
     "optimizer_step": "AdamW's temporaries during its update",
+    "communication_buffers": "with several processes: DDP's gradient buckets, or FSDP's whole weights and gradients "
+                             "of the units at work",
     "runtime_overhead": "memory outside the step's tensors (cuBLAS workspace)",
 }
 # The components a bench measurement reports as they are; it counts every gradient and calls the
@@ -87,13 +91,16 @@ def strategy_memory(strategy: Strategy, shape: ModelShape, config: Any, run: Run
 
 def peak(shape: ModelShape, run: RunShape, part: StrategyMemory) -> tuple[dict[str, int], str]:
     """The components at the step's predicted peak (they sum to it), and which phase it is in."""
-    phases = _phases(shape, run, part)
+    phases = distributed_phases(shape, run, part, _phases(shape, run, part))
     phase = max(phases, key=lambda p: sum(phases[p].values()))
     components = {k: 0 for k in COMPONENTS}
     components.update(base_weights(shape, run, part.base_parameters_trained))
     components["trainable_parameters"] = part.trainable_bytes
     components["optimizer_state"] = (2 * part.trainable_bytes if part.optimizer_state_bytes is None
                                      else part.optimizer_state_bytes)
+    if run.sharding == "fsdp":  # each process keeps its shard of them
+        share = shard_share(shape, run.processes)
+        components.update({k: math.ceil(v * share) for k, v in components.items() if k in STATIC_COMPONENTS})
     components.update(phases[phase])
     components["runtime_overhead"] = RUNTIME_OVERHEAD[run.device]
     return components, phase

@@ -36,6 +36,8 @@ class PlanSettings:
     device: str = "cuda"
     options: dict[str, Any] = field(default_factory=dict)
     budget: str | None = None
+    processes: int = 1  # the plan is one process's peak, each with batch_size rows
+    sharding: str = "none"  # as RunSpec.sharding
 
 
 @dataclass
@@ -55,22 +57,33 @@ def make_plans(settings: PlanSettings) -> dict[str, Any]:
     if settings.device not in RUNTIME_OVERHEAD:
         raise AdaptersError(f"--device {settings.device}: use cuda or cpu.")
     budget = parse_size(settings.budget) if settings.budget else None
+    _check_processes(settings)
     registry = get_registry()
     asked = _asked(settings, registry)  # every name and option checked before any model is built
     shape = model_shape(settings.model, settings.task, settings.device)
     plans = []
     for one in asked:
         run = RunShape(settings.batch_size, settings.seq_len, shape.task, one.quantization,
-                       settings.gradient_checkpointing, settings.device, settings.loss_chunk)
+                       settings.gradient_checkpointing, settings.device, settings.loss_chunk,
+                       processes=settings.processes, sharding=settings.sharding)
         plans.append(_plan(one, shape, run, budget))
     return {
         "model": settings.model, "task": shape.task, "device": settings.device,
         "dtype": "bfloat16 (autocast)" if settings.device == "cuda" else "float32",
         "batch_size": settings.batch_size, "seq_len": settings.seq_len,
         "gradient_checkpointing": settings.gradient_checkpointing, "loss": loss_path(shape, settings.loss_chunk),
+        "processes": settings.processes, "sharding": settings.sharding,
         "budget_bytes": budget,
         "plans": [p.to_dict() for p in plans], "seconds": round(time.perf_counter() - started, 3),
     }
+
+
+def _check_processes(settings: PlanSettings) -> None:
+    """--processes and --sharding, checked as `adapters train` checks them."""
+    from ..runspec import check_at_least, check_sharding
+
+    check_at_least(1, processes=settings.processes)
+    check_sharding(settings.sharding, "none", None)  # the name; a quantized base is a refused row (`_asked`)
 
 
 def _specs(settings: PlanSettings, registry: Registry) -> list[str]:
@@ -102,8 +115,19 @@ def _asked(settings: PlanSettings, registry: Registry) -> list[_Asked]:
         except StrategyRefused as refused:
             asked.append(_Asked(spec, refused.strategy, refused.quantization, refusal=str(refused)))
         else:
-            asked.append(_Asked(spec, run.strategy, run.quantization, run.config))
+            asked.append(_Asked(spec, run.strategy, run.quantization, run.config, _sharding_refusal(settings, run)))
     return asked
+
+
+def _sharding_refusal(settings: PlanSettings, run: Any) -> str | None:
+    """Why ``run`` cannot be sharded as ``settings`` ask (a quantized base), as `adapters train` says it."""
+    from ..runspec import check_sharding
+
+    try:
+        check_sharding(settings.sharding, run.quantization, None)
+    except AdaptersError as exc:
+        return str(exc)
+    return None
 
 
 def _check_shared_options(options: dict[str, Any], strategies: list[Strategy]) -> None:

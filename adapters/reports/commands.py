@@ -73,7 +73,7 @@ def _run_reference(path: str, reference: str, as_json: bool) -> tuple[str, int]:
 
 
 def run_compare(paths: Sequence[str], reference: str | None = None, fail_on: Sequence[str] = (),
-                as_json: bool = False) -> tuple[str, int]:
+                as_json: bool = False, allow_different_processes: bool = False) -> tuple[str, int]:
     """What `adapters compare` prints, and its exit code (1 when a --fail-on threshold is exceeded)."""
     paths = list(paths)
     if reference is not None:
@@ -87,7 +87,8 @@ def run_compare(paths: Sequence[str], reference: str | None = None, fail_on: Seq
         raise AdaptersError(f"give two reports, BASE.json NEW.json (got {len(paths)}), "
                             "or one report with --reference STRATEGY.")
     thresholds = parse_fail_on(list(fail_on))
-    comparison = compare_reports(load_report(paths[0]), load_report(paths[1]))
+    comparison = compare_reports(load_report(paths[0]), load_report(paths[1]),
+                                 allow_different_processes=allow_different_processes, names=(paths[0], paths[1]))
     failures = comparison.failures(thresholds)
     checked = {r.metric for r in comparison.rows if r.verdict != "n/a"}
     for metric, pct in thresholds:

@@ -57,7 +57,7 @@ _INVERSE_TO_STEP_TIME = {"tokens_per_s", "mfu"}
 MARKS = {"better": "+", "worse": "!", "noise": "~", "n/a": "?"}
 VERSIONED_PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate")
 COMPARED_SETTINGS = ("model", "device", "dtype", "batch_size", "gradient_accumulation_steps", "effective_batch_size",
-                     "seq_len", "gradient_checkpointing", "quality_steps")
+                     "seq_len", "gradient_checkpointing", "quality_steps", "processes", "sharding")
 
 ReportLike = Report | Mapping[str, Any]
 
@@ -295,9 +295,19 @@ def _rows(strategy: str, base: OkResult, new: OkResult) -> list[Row]:
     return rows
 
 
-def compare_reports(base: ReportLike, new: ReportLike) -> Comparison:
-    """Every metric of every strategy that is ok in both reports, with a verdict; see the module docstring."""
+def compare_reports(base: ReportLike, new: ReportLike, *, allow_different_processes: bool = False,
+                    names: tuple[str, str] = ("base report", "new report")) -> Comparison:
+    """Every metric of every strategy that is ok in both reports, with a verdict; see the module docstring.
+
+    Reports of different process counts (``settings.processes``) are refused unless ``allow_different_processes``:
+    their tokens/s count other numbers of processes, and their peaks one process of differently split runs.
+    ``names`` name the reports in that error (their files, from `adapters compare`)."""
     base, new = as_report(base, "base report"), as_report(new, "new report")
+    if base.settings.processes != new.settings.processes and not allow_different_processes:
+        raise AdaptersError(
+            f"{names[0]} ran {base.settings.processes} process(es) per case and {names[1]} "
+            f"{new.settings.processes}: their tokens/s and per-process peaks are not like for like. Compare reports "
+            "of the same --processes, or pass --allow-different-processes to compare them anyway.")
     base_ok, new_ok = _ok_results(base), _ok_results(new)
     base_all = {r.strategy: r.status for r in base.results}
     new_all = {r.strategy: r.status for r in new.results}

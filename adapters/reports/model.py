@@ -80,6 +80,8 @@ class Settings(Struct, kw_only=True):
     effective_batch_size: Count
     dtype: Literal["float32", "bfloat16", "float16"]
     device: Literal["cpu", "cuda"]
+    processes: Count = 1  # each case one torchrun of this many, batch_size rows each
+    sharding: Literal["none", "fsdp"] = "none"
 
 
 class StepTimes(Struct, kw_only=True):
@@ -112,6 +114,16 @@ class Memory(Struct, kw_only=True):
     peak_rss_bytes: int
     reserved_bytes: int | None
     nvml_used_bytes: int | None
+    # With several processes: each one's peak, in rank order (peak_bytes and components are the largest one's).
+    per_process_peak_bytes: list[NonNegative] | None = None
+
+
+class Scaling(Struct, kw_only=True):
+    """A run of several processes against one process, measured in the same bench."""
+
+    single_process_tokens_per_s: Annotated[float, Meta(gt=0)]
+    single_process_peak_bytes: NonNegative
+    efficiency: Annotated[float, Meta(gt=0)]  # tokens/s with N processes / (N x tokens/s with 1)
 
 
 class Quality(Struct, kw_only=True):
@@ -186,6 +198,9 @@ class OkResult(_Result, tag="ok", kw_only=True):
     # --memory-limit: the micro-batch, accumulation and checkpointing the plan chose to fit, why, and each candidate.
     memory_fit: dict[str, Any] | None = None
     loss_path: str | None = None  # how the loss was computed: "chunked(N)", "liger" or "model"; None in older reports
+    # The processes of the run (tokens_per_step and tokens_per_s are all of theirs); None: one, as in older reports.
+    processes: Count | None = None
+    scaling: Scaling | None = None  # with several processes: against one, measured in the same bench
 
 
 class NotRun(_Result):
