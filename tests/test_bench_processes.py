@@ -64,6 +64,20 @@ def test_the_bench_table_shows_processes_and_scaling(sharded):
     assert f"{result['scaling']['efficiency']:.2f} ({result['scaling']['single_process_tokens_per_s']:,.0f})" in stdout
 
 
+def test_the_markdown_and_html_reports_show_the_processes_each_peak_and_the_scaling(sharded, tmp_path, capsys):
+    output, _ = sharded
+    result = json.loads(output.read_text())["results"][0]
+    code, markdown, err = run_in_process(capsys, "report", str(output), "--format", "markdown")
+    assert code == 0, err
+    assert "2 processes (FSDP" in markdown and "scaling efficiency" in markdown
+    assert f"{result['scaling']['efficiency']:.2f} (1 process:" in markdown
+    assert markdown.count("(each: ") == 1  # the one result's two peaks
+    page = tmp_path / "report.html"
+    code, _, err = run_in_process(capsys, "report", str(output), "--output", str(page))
+    assert code == 0, err
+    assert "scaling efficiency" in page.read_text()
+
+
 def test_compare_refuses_different_process_counts_unless_asked(sharded, tmp_path, capsys):
     output, _ = sharded
     one = json.loads(output.read_text())

@@ -76,6 +76,9 @@ def summary(report: Report) -> str:
              f"gradient checkpointing {text(s.gradient_checkpointing)}"]
     if s.quality_steps:
         parts.append(f"quality over {s.quality_steps} steps")
+    if s.processes > 1:
+        parts.append(f"{s.processes} processes ({'FSDP' if s.sharding == 'fsdp' else 'data parallel'}; batch and "
+                     "peak per process, tokens/s of all)")
     return ", ".join(parts)
 
 
@@ -138,23 +141,38 @@ def _prediction(result: OkResult) -> str:
     return format_bytes(prediction.peak_bytes, missing=DASH) + (f" ({error:+.1f}%)" if error is not None else "")
 
 
+def _scaling(result: OkResult) -> str:
+    scaling = result.scaling
+    if scaling is None:
+        return DASH
+    return f"{scaling.efficiency:.2f} (1 process: {rate(scaling.single_process_tokens_per_s)} tokens/s)"
+
+
+def _peak(result: OkResult) -> str:
+    peak = format_bytes(result.memory.peak_bytes, missing=DASH)
+    each = result.memory.per_process_peak_bytes
+    return peak if not each or len(each) < 2 else f"{peak} (each: {', '.join(format_bytes(b) for b in each)})"
+
+
 def results_table(report: Report) -> tuple[list[str], list[list[str]]]:
     """Headers and rows of a report's results table, one row per result, in the report's order."""
     ok = report.ok_results()
+    scaled = any(r.scaling is not None for r in ok)
     mfu = any(r.mfu is not None for r in ok)
     energy = any(r.energy_j_per_token is not None for r in ok)
     quality = any(r.quality is not None for r in ok)
     planned = any(r.prediction is not None for r in ok)
     headers = ["strategy", "status", "trainable params", "step time (median ±½ spread)", "tokens/s",
                "peak memory"] + ["plan's prediction (error)"] * planned + ["memory components"]
+    headers += ["scaling efficiency"] * scaled
     headers += ["MFU"] * mfu + ["energy/token"] * energy + ["held-out quality"] * quality + ["flags / message"]
     rows = []
     for r in report.results:
         if not isinstance(r, OkResult):
             rows.append([r.strategy, r.status] + [""] * (len(headers) - 3) + [r.message or ""])
             continue
-        cells = [r.strategy, "ok", _trainable(r), _step_time(r), rate(r.tokens_per_s),
-                 format_bytes(r.memory.peak_bytes, missing=DASH)] + [_prediction(r)] * planned + [_components(r)]
+        cells = [r.strategy, "ok", _trainable(r), _step_time(r), rate(r.tokens_per_s), _peak(r)]
+        cells += [_prediction(r)] * planned + [_components(r)] + [_scaling(r)] * scaled
         if mfu:
             cells.append(DASH if r.mfu is None else f"{100 * r.mfu:.1f}%")
         if energy:
