@@ -230,3 +230,26 @@ def test_bench_fits_each_case_and_agrees_with_the_capacity_search(tmp_path):
     largest_predicted = max(c["batch_size"] for c in run.fit["candidates"]
                             if c["fits"] and not c["gradient_checkpointing"])
     assert largest_predicted <= search["largest"] < 4 * largest_predicted, (search["tries"], run.fit["reason"])
+
+
+def test_under_a_launcher_each_process_fits_its_own_part(monkeypatch):
+    """torchrun and `accelerate launch` say how many processes they started (WORLD_SIZE): each fits its rows and, with
+    --sharding fsdp, its shard, as `adapters plan --processes N` predicts it. Under a limit that full fine-tuning's
+    whole batch does not fit in one process, the sharded processes fit it; data parallel adds gradient buckets."""
+    spec = RunSpec(model="smollm2-135m", strategy="full-finetune", batch_size=8, seq_len=64)
+
+    def whole_batch_peak(run_spec: RunSpec) -> int:
+        candidates = fit(resolve(run_spec, data=False), 2**50, device="cpu").candidates
+        return next(c.predicted_peak_bytes for c in candidates if c.batch_size == 8 and not c.gradient_checkpointing)
+
+    alone = whole_batch_peak(spec)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    sharded_spec = dataclasses.replace(spec, sharding="fsdp")
+    sharded, parallel = whole_batch_peak(sharded_spec), whole_batch_peak(spec)
+    assert sharded < 0.75 * alone and parallel > alone  # half of the weights, gradients and AdamW's state; buckets
+    limit = int((sharded + alone) / 2 / (1 - HEADROOM))
+    chosen = fit(resolve(sharded_spec, data=False), limit, device="cpu").chosen
+    assert (chosen.batch_size, chosen.gradient_checkpointing) == (8, False)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(MemoryLimitTooSmall):  # one process alone fits no way of this run under it
+        fit(resolve(spec, data=False), limit, device="cpu")

@@ -94,6 +94,16 @@ def device_for_run() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def launched_processes() -> int:
+    """How many processes the launcher (torchrun, ``accelerate launch``) started for this run; 1 without one."""
+    import os
+
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
 def fit(run: Run, limit: int, device: str | None = None) -> Fit:
     """The fastest way predicted to fit ``run`` into ``limit`` bytes, keeping its effective batch.
 
@@ -104,6 +114,7 @@ def fit(run: Run, limit: int, device: str | None = None) -> Fit:
 
     s = run.spec
     device = device or device_for_run()
+    processes = launched_processes()  # each process fits its own part: its rows, its shard
     effective = s.batch_size * s.gradient_accumulation_steps
     labels = run.dataset.labels if run.dataset is not None else []
     shape = model_shape(s.model, run.task, device, len(labels) or 2)
@@ -114,7 +125,8 @@ def fit(run: Run, limit: int, device: str | None = None) -> Fit:
     for m in (d for d in range(effective, 0, -1) if effective % d == 0):
         k = effective // m
         for gc in checkpointing:
-            shape_of_run = RunShape(m, s.seq_len, run.task, run.quantization, gc, device, s.loss_chunk, s.compile)
+            shape_of_run = RunShape(m, s.seq_len, run.task, run.quantization, gc, device, s.loss_chunk, s.compile,
+                                    processes=processes, sharding=s.sharding)
             plan = estimate(shape, run.strategy, run.config, shape_of_run)
             if plan.status != "ok":
                 raise MemoryLimitTooSmall(
