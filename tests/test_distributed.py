@@ -181,3 +181,38 @@ def test_ctrl_c_stops_every_process_of_a_sharded_run_after_the_same_step_with_a_
     assert [p.name for p in (out / "checkpoints").iterdir()] == [f"step-{last}"], err[-2000:]
     assert f"interrupted after step {last}" in said and f"adapters train --resume {out}" in said  # the main process
     assert {p.name for p in (out / "checkpoints" / f"step-{last}").iterdir()} >= {"model", "optimizer.safetensors"}
+
+
+OOM_IN_ONE_PROCESS = '''
+import os, sys
+import torch
+import adapters.trainer
+from adapters.cli import main
+if os.environ["RANK"] == "1":  # process 1 runs out of memory in its third step; process 0 never does
+    step, calls = adapters.trainer.optimizer_step, []
+    def tight(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return step(*args, **kwargs)
+    adapters.trainer.optimizer_step = tight
+main(sys.argv[1:])
+'''
+
+
+def test_out_of_memory_in_one_process_of_a_sharded_run_stops_the_run_with_its_reason(tmp_path):
+    """It cannot halve its micro-batch alone (the other is already in the step's collectives): it says why and exits,
+    and torchrun ends the other; the checkpoint before it stays."""
+    script = tmp_path / "oom.py"
+    script.write_text(OOM_IN_ONE_PROCESS)
+    out = tmp_path / "run"
+    env = {**os.environ, "ADAPTERS_LOAD_PLUGINS": "", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), "train", "--model",
+         "random:tiny", "--strategy", "full-finetune", "--batch-size", "2", "--max-steps", "5", "--seq-len", "32",
+         "--eval-batches", "1", "--save-every", "1", "--sharding", "fsdp", "--output", str(out)],
+        capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode != 0
+    assert "out of memory at step 3 in process 1 of a sharded run" in done.stderr, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr.split("out of memory at step 3")[0][-300:]
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-1", "step-2"]
