@@ -385,13 +385,13 @@ class _Loop:
                 if not is_out_of_memory(exc):
                     raise
                 error = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            if is_sharded(self.model):
-                # The others went on into the step's collectives: one process cannot go back to the start of
-                # the step alone, and a gather of another layer of the same size would pair with its own.
+            if self.accelerator.num_processes > 1:
+                # The others went on into the step's collectives (FSDP's gathers, DDP's all-reduce): one process
+                # cannot go back to the start of the step alone, and its collectives would pair with the wrong ones.
                 raise TrainingFailed(
                     f"out of memory at step {self.position.step + 1} in process {self.accelerator.process_index} "
-                    f"of a sharded run ({error}); its processes cannot halve the micro-batch one alone, so the "
-                    "run stops here and keeps its last checkpoint. Start it again with a lower --batch-size, "
+                    f"of {self.accelerator.num_processes} ({error}); one process cannot halve its micro-batch alone, "
+                    "so the run stops here and keeps its last checkpoint. Start it again with a lower --batch-size, "
                     "--gradient-checkpointing or --memory-limit.")
             # Out of the handler, the traceback and the tensors its frames held are gone.
             self.optimizer.zero_grad(set_to_none=True)  # the failed try's partial gradients

@@ -200,7 +200,8 @@ main(sys.argv[1:])
 '''
 
 
-def test_out_of_memory_in_one_process_of_a_sharded_run_stops_the_run_with_its_reason(tmp_path):
+@pytest.mark.parametrize("sharding", SHARDINGS)
+def test_out_of_memory_in_one_process_stops_the_run_with_its_reason(tmp_path, sharding):
     """It cannot halve its micro-batch alone (the other is already in the step's collectives): it says why and exits,
     and torchrun ends the other; the checkpoint before it stays."""
     script = tmp_path / "oom.py"
@@ -210,9 +211,9 @@ def test_out_of_memory_in_one_process_of_a_sharded_run_stops_the_run_with_its_re
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), "train", "--model",
          "random:tiny", "--strategy", "full-finetune", "--batch-size", "2", "--max-steps", "5", "--seq-len", "32",
-         "--eval-batches", "1", "--save-every", "1", "--sharding", "fsdp", "--output", str(out)],
+         "--eval-batches", "1", "--save-every", "1", "--sharding", sharding, "--output", str(out)],
         capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode != 0
-    assert "out of memory at step 3 in process 1 of a sharded run" in done.stderr, done.stderr[-3000:]
+    assert "out of memory at step 3 in process 1 of 2" in done.stderr, done.stderr[-3000:]
     assert "Traceback" not in done.stderr.split("out of memory at step 3")[0][-300:]
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-1", "step-2"]
