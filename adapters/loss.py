@@ -205,25 +205,19 @@ class _Target:
         stood in for (``_loss_function``, which transformers' models call with the logits, here the placeholder
         the forward made of them). A forward that does more to the logits than the chunks do gets its whole
         logits made from the hidden states once, and its own loss from then on."""
-        capture_box: list[_Capture] = []
-
-        def chunked(logits: torch.Tensor, labels: torch.Tensor, **_: Any) -> torch.Tensor:
-            capture = capture_box[0]
-            hidden = capture.hidden if len(capture.hiddens) == 1 else None
-            if hidden is None or hidden.shape[1] < labels.shape[1] or not self.verify(logits, capture.placeholder):
-                self.give_up()
+        with self.captured() as capture:
+            def chunked(logits: torch.Tensor, labels: torch.Tensor, **_: Any) -> torch.Tensor:
+                hidden = capture.hidden if len(capture.hiddens) == 1 else None
                 if hidden is None:
                     raise RuntimeError("the model's forward called its output head other than once")
-                logits = self.head(hidden)
-                logits = self.post(logits) if self.post is not None else logits
-                targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1).to(logits.device)
-                return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets,
-                                       ignore_index=IGNORE_INDEX)
-            hidden = hidden[:, hidden.shape[1] - labels.shape[1]:]
-            return self.cross_entropy(hidden, labels.to(hidden.device), chunk)
+                if hidden.shape[1] < labels.shape[1] or not self.verify(logits, capture.placeholder):
+                    self.give_up()  # the whole logits once, through the head and what the forward does after it
+                    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1).to(hidden.device)
+                    total = _chunk_loss(self.head, self.post, hidden.reshape(-1, hidden.shape[-1]), targets)
+                    return total / (targets != IGNORE_INDEX).sum()
+                hidden = hidden[:, hidden.shape[1] - labels.shape[1]:]
+                return self.cross_entropy(hidden, labels.to(hidden.device), chunk)
 
-        with self.captured() as capture:
-            capture_box.append(capture)
             inner._loss_function = chunked
             try:
                 return model(**batch).loss

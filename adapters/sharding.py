@@ -20,11 +20,15 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .files import write_json
+
+if TYPE_CHECKING:
+    from .loading import BaseModel
+    from .runspec import Run
 
 OPTIMIZER_TENSORS = "optimizer.safetensors"
 OPTIMIZER_STATE = "optimizer.json"
@@ -46,12 +50,34 @@ def launched_with_fsdp() -> bool:
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
-    """Whether FSDP sharded ``model`` (or a module in it)."""
+    """Whether ``model`` is one Accelerate sharded: it shards the model it prepares last, as the root unit, so the
+    model itself says it (no walk through its modules, which the loss asks on every step)."""
     try:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:  # a torch without FSDP2
         return False
-    return any(isinstance(m, FSDPModule) for m in model.modules())
+    return isinstance(model, FSDPModule)
+
+
+def whole_model(model: torch.nn.Module, run: Run, main_process: bool) -> tuple[torch.nn.Module, BaseModel] | None:
+    """A sharded ``model`` as one process's: its whole state dict gathered into the main process (every process
+    calls this), loaded there into ``run``'s strategy applied afresh to a fresh base on the CPU, its trained weights
+    float32 master weights as in training; that saves the same files as one process's run. None elsewhere."""
+    from .errors import AdaptersError
+    from .training import apply_strategy, keep_float32_trainable, load_base
+
+    state = whole_state(model)
+    if not main_process:
+        return None
+    base = load_base(run, torch.device("cpu"))
+    whole, _, _ = apply_strategy(run, base)
+    keep_float32_trainable(whole)
+    missing, unexpected = whole.load_state_dict(state, strict=False)
+    trained = {n for n, p in whole.named_parameters() if p.requires_grad}
+    if unexpected or trained & set(missing):
+        raise AdaptersError(f"the gathered weights do not fit the model: unexpected {unexpected[:3]}, missing "
+                            f"{sorted(trained & set(missing))[:3]}")
+    return whole, base
 
 
 def _options():

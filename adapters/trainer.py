@@ -63,7 +63,7 @@ from .manifest import RUN_ENTRIES, read_manifest
 from .metrics import MetricsLog, clean
 from .nn import ParameterCount, count_parameters
 from .runspec import Run, RunSpec, resolve
-from .sharding import is_sharded, load_optimizer_state, save_optimizer_state, whole_optimizer_state, whole_state
+from .sharding import is_sharded, load_optimizer_state, save_optimizer_state, whole_model, whole_optimizer_state
 from .store import check_base, load_trainable, restore, save
 from .training import (
     apply_strategy,
@@ -498,7 +498,7 @@ class _Loop:
         if not s.output:
             return
         if is_sharded(self.model):  # gathered by every process; written by the main one
-            whole = self._whole_model()
+            whole = whole_model(self.accelerator.unwrap_model(self.model), self.run, self.accelerator.is_main_process)
             optimizer_state = whole_optimizer_state(accelerator.unwrap_model(self.model), self.optimizer.optimizer)
             if accelerator.is_main_process:
                 model, base = whole
@@ -560,29 +560,12 @@ class _Loop:
         if not is_sharded(self.model):
             return self._save_whole(self.accelerator.unwrap_model(self.model), self.base) \
                 if self.accelerator.is_main_process else None
-        whole = self._whole_model()
+        whole = whole_model(self.accelerator.unwrap_model(self.model), self.run, self.accelerator.is_main_process)
         if whole is None:
             return None
         model, base = whole
         restore_dtypes(model, self.dtypes)
         return self._save_whole(model, base)
-
-    def _whole_model(self) -> tuple[torch.nn.Module, BaseModel] | None:
-        """A sharded model as one process's: its whole state dict gathered into the main process (every process
-        calls this), loaded there into the strategy applied afresh to a fresh base on the CPU, which saves the
-        same files as one process's run would. None in the other processes."""
-        state = whole_state(self.accelerator.unwrap_model(self.model))
-        if not self.accelerator.is_main_process:
-            return None
-        base = load_base(self.run, torch.device("cpu"))
-        model, _, _ = apply_strategy(self.run, base)
-        keep_float32_trainable(model)  # as trained: master weights in float32
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        trained = {n for n, p in model.named_parameters() if p.requires_grad}
-        if unexpected or trained & set(missing):
-            raise AdaptersError(f"the gathered weights do not fit the model: unexpected {unexpected[:3]}, missing "
-                                f"{sorted(trained & set(missing))[:3]}")
-        return model, base
 
     def _save_whole(self, model: torch.nn.Module, base: BaseModel) -> Path:
         s, run = self.spec, self.run

@@ -17,8 +17,6 @@ Usage: python benchmarks/loss_chunk.py [--model smollm2-135m] [--batch-size 4] [
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
 import statistics
 import time
 import warnings
@@ -27,7 +25,7 @@ from pathlib import Path
 import torch
 
 from adapters.bench import cpu_peak_tensor_bytes
-from adapters.bench.provenance import provenance
+from adapters.bench.provenance import benchmark_record
 from adapters.files import write_json
 from adapters.loss import DEFAULT_CHUNK, loss_path
 from adapters.runspec import RunSpec, resolve
@@ -102,10 +100,7 @@ def main() -> None:
         "choice": {"rule": f"the largest chunk that saves at least {args.keep:.0%} of the peak memory the smallest "
                            "chunk saves against the model's own loss", "chosen": chosen,
                    "default_chunk_in_code": DEFAULT_CHUNK},
-        "seconds": round(time.perf_counter() - started, 1),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "provenance": provenance(),  # commit, command, versions, CPU, as adapters bench records them
-        "threads": torch.get_num_threads(), "load_average_1m_at_end": os.getloadavg()[0],
+        **benchmark_record(started),  # seconds, date, provenance (as adapters bench records it), threads, load
     }
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     write_json(Path(args.output), report)

@@ -18,8 +18,6 @@ Usage: python benchmarks/packing.py [--model smollm2-135m] [--seq-lens 128,256] 
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
 import statistics
 import time
 import warnings
@@ -29,7 +27,7 @@ from pathlib import Path
 import torch
 
 from adapters import data as datasets
-from adapters.bench.provenance import provenance
+from adapters.bench.provenance import benchmark_record
 from adapters.files import write_json
 from adapters.runspec import RunSpec, resolve
 from adapters.training import build, evaluate, make_accelerator, make_batches, optimizer_step
@@ -155,10 +153,7 @@ def main() -> None:
                 "after the same number of steps, padding vs packing",
         "model": args.model, "strategy": "lora", "seed": args.seed, "warmup": args.warmup,
         "results": results, "comparison": comparison,
-        "seconds": round(time.perf_counter() - started, 1),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "provenance": provenance(),  # commit, command, versions, CPU, as adapters bench records them
-        "threads": torch.get_num_threads(), "load_average_1m_at_end": os.getloadavg()[0],
+        **benchmark_record(started),  # seconds, date, provenance (as adapters bench records it), threads, load
     }
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     write_json(Path(args.output), report)

@@ -18,6 +18,21 @@ def device_kind() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def benchmark_record(started: float) -> dict[str, Any]:
+    """What a benchmark script records about its run besides its results: the seconds since ``started``
+    (`time.perf_counter`), the date, the provenance, the threads and the load at the end (how quiet it was)."""
+    import datetime
+    import os
+    import time
+
+    import torch
+
+    return {"seconds": round(time.perf_counter() - started, 1),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "provenance": provenance(), "threads": torch.get_num_threads(),
+            "load_average_1m_at_end": os.getloadavg()[0]}
+
+
 def provenance() -> dict[str, Any]:
     """The git commit and state, the command line, package and plugin versions, the CPU and the GPU."""
     import torch
