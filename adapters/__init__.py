@@ -38,10 +38,12 @@ _EXPORTS = {
            "trainable_parameters", "match_targets", "targeted_linears", "head_parameters", "is_linear",
            "linear_features"),
     "peft": ("PeftStrategy", "load_peft", "save_peft", "peft_task_type"),
-    "runspec": ("RunSpec", "TrainSettings", "resolve", "StrategyRefused"),
+    "runspec": ("RunSpec", "TrainSettings", "StrategyRefused"),
+    "resolver": ("resolve",),
     "loading": ("BaseModel", "fingerprint", "load_base_model"),
-    "store": ("Loaded", "load", "read_safetensors", "save"),
-    "trainer": ("TrainResult", "train"),
+    "store": ("Loaded", "load", "save"),
+    "tensorfiles": ("read_safetensors",),
+    "training": ("TrainResult", "train"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted([*_WHERE, "get_strategy"])
@@ -114,6 +116,8 @@ if TYPE_CHECKING:  # for type checkers and editors: the names above, imported ea
         trainable_parameters,
     )
     from .peft import PeftStrategy, load_peft, peft_task_type, save_peft  # noqa: F401
-    from .runspec import RunSpec, StrategyRefused, TrainSettings, resolve  # noqa: F401
-    from .store import Loaded, load, read_safetensors, save  # noqa: F401
-    from .trainer import TrainResult, train  # noqa: F401
+    from .resolver import resolve  # noqa: F401
+    from .runspec import RunSpec, StrategyRefused, TrainSettings  # noqa: F401
+    from .store import Loaded, load, save  # noqa: F401
+    from .tensorfiles import read_safetensors  # noqa: F401
+    from .training import TrainResult, train  # noqa: F401

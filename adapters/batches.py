@@ -1,10 +1,10 @@
 """Examples into token tensors: documents cut into blocks, labelled classification rows, and instruction and chat
 examples made into (ids, labels) rows, one a row (`padded`) or several a row (`packed`).
 
-`adapters.data` reads a user's data into `Example`s; this module is what training and bench turn them into
-(`adapters.training.make_batches` picks among these by the data's shape). Instruction and chat examples train on
-their completions only: every other token's label is `IGNORE_INDEX`, which the loss skips, unless
-``train_on_prompt``.
+`adapters.data` reads a user's data into `Example`s; `make_batches` turns them into the rows a training session
+draws its batches from, picking among these by the data's shape. Instruction and chat examples train on their
+completions only: every other token's label is `IGNORE_INDEX`, which the loss skips, unless ``train_on_prompt``.
+`real_tokens` counts a batch's tokens, its padding left out, as train and bench report them.
 """
 
 from __future__ import annotations
@@ -12,11 +12,15 @@ from __future__ import annotations
 import bisect
 import warnings
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from .data import IGNORE_INDEX, DataError, Example
+from .data import DataError, Example
+from .rules import IGNORE_INDEX
+
+if TYPE_CHECKING:
+    from .loading import BaseModel
 
 
 class ExamplesSkipped(UserWarning):
@@ -248,3 +252,79 @@ def chat_segments(messages: list[dict[str, Any]], tokenizer: Any, where: str) ->
 def _check_seq_len(seq_len: int) -> None:
     if seq_len < 1:
         raise DataError(f"--seq-len must be at least 1, got {seq_len}")
+
+
+class TokenRows(torch.utils.data.Dataset):
+    """Rows of equal-length tensors; ``trim``: rows are right-padded, and `collate` cuts a batch's columns of
+    padding alone (a DataLoader's ``collate_fn``)."""
+
+    def __init__(self, trim: bool = False, **tensors: torch.Tensor) -> None:
+        self.tensors = tensors
+        self.trim = trim
+
+    def __len__(self) -> int:
+        return len(next(iter(self.tensors.values())))
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {k: v[i] for k, v in self.tensors.items()}
+
+    def collate(self, rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        batch = {k: torch.stack([row[k] for row in rows]) for k in rows[0]}
+        if self.trim:  # a batch of short examples computes only as long as its longest
+            width = int(batch["attention_mask"].sum(dim=1).max())
+            batch = {k: v[:, :width] for k, v in batch.items()}
+        return batch
+
+
+def make_batches(examples: list[Example], base: BaseModel, seq_len: int, what: str, *,
+                 packing: bool = False, train_on_prompt: bool = False) -> TokenRows:
+    """Tokenized rows for the base's task and the examples' shape (`adapters.data`).
+
+    Documents: concatenated blocks of ``seq_len``. Instruction and chat examples: labels on the completions
+    alone (all the tokens with ``train_on_prompt``), one example a right-padded row, or with ``packing`` several a
+    row, attention kept within each example by position ids that restart. Labelled text: one padded row each.
+    """
+    try:
+        if base.task != "causal-lm":
+            ids, mask, labels = classification_batch_tensors(examples, base.labels, base.tokenizer, seq_len)
+            return TokenRows(input_ids=ids, attention_mask=mask, labels=labels)
+        if not is_instruction(examples):
+            blocks = causal_lm_blocks([e.text for e in examples], base.tokenizer, seq_len)
+            return TokenRows(input_ids=blocks, labels=blocks)
+        rows = instruction_rows(examples, base.tokenizer, seq_len, train_on_prompt)
+        if packing:
+            check_packing(base)
+            return TokenRows(**packed(rows, seq_len, pad_id(base.tokenizer)))
+        return TokenRows(trim=True, **padded(rows, seq_len, pad_id(base.tokenizer)))
+    except DataError as exc:
+        raise DataError(f"{what} split: {exc}") from None
+
+
+def check_packing(base: BaseModel) -> None:
+    """Packed rows need a model that takes position ids: without them attention would cross from one example
+    into the next. (They also need the model to run without a key/value cache, as a training session sets it:
+    with one, transformers does not look for packed rows.)"""
+    import inspect
+
+    if "position_ids" not in inspect.signature(base.model.forward).parameters:
+        raise DataError(f"--model {base.name}: its forward takes no position ids, which keep packed "
+                        "examples apart; pass --no-packing")
+
+
+def real_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor | int:
+    """The real tokens of ``batch``, padding left out, on its device (no host synchronisation).
+
+    Padded rows say theirs by the attention mask. Packed rows (`packed`: position ids, no mask) end in padding
+    whose position ids restart at 0 and whose labels are all ignored, where every real example trains at least one
+    label; document blocks have no padding."""
+    mask = batch.get("attention_mask")
+    if mask is not None:
+        return mask.sum()
+    ids, positions, labels = batch["input_ids"], batch.get("position_ids"), batch.get("labels")
+    if positions is None or labels is None:
+        return ids.numel()
+    columns = torch.arange(ids.shape[1], device=ids.device)
+    last = torch.where(positions == 0, columns, 0).amax(dim=1, keepdim=True)  # where each row's last segment starts
+    tail = columns >= last
+    padding = tail & ~((labels != IGNORE_INDEX) & tail).any(dim=1, keepdim=True)  # a last segment that trains nothing
+    return ids.numel() - padding.sum()

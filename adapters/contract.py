@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+from .rules import Engine, engine
+
 if TYPE_CHECKING:
     import torch
 
@@ -196,16 +198,21 @@ class RunShape:
     gradient_checkpointing: bool = False
     device: str = "cuda"  # "cuda": bf16 weights under bf16 autocast; "cpu": fp32, as adapters train runs
     loss_chunk: int | None = None  # causal-lm loss in chunks of this many tokens; 0: whole logits; None: the default
-    compile: bool | None = None  # decoder layers under torch.compile; None: the device's default (on for cuda)
+    compile: bool | None = None  # decoder layers under torch.compile; None: the device's default (adapters.rules)
     processes: int = 1  # the estimate is one process's of a run of this many, batch_size rows each
     sharding: str = "none"  # "none": each process holds the whole model (DDP); "fsdp": 1/processes of it (FSDP2)
 
     @property
+    def engine(self) -> Engine:
+        """How this run computes (`adapters.rules`): compiled or not, MLP recompute, optimizer, loss path."""
+        return engine(self.device, self.task, compile=self.compile, sharding=self.sharding,
+                      gradient_checkpointing=self.gradient_checkpointing, loss_chunk=self.loss_chunk)
+
+    @property
     def recomputes_mlp(self) -> bool:
         """Whether gated MLPs recompute their activation and product in backward instead of keeping the
-        activation's output: without gradient checkpointing and outside torch.compile (adapters.engine)."""
-        compiled = self.compile if self.compile is not None else self.device == "cuda"
-        return not self.gradient_checkpointing and not compiled
+        activation's output (`adapters.rules.recomputes_mlp`)."""
+        return self.engine.recomputes_mlp
 
     @property
     def tokens(self) -> int:

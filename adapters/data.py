@@ -41,6 +41,7 @@ from typing import Any
 
 from .contract import TASKS
 from .errors import AdaptersError
+from .rules import IGNORE_INDEX  # noqa: F401  (where readers of instruction data look for it)
 
 SUPPORTED_EXTENSIONS = (".txt", ".jsonl", ".json", ".csv", ".parquet")
 BUILTIN = "builtin:"
@@ -48,8 +49,6 @@ BUILTIN = "builtin:"
 # Fraction of examples kept out of training for evaluation.
 HELDOUT_FRACTION = 0.1
 
-# The label the loss skips (transformers' and torch's cross-entropy default).
-IGNORE_INDEX = -100
 
 # Each shape by the columns that make it, in the order they are detected, so that a file with more columns than one
 # shape needs is read as the richest (a chat file with a "text" column is a chat; alpaca files often carry "text").

@@ -4,7 +4,7 @@
 synchronisation, no temporaries the size of the weights) where torch has a fused kernel for it, which it has on
 CUDA and, since torch 2.4, on the CPU; foreach (one launch per group of tensors) anywhere else.
 
-No host synchronisation in a step: the loop (`adapters.trainer`) keeps losses, token counts and the gradient norm on
+No host synchronisation in a step: the training loop (`adapters.training.loop`) keeps losses, token counts and the gradient norm on
 the device and reads them at its logging interval only; clipping (torch's ``clip_grad_norm_`` through Accelerate)
 and the fused AdamW read nothing back either. One read remains that is not ours: transformers' forward looks at
 the batch once (``masking_utils``: whether rows are packed, or padded) to choose its attention kernel.
@@ -19,8 +19,8 @@ Compiling is lazy: a compiler that fails (no C++ compiler for the CPU, an operat
 fails at the first step, where `is_compile_error` tells it from other errors and `uncompile_layers` undoes it, so
 that the run goes on uncompiled with a one-line `CompileFallback` warning rather than dying.
 
-Whether compile is on by default depends on the device (`compile_by_default`); the CPU's default follows the
-measurement in ``benchmarks/compile.py`` (``benchmarks/results/compile-cpu-2core.json``).
+Whether compile is on, whether gated MLPs recompute, and which AdamW runs are `adapters.rules`' to say; this
+module carries them out.
 """
 from __future__ import annotations
 
@@ -32,13 +32,10 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
+from . import rules
+
 # What `compile_layers` compiles with; a test swaps in a backend that fails.
 BACKEND = "inductor"
-# Default on per device type. CUDA: on; a compiled decoder (with a chunked loss) gave LoRA 1.40x the tokens/s of
-# plain LoRA on an H200 (../shared/design/anchors.md). CPU: off; benchmarks/results/compile-cpu-2core.json measured
-# 0.91x (LoRA) and 1.02x (full fine-tuning) on SmolLM2 at batch 2 x 256, a gain that does not pay for compiling
-# (about 30-50 s the first time, a few seconds from inductor's cache).
-COMPILE_BY_DEFAULT = {"cuda": True, "cpu": False}
 
 
 class CompileFallback(UserWarning):
@@ -47,27 +44,13 @@ class CompileFallback(UserWarning):
 
 def make_optimizer(params: Iterable[torch.nn.Parameter], lr: float, weight_decay: float = 0.0,
                    device: torch.device | str | None = None) -> torch.optim.AdamW:
-    """AdamW over ``params`` for ``device`` (default: where the first parameter is): fused where torch has a fused
-    kernel for that device and those dtypes, else foreach. Neither synchronises with the host in ``step``."""
+    """AdamW over ``params`` for ``device`` (default: where the first parameter is), in the form `rules.optimizer`
+    gives the device: fused or foreach. Neither synchronises with the host in ``step``."""
     params = list(params)
     device = torch.device(device) if device is not None else (params[0].device if params else torch.device("cpu"))
-    if _fused_supported(device, params):
+    if rules.optimizer(device.type) == "adamw-fused":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=True)
-
-
-def _fused_supported(device: torch.device, params: list[torch.nn.Parameter]) -> bool:
-    if "fused" not in inspect.signature(torch.optim.AdamW).parameters:
-        return False
-    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
-
-    return (device.type in _get_fused_kernels_supported_devices()
-            and all(p.is_floating_point() and p.device.type == device.type for p in params))
-
-
-def compile_by_default(device: torch.device | str) -> bool:
-    """Whether ``--compile`` is on when the user said neither ``--compile`` nor ``--no-compile``."""
-    return COMPILE_BY_DEFAULT.get(torch.device(device).type, False)
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList | None:
@@ -131,13 +114,6 @@ def fall_back(model: torch.nn.Module, exc: BaseException) -> str:
 
 # The forward of Llama's MLP and of the families that copy it (Mistral, Qwen2/3, Gemma 1/2, Granite, OLMo, Cohere).
 _GATED_MLP = "self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))"
-
-
-def recomputes_mlp(gradient_checkpointing: bool, compiled: bool) -> bool:
-    """Whether a run recomputes its gated MLPs' activation and product (`recompute_gated_mlps`): not when whole
-    layers are recomputed already (gradient checkpointing), nor under torch.compile, whose partitioner makes its
-    own choice of what to keep."""
-    return not gradient_checkpointing and not compiled
 
 
 def recompute_gated_mlps(model: torch.nn.Module) -> int:

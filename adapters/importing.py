@@ -61,7 +61,8 @@ def import_peft(directory: str | Path, model: str, output: str | Path, *, quanti
     differs from the base's.
     """
     from .loading import load_base_model
-    from .store import check_output_dir, read_safetensors, save
+    from .store import check_output_dir, save
+    from .tensorfiles import read_safetensors
 
     directory = Path(directory)
     peft_config = read_peft_config(directory)

@@ -40,22 +40,18 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .sharding import is_sharded
-
-IGNORE_INDEX = -100
-# Tokens a chunk's logits are made for. Measured by benchmarks/loss_chunk.py on SmolLM2 (vocabulary 49,152):
-# below it the step slows for little saved memory; above it the chunk's logits and their gradient dominate
-# the loss's memory again (benchmarks/results/loss-chunk-cpu-2core.json).
-DEFAULT_CHUNK = 256
+from . import rules
+from .distributed import is_sharded
+from .rules import IGNORE_INDEX
 
 _CAUSAL_LM_LOSS = "ForCausalLM"  # the loss_type whose loss this module reproduces
 
 
 def loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk: int | None = None) -> torch.Tensor:
     """The training loss of ``batch`` (with its ``labels``): for a causal LM, computed in chunks of
-    ``chunk`` tokens (None: `DEFAULT_CHUNK`; 0: the model's own ``labels=`` loss); otherwise the
-    model's own. A scalar on the model's device, never read back to the host."""
-    chunk = DEFAULT_CHUNK if chunk is None else chunk
+    ``chunk`` tokens (None: `adapters.rules.DEFAULT_LOSS_CHUNK`; 0: the model's own ``labels=`` loss); otherwise
+    the model's own. A scalar on the model's device, never read back to the host."""
+    chunk = rules.loss_chunk(chunk)
     if chunk < 0:
         raise ValueError(f"chunk must be at least 0, not {chunk}")
     labels = batch.get("labels")
@@ -80,8 +76,9 @@ def loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk: int | No
 
 def loss_path(model: torch.nn.Module, chunk: int | None = None, device: torch.device | str | None = None) -> str:
     """How `loss` computes ``model``'s causal-LM loss: ``"chunked(N)"``, ``"liger"`` or ``"model"``
-    (after the first step: a model found to need its own loss says so)."""
-    chunk = DEFAULT_CHUNK if chunk is None else chunk
+    (after the first step: a model found to need its own loss says so). `adapters.rules.loss_path` is what it is
+    before the model is seen; this is what it became."""
+    chunk = rules.loss_chunk(chunk)
     target = _Target.of(model) if chunk else None
     if target is None:
         return "model"

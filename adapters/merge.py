@@ -231,7 +231,7 @@ def _merged(strategy: Strategy, loaded: Any, plain_class: type) -> torch.nn.Modu
 def _save(model: torch.nn.Module, tokenizer: Any, directory: Path, dtype: torch.dtype) -> None:
     """``save_pretrained`` in ``dtype`` (safetensors), and the tokenizer's files when it has any."""
     from .models import quiet_transformers
-    from .store import first_non_finite
+    from .tensorfiles import first_non_finite
 
     model.to(dtype)
     bad = first_non_finite(model.named_parameters())

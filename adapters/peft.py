@@ -78,7 +78,7 @@ def load_peft(model: torch.nn.Module, directory: Path) -> torch.nn.Module:
     """
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
-    from .store import check_keys, read_safetensors
+    from .tensorfiles import check_keys, read_safetensors
 
     path = Path(directory) / PEFT_WEIGHTS
     if not path.exists() and (Path(directory) / "adapter_model.bin").exists():

@@ -20,7 +20,7 @@ def search_limit(settings: BenchSettings) -> int | None:
     or on a GPU without a limit (its out-of-memory error stops the search)."""
     if not settings.find_max:
         return None
-    if settings.memory_limit is None:
+    if settings.spec.memory_limit is None:
         if device_kind() == "cpu":
             raise AdaptersError(
                 f"--find-max-{settings.find_max.replace('_size', '').replace('_', '-')} on the CPU needs "
@@ -28,7 +28,7 @@ def search_limit(settings: BenchSettings) -> int | None:
                 "nothing else would stop the search."
             )
         return None
-    return memory_limit(settings.memory_limit)
+    return memory_limit(settings.spec.memory_limit)
 
 
 def find_capacity(settings: BenchSettings, strategy: str, limit: int | None,
@@ -45,11 +45,11 @@ def find_capacity(settings: BenchSettings, strategy: str, limit: int | None,
     from ..models import model_config
     from ..plan import largest_that_fits
 
-    param, spec = settings.find_max, settings.spec(strategy)
+    param, spec = settings.find_max, settings.case(strategy)
     upper = 2**16
     if param == "seq_len":
-        upper = getattr(model_config(settings.model), "max_position_embeddings", None) or upper
-    trial = dataclasses.replace(TRY, memory_limit=settings.memory_limit)
+        upper = getattr(model_config(spec.model), "max_position_embeddings", None) or upper
+    trial = dataclasses.replace(TRY, memory_limit=settings.spec.memory_limit)
     tries: list[dict[str, Any]] = []
     results: dict[int, dict[str, Any]] = {}
 
@@ -59,6 +59,10 @@ def find_capacity(settings: BenchSettings, strategy: str, limit: int | None,
         result = run_case(dataclasses.replace(spec, **{param: value}), trial)
         peak = result["memory"]["peak_bytes"] if result["status"] == "ok" else None
         status = result["status"]
+        if status == "ok" and result["batch_size"] != spec.batch_size:  # it fitted only by halving its micro-batch
+            status, peak = "oom", None
+            result = {"strategy": strategy, "status": "oom", "message": "out of memory: it ran only after backing "
+                      f"off to micro-batch {result['batch_size']}"}
         if status == "ok" and limit is not None and peak > limit:
             status = "over limit"
         tries.append({"value": value, "status": status, "peak_bytes": peak,

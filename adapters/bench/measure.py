@@ -1,31 +1,31 @@
 """Measure one case in this process: the worker's job.
 
-It reuses the training pipeline (`adapters.training.build`, `training_step`), so what is measured is
-what `adapters train` runs: load and apply, then time the steps, split the memory peak into its
-parts, and, on a GPU, add MFU and energy; then, with more than one repeat, load again
-(`Measurement.loads`), so the report holds the load time's own spread; optionally held-out quality
-over a short real training.
+It opens the run's training session (`adapters.training.Session`), the one `adapters train` steps, and steps it as
+train does, on the run's own batches (packing, padding trimmed, accumulation included): so what is measured is what
+train runs. It times the steps, splits the memory peak into its parts, and, on a GPU, adds MFU and energy; then,
+with more than one repeat, loads again (`Measurement.loads`), so the report holds the load time's own spread;
+optionally held-out quality over a short real training.
 """
 from __future__ import annotations
 
 import dataclasses
 import gc
-import math
 import resource
 import statistics
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ..contract import traits
-from ..errors import AdaptersError, TrainingFailed
-from ..loss import loss_path
-from ..nn import ParameterCount, count_parameters, trainable_parameters
-from ..runspec import Run, RunSpec, resolve
+from ..distributed import is_sharded
+from ..errors import AdaptersError
+from ..nn import ParameterCount, trainable_parameters
+from ..resolver import resolve
+from ..runspec import Run, RunSpec
 from ..text import parse_size
+from ..training import Session, build, finite_loss, tokens_of, train
+from ..training.result import engine_now
 from .profiler import cpu_peak_allocated_bytes, cpu_peak_tensor_bytes
 from .settings import Measurement
 
@@ -42,19 +42,27 @@ def peak_bf16_flops(device_name: str) -> float | None:
     return None
 
 
-@dataclass
-class _Training:
-    """A model ready to step on one fixed batch."""
+class _Steps:
+    """A session's optimizer steps, one after another on its batches from the first: each one's loss (read back,
+    which waits for the step to end) and real tokens."""
 
-    model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    batch: dict[str, torch.Tensor]
-    step: Callable[[int], torch.Tensor]  # one training step (its number) -> the loss
-    load_s: float
-    params: ParameterCount
-    declared: int | None  # the trainable count the strategy declared, if it does
-    device: torch.device
-    compiled_layers: int = 0  # decoder layers compiled (--compile); 0: none
+    def __init__(self, session: Session) -> None:
+        from ..checkpoints import Position
+
+        self.session = session
+        self.position = Position(step=0, epoch=0, batch=0, tokens=0, seconds=0.0, losses=[])
+        self.batches = session.batches(self.position)
+
+    def __call__(self) -> tuple[float, int]:
+        return self.run(next(self.batches))
+
+    def run(self, batches: list[dict[str, torch.Tensor]]) -> tuple[float, int]:
+        """The next step, on ``batches`` (drawn from `batches`)."""
+        self.position.step += 1
+        done = self.session.stepper.step(batches, self.position.step)
+        if done is None:
+            raise torch.OutOfMemoryError(self.session.stepper.failure)
+        return finite_loss(done[0].item(), self.position.step), int(tokens_of(batches))
 
 
 def measure(spec: RunSpec, measurement: Measurement) -> dict[str, Any]:
@@ -63,42 +71,36 @@ def measure(spec: RunSpec, measurement: Measurement) -> dict[str, Any]:
     cuda = torch.cuda.is_available()
     if cuda:
         _prepare_gpu(measurement.memory_limit)
-    training = _set_up(run)
-    before = _checksums(training.model)
+    session = Session.open(run)
+    steps = _Steps(session)
+    before = _checksums(session.built.model)
     # Untimed warm-up; with --compile at least one step, the first, which compiles the layers.
     warmup_s = []
-    for i in range(max(measurement.warmup, 1 if training.compiled_layers else 0)):
+    for _ in range(max(measurement.warmup, 1 if session.compiled["layers"] else 0)):
         start = time.perf_counter()
-        _finite(training.step(i + 1).item(), i + 1)  # reading the loss waits for the step to end
+        steps()
         warmup_s.append(time.perf_counter() - start)
     nvml = _Nvml() if cuda else None
     energy_start = nvml.energy_mj() if nvml else None
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    times, losses = _time_steps(training.step, measurement, cuda)
+    times, losses, tokens = _time_steps(steps, measurement, cuda)
     energy_end = nvml.energy_mj() if nvml else None
-    result = _result(run, measurement, training, times, losses)
+    result = _result(run, session, times, losses, tokens)
     # Compile time, apart from step time: the first step's seconds beyond a compiled step's (None: not compiled).
-    result["compiled_layers"] = training.compiled_layers
+    result["compiled_layers"] = session.compiled["layers"]
     result["steps_run"] = len(warmup_s) + measurement.steps * measurement.repeats
-    result["compile_s"] = max(0.0, warmup_s[0] - result["step_s"]["median"]) if training.compiled_layers else None
-    result["memory"] = _memory(training, cuda, nvml)
-    result["flags"] = _flags(training, before)
+    result["compile_s"] = max(0.0, warmup_s[0] - result["step_s"]["median"]) if session.compiled["layers"] else None
+    result["memory"] = _memory(session, steps, cuda, nvml)
+    result["flags"] = _flags(session, before)
     if cuda:
-        timed_tokens = result["tokens_per_step"] * measurement.steps * measurement.repeats
-        result["mfu"] = _mfu(run, training.params, result["tokens_per_s"])
+        result["mfu"] = _mfu(run, session.parameters, result["tokens_per_s"])
         if energy_start is not None and energy_end is not None:
-            result["energy_j_per_token"] = (energy_end - energy_start) / 1000 / timed_tokens
-    device = training.device
-    del training  # free its memory before the model loads again
-    for _ in range(measurement.loads - 1):
-        try:
-            result["load_s_repeats"].append(_load_again(run, device))
-        except Exception as exc:  # e.g. out of memory: what was measured stands, without the load time's spread
-            result["flags"].append(f"loading again failed, so load time has no spread: {type(exc).__name__}: "
-                                   f"{exc}"[:300])
-            break
+            result["energy_j_per_token"] = (energy_end - energy_start) / 1000 / sum(tokens)
+    device = session.accelerator.device
+    del session, steps  # free its memory before the model loads again
+    _load_again(run, device, measurement.loads - 1, result)
     if measurement.quality_steps:
         result["quality"], quality_flags = _quality(spec, measurement.quality_steps)
         result["flags"].extend(quality_flags)
@@ -113,86 +115,51 @@ def _prepare_gpu(memory_limit: str | None) -> None:
         torch.cuda.set_per_process_memory_fraction(min(1.0, parse_size(memory_limit) / total))
 
 
-def _set_up(run: Run) -> _Training:
-    """Load and apply the strategy, and put the model, its optimizer and one batch on the device."""
-    from ..engine import compile_by_default, compile_layers, make_optimizer
-    from ..training import build, make_accelerator, make_batches, optimizer_step
-
-    accelerator = make_accelerator(sharding=run.spec.sharding)
-    start = time.perf_counter()
-    base, model, declared = build(run, accelerator.device)
-    load_s = time.perf_counter() - start
-    params = count_parameters(model)
-    data = make_batches(run.dataset.train, base, run.spec.seq_len, "train")
-    # The asked batch shape, whatever the data's size: short data repeats its rows (memory and
-    # speed do not depend on the values; a silently smaller batch would be measured wrongly).
-    # A step of micro-batches (--memory-limit may fit the batch into several): all of its rows, in micro-batches.
-    rows = torch.arange(run.spec.batch_size * run.spec.gradient_accumulation_steps) % len(data)
-    batch = {k: v[rows] for k, v in data.tensors.items()}
-    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], run.learning_rate,
-                               run.weight_decay, accelerator.device)
-    on = run.spec.compile if run.spec.compile is not None else compile_by_default(accelerator.device)
-    compiled = compile_layers(model) if on else 0
-    model, optimizer = accelerator.prepare(model, optimizer)
-    batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-    model.train()
-
-    def step(i: int) -> torch.Tensor:
-        return optimizer_step(model, [batch], optimizer, accelerator, step=i, micro_batch=run.spec.batch_size,
-                              loss_chunk=run.spec.loss_chunk)[0]
-
-    return _Training(model, optimizer, batch, step, load_s, params, declared, accelerator.device, compiled)
+def _load_again(run: Run, device: torch.device, times: int, result: dict[str, Any]) -> None:
+    """Load and apply ``run`` ``times`` more in this process (warm: imports done, files cached), each one's seconds
+    added to the result's ``load_s_repeats``; a load that fails (out of memory, say) ends that with a flag."""
+    for _ in range(times):
+        gc.collect()  # the previous copy's memory, before this one takes its own
+        try:
+            result["load_s_repeats"].append(build(run, device).load_s)
+        except Exception as exc:  # what was measured stands, without the load time's spread
+            result["flags"].append(f"loading again failed, so load time has no spread: {type(exc).__name__}: "
+                                   f"{exc}"[:300])
+            return
+        finally:
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
 
 
-def _load_again(run: Run, device: torch.device) -> float:
-    """Seconds to load and apply ``run`` once more in this process (warm: imports done, files cached)."""
-    from ..training import build
-
-    gc.collect()  # the previous copy's memory, before this one takes its own
-    start = time.perf_counter()
-    loaded = build(run, device)
-    seconds = time.perf_counter() - start
-    del loaded
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    return seconds
-
-
-def _time_steps(step: Callable[[int], torch.Tensor], measurement: Measurement,
-                cuda: bool) -> tuple[list[list[float]], list[float]]:
-    """Seconds of each timed step, per repeat, and every step's loss."""
+def _time_steps(steps: _Steps, measurement: Measurement,
+                cuda: bool) -> tuple[list[list[float]], list[float], list[int]]:
+    """Seconds of each timed step, per repeat, and every step's loss and real tokens."""
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     times: list[list[float]] = []
     losses: list[float] = []
+    tokens: list[int] = []
     for _ in range(measurement.repeats):
         repeat = []
-        for i in range(measurement.steps):
+        for _ in range(measurement.steps):
             sync()
             start = time.perf_counter()
-            losses.append(_finite(step(i + 1).item(), i + 1))
+            loss, count = steps()
             sync()
             repeat.append(time.perf_counter() - start)
+            losses.append(loss)
+            tokens.append(count)
         times.append(repeat)
-    return times, losses
+    return times, losses, tokens
 
 
-def _finite(loss: float, step: int) -> float:
-    """``loss``, read after its step as timing needs anyway (the step itself does not synchronise); `TrainingFailed`
-    when it is not finite."""
-    if not math.isfinite(loss):
-        raise TrainingFailed(f"loss became {loss} at step {step}; stopped and saved nothing. Lower --learning-rate, "
-                             "or check the data.")
-    return loss
-
-
-def _result(run: Run, measurement: Measurement, training: _Training, times: list[list[float]],
-            losses: list[float]) -> dict[str, Any]:
+def _result(run: Run, session: Session, times: list[list[float]], losses: list[float],
+            tokens: list[int]) -> dict[str, Any]:
     """The result's identity, timings and counts; memory, flags and the GPU's numbers are added after."""
     flat = sorted(t for repeat in times for t in repeat)
     median = statistics.median(flat)
-    batch = training.batch
-    tokens = int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+    per_step = sum(tokens) / len(tokens)  # the real tokens of a timed step, padding left out, as train counts them
+    stepper = session.stepper
     return {
         "strategy": run.spec.strategy,
         "name": run.strategy.name,
@@ -200,21 +167,21 @@ def _result(run: Run, measurement: Measurement, training: _Training, times: list
         "task": run.task,
         "status": "ok",
         "message": None,
-        "load_s": training.load_s,
-        "load_s_repeats": [training.load_s],  # every load's seconds, the first (load_s) in a fresh process
+        "load_s": session.built.load_s,
+        "load_s_repeats": [session.built.load_s],  # every load's seconds, the first (load_s) in a fresh process
         "step_s": {"median": median, "min": flat[0], "max": flat[-1], "spread": (flat[-1] - flat[0]) / median,
                    "repeat_medians": [statistics.median(r) for r in times]},
-        "steps_run": measurement.warmup + measurement.steps * measurement.repeats,
-        "tokens_per_step": tokens,
-        "tokens_per_s": tokens / median,
-        # What the row really ran with: bench never backs off, but a row that did must say so (compare checks it).
-        "batch_size": run.spec.batch_size,
-        "gradient_accumulation_steps": run.spec.gradient_accumulation_steps,
+        "tokens_per_step": round(per_step),
+        "tokens_per_s": per_step / median,
+        # What the row really ran with: a row that backed off after running out of memory says so (compare checks).
+        "batch_size": stepper.micro_batch,
+        "gradient_accumulation_steps": stepper.accumulation,
         "memory_fit": run.fit,  # --memory-limit: what the plan chose and why; None when not fitted
-        "loss_path": loss_path(training.model, run.spec.loss_chunk) if run.task == "causal-lm" else "model",
-        "trainable_parameters": training.params.trainable,
-        "declared_trainable_parameters": training.declared,
-        "total_parameters": training.params.total,
+        "loss_path": engine_now(session, session.unwrapped())["loss_path"],
+        "engine": engine_now(session, session.unwrapped()),
+        "trainable_parameters": session.parameters.trainable,
+        "declared_trainable_parameters": session.built.declared,
+        "total_parameters": session.parameters.total,
         "final_loss": losses[-1],
         "memory": None,
         "mfu": None,
@@ -227,19 +194,21 @@ def _result(run: Run, measurement: Measurement, training: _Training, times: list
 # ------------------------------------------------------------------------------------------ memory
 
 
-def _memory(training: _Training, cuda: bool, nvml: _Nvml | None) -> dict[str, Any]:
-    """The step's peak, split into what is held outside the step and the step's own activations."""
-    from ..sharding import is_sharded
-
-    static = static_components(training.model, training.optimizer)
+def _memory(session: Session, steps: _Steps, cuda: bool, nvml: _Nvml | None) -> dict[str, Any]:
+    """The step's peak, split into what is held outside the step and the step's own activations. On the CPU, the
+    profiler watches one more step, on a batch drawn before it (as the loader's worker would have it ready)."""
+    static = static_components(session.model, session.optimizer)
     gradients = static["trainable_parameters"]  # at the backward peak, every trainable weight has its gradient
     if cuda:
         peak, source = torch.cuda.max_memory_allocated(), "cuda_max_memory_allocated"
-    elif is_sharded(training.model):  # what the step allocates, over what it uses from before (see the profiler)
-        before = sum(static.values()) + _tensor_bytes(list(training.batch.values()))
-        peak, source = before + cpu_peak_allocated_bytes(lambda: training.step(0)), "cpu_profiler_allocation_events"
     else:
-        peak, source = cpu_peak_tensor_bytes(lambda: training.step(0)), "cpu_profiler_allocation_events"
+        batches = next(steps.batches)
+        if is_sharded(session.model):  # what the step allocates, over what it uses from before (see the profiler)
+            held = sum(static.values()) + _tensor_bytes([t for b in batches for t in b.values()])
+            peak = held + cpu_peak_allocated_bytes(lambda: steps.run(batches))
+        else:
+            peak = cpu_peak_tensor_bytes(lambda: steps.run(batches))
+        source = "cpu_profiler_allocation_events"
     components = {**static, "gradients": gradients}
     components["activations_and_temporaries"] = peak - sum(components.values())
     return {
@@ -306,10 +275,14 @@ def _checksums(model: torch.nn.Module) -> dict[str, tuple[float, float]]:
             for n, p in trainable_parameters(model)}
 
 
-def _flags(training: _Training, before: dict[str, tuple[float, float]]) -> list[str]:
+def _flags(session: Session, before: dict[str, tuple[float, float]]) -> list[str]:
     """What looks wrong: weights that did not train, a trainable count unlike the declared one."""
-    flags = [] if _checksums(training.model) != before else ["trainable weights unchanged after training"]
-    trainable, declared = training.params.trainable, training.declared
+    flags = [] if _checksums(session.built.model) != before else ["trainable weights unchanged after training"]
+    if session.stepper.backoffs:  # as train would have: the row says what it really ran with, and compare checks it
+        s, last = session.run.spec, session.stepper.backoffs[-1]
+        flags.append(f"backed off after running out of memory: micro-batch {s.batch_size} x "
+                     f"{s.gradient_accumulation_steps} -> {last['batch_size']} x {last['gradient_accumulation_steps']}")
+    trainable, declared = session.parameters.trainable, session.built.declared
     if declared is not None and declared != trainable:
         flags.append(f"trainable count {trainable:,} disagrees with the strategy's declared {declared:,}")
     return flags
@@ -349,8 +322,6 @@ class _Nvml:
 
 def _quality(spec: RunSpec, steps: int) -> tuple[dict[str, Any], list[str]]:
     """Held-out quality before and after ``steps`` training steps on the built-in real data."""
-    from ..trainer import train
-
     result = train(dataclasses.replace(spec, max_steps=steps), progress=False)
     if result.status != "completed":
         return ({"steps": steps, "status": "failed", "message": result.reason},

@@ -51,10 +51,8 @@ def predicted_largest(spec: RunSpec, parameter: str, limit: int | None) -> int |
         limit = torch.cuda.get_device_properties(0).total_memory
     if limit is None:
         return None
-    (plan,) = make_plans(PlanSettings(
-        model=spec.model, strategies=[spec.strategy], batch_size=spec.batch_size, seq_len=spec.seq_len,
-        task=spec.task, gradient_checkpointing=spec.gradient_checkpointing, device=device_kind(),
-        budget=str(limit), options=dict(spec.options)))["plans"]
+    (plan,) = make_plans(PlanSettings(spec, strategies=[spec.strategy], device=device_kind(),
+                                      budget=str(limit)))["plans"]
     return plan["max_batch_size"] if parameter == "batch_size" else plan["max_seq_len"]
 
 

@@ -143,14 +143,15 @@ def _free_output(output: Path, overwrite: bool) -> Path:
 def _refusals(settings: BenchSettings) -> dict[str, str]:
     """Every case resolved before any work starts: a typo is an error; what a strategy declares it
     cannot do (full-finetune on a quantized base) is its message, recorded as a refused row."""
-    from ..runspec import StrategyRefused, resolve
+    from ..resolver import resolve
+    from ..runspec import StrategyRefused
 
     if not settings.strategies:
         raise AdaptersError("--strategies is empty. Name at least one, e.g. --strategies lora,full-finetune.")
     refusals = {}
     for name in settings.strategies:
         try:
-            resolve(settings.spec(name), data=False)
+            resolve(settings.case(name), data=False)
         except StrategyRefused as exc:
             refusals[name] = str(exc)
     return refusals
@@ -169,7 +170,7 @@ def _run_cases(settings: BenchSettings, refusals: dict[str, str], limit: int | N
             if name in refusals:
                 outcome.results.append({"strategy": name, "status": "refused", "message": refusals[name]})
                 continue
-            spec = settings.spec(name)
+            spec = settings.case(name)
             if settings.find_max:
                 result, search = find_capacity(settings, name, limit, bar)
                 outcome.capacity.append(search)
@@ -187,7 +188,7 @@ def _measure(settings: BenchSettings, spec: RunSpec, measurement: Measurement) -
     """One strategy measured in a fresh process, or in a torchrun of ``settings.processes``; with several, also in a
     torchrun of one, for the scaling efficiency: tokens/s with N processes / (N x tokens/s with 1)."""
     n = settings.processes
-    if n == 1 and settings.sharding == "none":
+    if n == 1 and settings.spec.sharding == "none":
         return run_case(spec, measurement)
     result = run_case(spec, measurement, n)
     if n > 1 and result["status"] == "ok":
@@ -210,9 +211,9 @@ def _report(settings: BenchSettings, outcome: _Outcome) -> dict[str, Any]:
     report = {
         "schema_version": SCHEMA_VERSION,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "provenance": {**provenance(), "seed": settings.seed},
-        "settings": {**settings.to_dict(), "gradient_accumulation_steps": 1,
-                     "effective_batch_size": settings.batch_size * settings.processes,
+        "provenance": {**provenance(), "seed": settings.spec.seed},
+        "settings": {**settings.to_dict(), "effective_batch_size": settings.spec.batch_size *
+                     settings.spec.gradient_accumulation_steps * settings.processes,
                      "dtype": "bfloat16" if device == "cuda" else "float32", "device": device},
         "results": outcome.results,
     }

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any
 from ..text import GiB, MiB, aligned_table, format_bytes
 
 if TYPE_CHECKING:
-    from ..trainer import TrainResult
+    from ..training import TrainResult
 
 SUMMARY_HEADERS = ["strategy", "status", "trainable", "step ms", "tokens/s", "peak MiB", "plan MiB (error)",
                    "base / train+grad+opt / act MiB", "notes"]

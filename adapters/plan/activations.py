@@ -8,6 +8,7 @@ on SmolLM2 and MiniLM.
 """
 from __future__ import annotations
 
+from .. import rules
 from ..contract import ModelShape, RunShape
 
 
@@ -92,20 +93,6 @@ def transients(shape: ModelShape, run: RunShape) -> tuple[int, int]:
     return max(attention, 2 * n * i * e) + 2 * n * h * e, max(attention, 2 * n * i * e)
 
 
-def loss_chunk(run: RunShape) -> int:
-    """The run's loss chunk in tokens (0: the model's own loss over the whole logits)."""
-    from ..loss import DEFAULT_CHUNK
-
-    return DEFAULT_CHUNK if run.loss_chunk is None else run.loss_chunk
-
-
-def loss_path(shape: ModelShape, chunk: int | None) -> str:
-    """How a run computes the loss, as `adapters.loss.loss_path` says once the model is loaded. (Liger's
-    fused loss, which a GPU with liger-kernel uses instead, is planned as the torch chunks.)"""
-    chunk = loss_chunk(RunShape(1, 1, loss_chunk=chunk))
-    return f"chunked({chunk})" if shape.task == "causal-lm" and chunk else "model"
-
-
 def loss(shape: ModelShape, run: RunShape, flow: str) -> int:
     """Bytes the loss adds at its backward, the loss's peak, beyond the activations.
 
@@ -128,7 +115,7 @@ def loss(shape: ModelShape, run: RunShape, flow: str) -> int:
     n, v, h, e = run.tokens, shape.vocab_size, shape.hidden_size, run.compute_bytes
     if run.task != "causal-lm":
         return run.batch_size * shape.num_labels * 12
-    chunk = loss_chunk(run)
+    chunk = rules.loss_chunk(run.loss_chunk)
     if not chunk:
         return 3 * n * v * 4
     c = min(chunk, n)

@@ -94,21 +94,12 @@ def device_for_run() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def launched_processes() -> int:
-    """How many processes the launcher (torchrun, ``accelerate launch``) started for this run; 1 without one."""
-    import os
-
-    try:
-        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
-    except ValueError:
-        return 1
-
-
 def fit(run: Run, limit: int, device: str | None = None) -> Fit:
     """The fastest way predicted to fit ``run`` into ``limit`` bytes, keeping its effective batch.
 
     Raises `MemoryLimitTooSmall` when nothing fits, or when the plan cannot estimate this strategy on this model.
     """
+    from ..distributed import launched_processes
     from .memory import estimate
     from .skeleton import model_shape
 

@@ -133,20 +133,9 @@ def _phases(shape: ModelShape, run: RunShape, part: StrategyMemory) -> dict[str,
 
 
 def _adamw_temporaries(run: RunShape, part: StrategyMemory) -> int:
-    """AdamW's temporaries in `adapters.engine.make_optimizer`'s form for the device: fused updates each tensor in
+    """AdamW's temporaries in the form `adapters.rules.optimizer` gives the device: fused updates each tensor in
     place, with none; foreach makes one the size of every trainable tensor at once."""
-    return 0 if fused_adamw(run.device) else part.trainable_bytes
-
-
-def fused_adamw(device: str) -> bool:
-    """Whether this torch has a fused AdamW kernel for ``device`` ("cuda"; "cpu" since torch 2.4)."""
-    import inspect
-
-    import torch
-    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
-
-    return "fused" in inspect.signature(torch.optim.AdamW).parameters and \
-        device in _get_fused_kernels_supported_devices()
+    return 0 if run.engine.optimizer == "adamw-fused" else part.trainable_bytes
 
 
 def estimate(shape: ModelShape, strategy: Strategy, config: Any, run: RunShape, spec: str | None = None) -> Plan:

@@ -11,12 +11,21 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from .. import rules
 from ..contract import QUANTIZATIONS, ModelShape, RunShape, Strategy
 from ..errors import AdaptersError
 from ..host import Registry, get_registry
-from ..runspec import DEFAULT_MODEL, DEFAULT_STRATEGY, RunSpec, StrategyRefused, resolve, split_strategy
+from ..resolver import resolve
+from ..runspec import (
+    DEFAULT_STRATEGY,
+    RunSpec,
+    StrategyRefused,
+    check_at_least,
+    check_sharding,
+    split_strategy,
+    with_spec,
+)
 from ..text import parse_size
-from .activations import loss_path
 from .budget import with_budget
 from .memory import RUNTIME_OVERHEAD, Plan, estimate
 from .skeleton import model_shape
@@ -24,20 +33,18 @@ from .skeleton import model_shape
 
 @dataclass
 class PlanSettings:
-    """What `adapters plan` accepts."""
+    """What `adapters plan` accepts: the run to plan (`spec`; its strategy is each planned one) and how."""
 
-    model: str = DEFAULT_MODEL
+    spec: RunSpec = field(default_factory=RunSpec)
     strategies: list[str] = field(default_factory=lambda: [DEFAULT_STRATEGY])  # names, NAME@QUANT, or ["all"]
-    batch_size: int = 4
-    seq_len: int = 512
-    task: str | None = None
-    gradient_checkpointing: bool = False
-    loss_chunk: int | None = None  # as RunSpec.loss_chunk: None, train's default chunk; 0, the model's own loss
-    device: str = "cuda"
-    options: dict[str, Any] = field(default_factory=dict)
-    budget: str | None = None
-    processes: int = 1  # the plan is one process's peak, each with batch_size rows
-    sharding: str = "none"  # as RunSpec.sharding
+    device: str = "cuda"  # the device planned for: "cuda", bf16 under autocast; "cpu", float32
+    budget: str | None = None  # a size to fit: a verdict, and the largest batch and sequence that fit
+    processes: int = 1  # the plan is one process's peak of a run of this many, each with the spec's batch_size rows
+
+    @classmethod
+    def of(cls, **values: Any) -> PlanSettings:
+        """Settings from flat values: `RunSpec` fields (``model``, ``batch_size``, ...) and plan's own."""
+        return with_spec(cls, values, "plan")
 
 
 @dataclass
@@ -54,44 +61,43 @@ class _Asked:
 def make_plans(settings: PlanSettings) -> dict[str, Any]:
     """Plan every strategy in ``settings``: the library function behind `adapters plan`."""
     started = time.perf_counter()
+    s = settings.spec
     if settings.device not in RUNTIME_OVERHEAD:
         raise AdaptersError(f"--device {settings.device}: use cuda or cpu.")
     budget = parse_size(settings.budget) if settings.budget else None
-    _check_processes(settings)
+    check_at_least(1, processes=settings.processes, batch_size=s.batch_size, seq_len=s.seq_len)
+    check_sharding(s.sharding, "none", s.compile)  # the name; a quantized base is a refused row (`_asked`)
     registry = get_registry()
     asked = _asked(settings, registry)  # every name and option checked before any model is built
-    shape = model_shape(settings.model, settings.task, settings.device)
+    shape = model_shape(s.model, s.task, settings.device)
     plans = []
     for one in asked:
-        run = RunShape(settings.batch_size, settings.seq_len, shape.task, one.quantization,
-                       settings.gradient_checkpointing, settings.device, settings.loss_chunk,
-                       processes=settings.processes, sharding=settings.sharding)
+        run = RunShape(s.batch_size, s.seq_len, shape.task, one.quantization, s.gradient_checkpointing,
+                       settings.device, s.loss_chunk, s.compile, processes=settings.processes, sharding=s.sharding)
         plans.append(_plan(one, shape, run, budget))
+    engine = rules.engine(settings.device, shape.task, compile=s.compile, sharding=s.sharding,
+                          gradient_checkpointing=s.gradient_checkpointing, loss_chunk=s.loss_chunk)
     return {
-        "model": settings.model, "task": shape.task, "device": settings.device,
+        "model": s.model, "task": shape.task, "device": settings.device,
         "dtype": "bfloat16 (autocast)" if settings.device == "cuda" else "float32",
-        "batch_size": settings.batch_size, "seq_len": settings.seq_len,
-        "gradient_checkpointing": settings.gradient_checkpointing, "loss": loss_path(shape, settings.loss_chunk),
-        "processes": settings.processes, "sharding": settings.sharding,
-        "budget_bytes": budget,
+        "batch_size": s.batch_size, "seq_len": s.seq_len,
+        "gradient_checkpointing": s.gradient_checkpointing, "loss": engine.loss_path,
+        "processes": settings.processes, "sharding": s.sharding,
+        "budget_bytes": budget, "engine": engine.to_dict(),
         "plans": [p.to_dict() for p in plans], "seconds": round(time.perf_counter() - started, 3),
     }
 
 
-def _check_processes(settings: PlanSettings) -> None:
-    """--processes and --sharding, checked as `adapters train` checks them."""
-    from ..runspec import check_at_least, check_sharding
-
-    check_at_least(1, processes=settings.processes)
-    check_sharding(settings.sharding, "none", None)  # the name; a quantized base is a refused row (`_asked`)
-
-
 def _specs(settings: PlanSettings, registry: Registry) -> list[str]:
     """Strategy specs to plan: "all" expands to every strategy (aliases are other names for one of
-    them) on every quantization it supports."""
+    them) on every quantization it supports (on the spec's quantization alone, when it has one)."""
     if settings.strategies == ["all"]:
+        wanted = [settings.spec.quantization] if settings.spec.quantization else QUANTIZATIONS
         return [e.strategy.name if q == "none" else f"{e.strategy.name}@{q}" for e in registry.entries(aliases=False)
-                for q in QUANTIZATIONS if q in e.strategy.supported_quantization]
+                for q in wanted if q in e.strategy.supported_quantization]
+    quantization = settings.spec.quantization
+    if quantization:  # each planned as NAME@QUANT; one that says another quantization is an error
+        return [f"{split_strategy(spec, quantization)[0]}@{quantization}" for spec in settings.strategies]
     return list(settings.strategies)
 
 
@@ -101,15 +107,14 @@ def _asked(settings: PlanSettings, registry: Registry) -> list[_Asked]:
     if not specs:
         raise AdaptersError("--strategy is empty. Name one, e.g. --strategy lora, or --strategies all.")
     strategies = [registry.get(split_strategy(spec, None)[0]) for spec in specs]
+    options = settings.spec.options
     several = len(specs) > 1
     if several:
-        _check_shared_options(settings.options, strategies)
+        _check_shared_options(options, strategies)
     asked = []
     for spec, strategy in zip(specs, strategies):
-        run_spec = RunSpec(model=settings.model, strategy=spec, task=settings.task, batch_size=settings.batch_size,
-                           seq_len=settings.seq_len, gradient_checkpointing=settings.gradient_checkpointing,
-                           loss_chunk=settings.loss_chunk,
-                           options=_accepted(strategy, settings.options) if several else settings.options)
+        run_spec = dataclasses.replace(settings.spec, strategy=spec,
+                                       options=_accepted(strategy, options) if several else dict(options))
         try:
             run = resolve(run_spec, data=False)
         except StrategyRefused as refused:
@@ -121,10 +126,8 @@ def _asked(settings: PlanSettings, registry: Registry) -> list[_Asked]:
 
 def _sharding_refusal(settings: PlanSettings, run: Any) -> str | None:
     """Why ``run`` cannot be sharded as ``settings`` ask (a quantized base), as `adapters train` says it."""
-    from ..runspec import check_sharding
-
     try:
-        check_sharding(settings.sharding, run.quantization, None)
+        check_sharding(settings.spec.sharding, run.quantization, None)
     except AdaptersError as exc:
         return str(exc)
     return None

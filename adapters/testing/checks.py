@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ..contract import EstimatesMemory, Strategy, traits, validate_strategy
-from ..engine import make_optimizer
+from ..checkpoints import Position
 from ..nn import count_parameters
 from ..runspec import StrategyRefused
 from .harness import LABELS, STEPS, Harness, Skip
@@ -325,7 +325,7 @@ def gradient_checkpointing(h: Harness, task: str, quantization: str) -> str:
 def pipeline(h: Harness, task: str, quantization: str) -> str:
     from ..runspec import RunSpec
     from ..store import load
-    from ..trainer import train
+    from ..training import train
 
     out = h.workdir / f"pipeline-{task}"
     result = train(RunSpec(model=h.model, strategy=h.name, quantization=quantization, task=task, max_steps=1,
@@ -343,10 +343,10 @@ RESUME_STEPS, RESUME_STOP = 4, 2  # a run of 4 steps (2 micro-batches each), sto
        doc=f"a run stopped after step {RESUME_STOP} and resumed from its checkpoint ends with the same losses and "
            "trainable weights as an uninterrupted run")
 def resume(h: Harness, task: str, quantization: str) -> str:
-    from ..checkpoints import resume_spec
     from ..nn import trainable_parameters
+    from ..resuming import resume_spec
     from ..runspec import RunSpec
-    from ..trainer import train
+    from ..training import train
 
     spec = dict(model=h.model, strategy=h.name, quantization=quantization, task=task, max_steps=RESUME_STEPS,
                 gradient_accumulation_steps=2, batch_size=2, seq_len=32, eval_batches=1, seed=h.seed, save_every=2)
@@ -422,7 +422,6 @@ def merge(h: Harness, task: str, quantization: str) -> str:
 def memory_estimate(h: Harness) -> str:
     from ..bench import ProfilerUnavailable, cpu_peak_tensor_bytes
     from ..plan import RunShape, StrategyMemory, estimate, model_shape, strategy_memory
-    from ..training import build, training_step
 
     if not isinstance(h.strategy, EstimatesMemory):
         raise Skip("no estimate_memory hook")
@@ -442,18 +441,16 @@ def memory_estimate(h: Harness) -> str:
         raise AssertionError(f"estimate_memory returned {type(part).__name__}, not adapters.StrategyMemory")
     plan = estimate(shape, h.strategy, run.config, run_shape)
 
-    base, model, _ = build(run, h.device)
-    trainable = count_parameters(model).trainable
+    session = h.open(run)
+    trainable = session.parameters.trainable
     if part.trainable_parameters != trainable:
         raise AssertionError(f"estimate_memory says {part.trainable_parameters:,} trainable parameters, "
                              f"apply left {trainable:,}")
-    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], run.learning_rate, 0.0, h.device)
-    batch = h.batch(run, base)
-    model.train()
-    step = lambda: training_step(model, batch, optimizer, h.accelerator, 1)  # noqa: E731
-    step()  # the optimizer's state exists from the first step on
+    batches = session.batches(Position(step=0, epoch=0, batch=0, tokens=0, seconds=0.0, losses=[]))
+    session.stepper.step(next(batches), 1)  # the optimizer's state exists from the first step on
+    second = next(batches)  # drawn before the profiler watches: the loader's rows are not the step's memory
     try:
-        measured = cpu_peak_tensor_bytes(step)
+        measured = cpu_peak_tensor_bytes(lambda: session.stepper.step(second, 2))
     except ProfilerUnavailable as exc:  # this torch cannot measure it; not the strategy's fault
         raise Skip(str(exc)) from None
     error = (plan.peak_bytes - measured) / measured
@@ -488,7 +485,7 @@ def distributed(h: Harness, task: str, quantization: str) -> str:
     import sys
 
     from ..runspec import RunSpec
-    from ..trainer import train
+    from ..training import train
 
     if h.device.type != "cpu":
         raise Skip("runs on the CPU (gloo), where two processes share one machine")
@@ -533,7 +530,7 @@ def _script(workdir: Path) -> Path:
 
 
 def _weights(run: Path) -> dict[str, torch.Tensor]:
-    from ..store import read_safetensors
+    from ..tensorfiles import read_safetensors
 
     return {f"{f.name}:{k}": v for f in sorted(run.glob("*.safetensors")) for k, v in read_safetensors(f).items()}
 

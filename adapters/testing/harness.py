@@ -1,4 +1,4 @@
-"""The kit's runs of a strategy: the core's pipeline (`resolve`, `load_base`, `training_step`) on a tiny model.
+"""The kit's runs of a strategy: the core's own training session (`adapters.training.Session`) on a tiny model.
 
 Each (task, quantization) cell is trained once (twice for the determinism check) when a check
 first needs it, and the checks of the cell share those runs.
@@ -17,13 +17,15 @@ from pathlib import Path
 
 import torch
 
-from ..contract import Strategy, declared_trainable, traits
+from ..batches import make_batches
+from ..checkpoints import Position
+from ..contract import Strategy, traits
 from ..data import Dataset, Example
-from ..engine import make_optimizer
 from ..loading import BaseModel
 from ..nn import ParameterCount, count_parameters
-from ..runspec import Run, RunSpec, resolve
-from ..training import load_base, make_accelerator, make_batches, training_step
+from ..resolver import resolve
+from ..runspec import Run, RunSpec
+from ..training import Session, finite_loss, load_base
 
 TINY_MODEL = "random:tiny"
 LABELS = ["a", "b"]  # the labels of the tiny sequence-classification model
@@ -115,16 +117,16 @@ class Harness:
         self.workdir = workdir
         self.exact = self.device.type == "cpu"  # elsewhere kernels may differ in the last bits
         self.registered_here = False  # registered for this run only: other processes cannot find it by name
-        self.accelerator = make_accelerator()
         self._runs: dict[tuple, Trained | Exception] = {}
         self._reported: set[tuple] = set()
 
     def resolve(self, task: str, quantization: str, **settings) -> Run:
         """The run ``adapters train`` makes of these settings (checked by `resolve`), on the kit's data.
 
-        A refused combination raises `StrategyRefused` here, before anything is loaded.
+        A refused combination raises `StrategyRefused` here, before anything is loaded. No weight decay: it would
+        move a trainable weight that no gradient reaches, which the train-step check exists to catch.
         """
-        settings = {"batch_size": BATCH[0], "seq_len": BATCH[1], **settings}
+        settings = {"batch_size": BATCH[0], "seq_len": BATCH[1], "weight_decay": 0.0, **settings}
         spec = RunSpec(model=self.model, strategy=self.name, quantization=quantization, task=task, seed=self.seed,
                        max_steps=STEPS, **settings)
         run = resolve(spec, data=False)
@@ -142,43 +144,47 @@ class Harness:
         spec = dataclasses.replace(run.spec, seed=self.seed + 1000)
         return load_base(dataclasses.replace(run, spec=spec), self.device)
 
+    def open(self, run: Run) -> Session:
+        """``run``'s training session, as `adapters train` opens it."""
+        session = Session.open(run)
+        if not isinstance(session.built.model, torch.nn.Module):
+            raise AssertionError(f"apply returned {type(session.built.model).__name__}, not a torch.nn.Module")
+        return session
+
     def train(self, task: str, quantization: str, checkpointing: bool = False) -> Trained:
-        """Load the base, apply the strategy and train it for `STEPS` steps of the core's `training_step`."""
+        """Apply the strategy in a training session and train it for `STEPS` of the session's steps."""
         run = self.resolve(task, quantization, gradient_checkpointing=checkpointing)
-        base = load_base(run, self.device)
-        declared = declared_trainable(run.strategy, base.model, run.config)
-        model = run.strategy.apply(base.model, run.config)
-        if not isinstance(model, torch.nn.Module):
-            raise AssertionError(f"apply returned {type(model).__name__}, not a torch.nn.Module")
+        session = self.open(run)
+        model = session.built.model
         params = dict(model.named_parameters())
         trainable = {n: p for n, p in params.items() if p.requires_grad}
         before = {n: p.detach().clone() for n, p in trainable.items()}
         frozen = {n: p.detach().clone() for n, p in params.items() if not p.requires_grad}
-        count = count_parameters(model)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            losses, grads = self._steps(run, model, trainable, self.batch(run, base)) if trainable else ([], {})
+            losses, grads = self._steps(session, trainable)
         ops = sorted({str(w.message).split(" does not have a deterministic")[0] for w in caught
                       if "does not have a deterministic implementation" in str(w.message)})
-        return Trained(run, base, model, list(trainable), before, frozen, count, declared, losses, grads, ops)
+        return Trained(run, session.base, model, list(trainable), before, frozen, session.parameters,
+                       session.built.declared, losses, grads, ops)
 
-    def _steps(self, run: Run, model: torch.nn.Module, trainable: dict[str, torch.nn.Parameter],
-               batch: dict[str, torch.Tensor]) -> tuple[list[float], dict[str, torch.Tensor | None]]:
-        # No weight decay: it would move a trainable weight that no gradient reaches, which the
-        # train-step check exists to catch.
-        optimizer = make_optimizer(list(trainable.values()), run.learning_rate, 0.0, self.device)  # as train's
+    def _steps(self, session: Session, trainable: dict[str, torch.nn.Parameter]
+               ) -> tuple[list[float], dict[str, torch.Tensor | None]]:
         grads: dict[str, torch.Tensor | None] = {}
 
-        def keep_first_gradients(*_) -> None:  # training_step clears them once it has stepped
+        def keep_first_gradients(*_) -> None:  # the step clears them once it has stepped
             if not grads:
                 grads.update({n: None if p.grad is None else p.grad.detach().clone() for n, p in trainable.items()})
 
-        optimizer.register_step_pre_hook(keep_first_gradients)
-        model.train()
+        session.optimizer.optimizer.register_step_pre_hook(keep_first_gradients)
+        batches = session.batches(Position(step=0, epoch=0, batch=0, tokens=0, seconds=0.0, losses=[]))
         losses = []
         for step in range(1, STEPS + 1):
             seed_everything(self.seed + step)  # the same dropout masks in every run
-            losses.append(training_step(model, batch, optimizer, self.accelerator, step)[0].item())
+            done = session.stepper.step(next(batches), step)
+            if done is None:
+                raise AssertionError(session.stepper.failure)
+            losses.append(finite_loss(done[0].item(), step))
         return losses, grads
 
     def run(self, task: str, quantization: str, replica: int = 0) -> Trained:

@@ -1,76 +1,88 @@
-"""Sharded training (``--sharding fsdp``): FSDP2 through Accelerate, and the states of a sharded run gathered
-into the files one process writes.
+"""A sharded session's state (``--sharding fsdp``): gathered into the files one process writes.
 
 FSDP2 (``torch.distributed.fsdp.fully_shard``) splits every parameter along its first dimension across the
 processes, one unit per decoder layer (the model's ``_no_split_modules``) and the rest (embeddings, final norm,
 head) in the root unit; each unit's whole weights exist only while it runs. Gradients and AdamW's states follow
-the shards. Accelerate sets it up (`fsdp_plugin`); on the CPU too, over gloo, which is how the tests run it.
+the shards. Accelerate sets it up (`adapters.distributed.fsdp_plugin`); on the CPU too, over gloo.
 
 What a sharded run writes is what one process writes, never a format of its own:
 
-- the weights: the whole state dict, gathered into the main process (`whole_state`, a collective), which the
-  trainer loads into the strategy applied afresh to a fresh base and saves as any run does;
-- a checkpoint's optimizer and schedule: AdamW's whole state, gathered the same way (`whole_optimizer_state`),
-  as ``optimizer.safetensors`` (tensors, by parameter name) and ``optimizer.json`` (the parameter groups and
-  the schedule's state). A resumed run reads them in every process (`load_optimizer_state`), and each keeps
-  its own shard.
+- the weights: the whole state dict, gathered into the main process (`whole_state`, a collective), loaded into the
+  strategy applied afresh to a fresh base and saved as any run saves;
+- a checkpoint's optimizer and schedule: AdamW's whole state, gathered the same way, as ``optimizer.safetensors``
+  (tensors, by parameter name) and ``optimizer.json`` (the parameter groups and the schedule's state). A resumed
+  run reads them in every process, and each keeps its own shard.
 """
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from .files import write_json
-
-if TYPE_CHECKING:
-    from .loading import BaseModel
-    from .runspec import Run
+from .. import checkpoints
+from ..errors import AdaptersError
+from ..files import write_json
+from ..loading import BaseModel
+from ..runspec import Run
+from ..tensorfiles import read_safetensors
+from .model import apply_strategy, keep_float32_trainable, load_base, restore_dtypes
+from .state import State
 
 OPTIMIZER_TENSORS = "optimizer.safetensors"
 OPTIMIZER_STATE = "optimizer.json"
 _SEPARATOR = "::"  # between a parameter's name and the name of one of its states: "model.norm.weight::exp_avg"
 
 
-def fsdp_plugin():
-    """FSDP2, one unit per decoder layer (the model's ``_no_split_modules``), resharded after each forward."""
-    from accelerate.utils import FullyShardedDataParallelPlugin
+class ShardedState(State):
+    """Weights, gradients and optimizer states spread over the processes: gathered to be checked or written."""
 
-    return FullyShardedDataParallelPlugin(
-        fsdp_version=2, auto_wrap_policy="transformer_based_wrap", state_dict_type="FULL_STATE_DICT",
-        reshard_after_forward=True, cpu_ram_efficient_loading=False)
+    def non_finite_weight(self) -> str | None:
+        """Every process's shards checked, so that every process gives the same answer."""
+        accelerator = self.session.accelerator
+        named = [(name, p) for name, p in self.unwrapped().named_parameters() if p.requires_grad]
+        local = [p.to_local() if hasattr(p, "to_local") else p for _, p in named]  # this process's shard (DTensor)
+        finite = torch.stack([torch.isfinite(t).all().to(accelerator.device) for t in local]).int()
+        finite = accelerator.reduce(finite, reduction="sum") == accelerator.num_processes
+        return None if bool(finite.all()) else named[int((~finite).nonzero()[0])][0]
 
+    def save_checkpoint(self, output: str, position: checkpoints.Position, settings: dict[str, Any],
+                        keep: int | None) -> Path | None:
+        session, accelerator = self.session, self.session.accelerator
+        accelerator.wait_for_everyone()
+        whole = whole_model(self.unwrapped(), session.run, accelerator.is_main_process)
+        optimizer_state = _whole_optimizer_state(self.unwrapped(), session.optimizer.optimizer)
+        written = None
+        if whole is not None:
+            model, base = whole
+            written = checkpoints.write(
+                output, position, settings, lambda d: self.save_weights(model, base, d),
+                lambda d: _save_optimizer_state(d, optimizer_state, session.scheduler), keep)
+        accelerator.wait_for_everyone()
+        return written
 
-def launched_with_fsdp() -> bool:
-    """Whether ``accelerate launch --use_fsdp`` (or an ``accelerate config`` with FSDP) started this process."""
-    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("true", "1")
+    def load_checkpoint(self, checkpoint: Path) -> None:
+        session = self.session
+        _load_optimizer_state(checkpoint, self.unwrapped(), session.optimizer.optimizer, session.scheduler.scheduler)
 
-
-def is_sharded(model: torch.nn.Module) -> bool:
-    """Whether ``model`` is one Accelerate sharded: it shards the model it prepares last, as the root unit, so the
-    model itself says it (no walk through its modules, which the loss asks on every step)."""
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # a torch without FSDP2
-        return False
-    return isinstance(model, FSDPModule)
+    def whole(self) -> tuple[torch.nn.Module, BaseModel] | None:
+        self.session.accelerator.wait_for_everyone()
+        whole = whole_model(self.unwrapped(), self.session.run, self.session.accelerator.is_main_process)
+        if whole is not None:
+            restore_dtypes(whole[0], self.session.built.dtypes)
+        return whole
 
 
 def whole_model(model: torch.nn.Module, run: Run, main_process: bool) -> tuple[torch.nn.Module, BaseModel] | None:
     """A sharded ``model`` as one process's: its whole state dict gathered into the main process (every process
     calls this), loaded there into ``run``'s strategy applied afresh to a fresh base on the CPU, its trained weights
     float32 master weights as in training; that saves the same files as one process's run. None elsewhere."""
-    from .errors import AdaptersError
-    from .training import apply_strategy, keep_float32_trainable, load_base
-
     state = whole_state(model)
     if not main_process:
         return None
     base = load_base(run, torch.device("cpu"))
-    whole, _, _ = apply_strategy(run, base)
+    whole, _ = apply_strategy(run, base)
     keep_float32_trainable(whole)
     missing, unexpected = whole.load_state_dict(state, strict=False)
     trained = {n for n, p in whole.named_parameters() if p.requires_grad}
@@ -94,16 +106,16 @@ def whole_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=_options())
 
 
-def whole_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+def _whole_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """AdamW's whole state for a sharded ``model``, by parameter name, in the main process. Every process calls it."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     return get_optimizer_state_dict(model, optimizer, options=_options())
 
 
-def save_optimizer_state(directory: Path, state: dict[str, Any], scheduler: Any) -> None:
-    """Write `whole_optimizer_state`'s ``state`` and the schedule's into ``directory``: tensors as safetensors,
-    the rest as JSON."""
+def _save_optimizer_state(directory: Path, state: dict[str, Any], scheduler: Any) -> None:
+    """Write `_whole_optimizer_state`'s ``state`` and the schedule's into ``directory``: tensors as safetensors, the
+    rest as JSON."""
     from safetensors.torch import save_file
 
     tensors = {f"{name}{_SEPARATOR}{key}": value.detach().cpu().contiguous()
@@ -116,13 +128,11 @@ def save_optimizer_state(directory: Path, state: dict[str, Any], scheduler: Any)
                                              "scheduler": scheduler.state_dict()})
 
 
-def load_optimizer_state(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                         scheduler: Any) -> None:
-    """Put the state `save_optimizer_state` wrote into a sharded run's ``optimizer`` (each process keeps its shard)
+def _load_optimizer_state(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                          scheduler: Any) -> None:
+    """Put the state `_save_optimizer_state` wrote into a sharded run's ``optimizer`` (each process keeps its shard)
     and ``scheduler``. Every process calls it."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-    from .store import read_safetensors
 
     saved = json.loads((directory / OPTIMIZER_STATE).read_text())
     state: dict[str, dict[str, Any]] = {name: dict(values) for name, values in saved["scalars"].items()}

@@ -1,0 +1,95 @@
+"""The engine's rules, each written once: how a run computes, decided from its settings and device alone.
+
+train and the conformance kit (`adapters.training`), bench (which measures a training session) and plan (which
+predicts one) all read these, so they cannot disagree about what a run does:
+
+- the label the loss skips (`IGNORE_INDEX`);
+- the causal-LM loss path: in chunks of `DEFAULT_LOSS_CHUNK` tokens through the model's own head, or the model's
+  own loss over the whole logits (`loss_path`);
+- whether the decoder layers run under torch.compile (`compiles`), which is on by default where it was measured to
+  pay (`COMPILE_BY_DEFAULT`), and never by default under sharding;
+- whether gated MLPs recompute their activation in backward (`recomputes_mlp`);
+- the optimizer (`optimizer`): AdamW, fused where torch has a fused kernel for the device.
+
+`engine` puts them together for one run; its `Engine` is what plan, bench reports and train results record.
+Nothing here imports torch: plan and the CLI read the rules without it.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+# The label the loss skips: a prompt's tokens, padding (transformers' and torch's cross-entropy default).
+IGNORE_INDEX = -100
+
+# Tokens a chunk's logits are made for. Measured by benchmarks/loss_chunk.py on SmolLM2 (vocabulary 49,152):
+# below it the step slows for little saved memory; above it the chunk's logits and their gradient dominate
+# the loss's memory again (benchmarks/results/loss-chunk-cpu-2core.json).
+DEFAULT_LOSS_CHUNK = 256
+
+# torch.compile of each decoder layer, on by default per device type. CUDA: on; a compiled decoder (with a chunked
+# loss) gave LoRA 1.40x the tokens/s of plain LoRA on an H200 (the plain stack's numbers). CPU: off;
+# benchmarks/results/compile-cpu-2core.json measured 0.91x (LoRA) and 1.02x (full fine-tuning) on SmolLM2 at batch
+# 2 x 256, a gain that does not pay for compiling (about 30-50 s the first time, a few seconds from inductor's cache).
+COMPILE_BY_DEFAULT = {"cuda": True, "cpu": False}
+
+# Device types torch has a fused AdamW kernel for (the CPU's since torch 2.4, this project's floor): one kernel for
+# every tensor, no host synchronisation, no temporaries the size of the weights. Elsewhere, foreach.
+FUSED_ADAMW_DEVICES = frozenset({"cuda", "cpu"})
+
+
+def compiles(asked: bool | None, device: str, sharding: str = "none") -> bool:
+    """Whether the decoder layers run compiled: as asked (--compile / --no-compile), else the device's default,
+    which is off under sharding (FSDP's units are not compiled here)."""
+    if asked is not None:
+        return asked
+    return sharding == "none" and COMPILE_BY_DEFAULT.get(device, False)
+
+
+def recomputes_mlp(gradient_checkpointing: bool, compiled: bool) -> bool:
+    """Whether gated MLPs keep only their two projections for backward and recompute the activation and product
+    there: not when whole layers are recomputed already (gradient checkpointing), nor under torch.compile, whose
+    partitioner makes its own choice of what to keep."""
+    return not gradient_checkpointing and not compiled
+
+
+def optimizer(device: str) -> str:
+    """The optimizer's form on ``device``: "adamw-fused" or "adamw-foreach" (neither synchronises with the host)."""
+    return "adamw-fused" if device in FUSED_ADAMW_DEVICES else "adamw-foreach"
+
+
+def loss_chunk(asked: int | None) -> int:
+    """The causal-LM loss chunk in tokens: as asked (0: the model's own loss), else `DEFAULT_LOSS_CHUNK`."""
+    return DEFAULT_LOSS_CHUNK if asked is None else asked
+
+
+def loss_path(task: str, asked_chunk: int | None) -> str:
+    """How the loss is computed: ``"chunked(N)"`` for a causal LM, or ``"model"``, its own ``labels=`` loss (every
+    sequence classifier, and ``--loss-chunk 0``). On CUDA with liger-kernel installed a plain linear head takes
+    Liger's fused loss ("liger") instead of the chunks; a model whose forward does more to its logits than the
+    chunks can do falls back to "model" at its first step (`adapters.loss`)."""
+    chunk = loss_chunk(asked_chunk)
+    return f"chunked({chunk})" if task == "causal-lm" and chunk else "model"
+
+
+@dataclass(frozen=True)
+class Engine:
+    """How one run computes, as the rules decide it."""
+
+    device: str  # the device type: "cuda", "cpu", ...
+    compiled: bool
+    recomputes_mlp: bool
+    optimizer: str
+    loss_path: str
+    ignore_index: int = IGNORE_INDEX
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def engine(device: str, task: str, *, compile: bool | None = None, sharding: str = "none",
+           gradient_checkpointing: bool = False, loss_chunk: int | None = None) -> Engine:
+    """Every rule for one run on ``device`` (a device type)."""
+    compiled = compiles(compile, device, sharding)
+    return Engine(device, compiled, recomputes_mlp(gradient_checkpointing, compiled), optimizer(device),
+                  loss_path(task, loss_chunk))
