@@ -49,6 +49,11 @@ class Position(msgspec.Struct):
     backoffs: list[dict[str, Any]] = msgspec.field(default_factory=list)  # those back-offs, in order
     started_from: dict[str, Any] | None = None  # a run continued from a final save: which, and its steps before
 
+    @classmethod
+    def start(cls, trainable: dict[str, list[int]] | None = None) -> Position:
+        """Before the first step."""
+        return cls(step=0, epoch=0, batch=0, tokens=0, seconds=0.0, losses=[], trainable=trainable or {})
+
 
 def checkpoints_dir(output: str | Path) -> Path:
     return Path(output) / CHECKPOINTS

@@ -4,10 +4,11 @@
 synchronisation, no temporaries the size of the weights) where torch has a fused kernel for it, which it has on
 CUDA and, since torch 2.4, on the CPU; foreach (one launch per group of tensors) anywhere else.
 
-No host synchronisation in a step: the training loop (`adapters.training.loop`) keeps losses, token counts and the gradient norm on
-the device and reads them at its logging interval only; clipping (torch's ``clip_grad_norm_`` through Accelerate)
-and the fused AdamW read nothing back either. One read remains that is not ours: transformers' forward looks at
-the batch once (``masking_utils``: whether rows are packed, or padded) to choose its attention kernel.
+No host synchronisation in a step: the training loop (`adapters.training.loop`) keeps losses, token counts and the
+gradient norm on the device and reads them at its logging interval only; clipping (torch's ``clip_grad_norm_``
+through Accelerate) and the fused AdamW read nothing back either. One read remains that is not ours: transformers'
+forward looks at the batch once (``masking_utils``: whether rows are packed, or padded) to choose its attention
+kernel.
 tests/test_engine.py counts the host reads of real steps on the CPU, and, on a GPU, runs a step under
 ``torch.cuda.set_sync_debug_mode``.
 

@@ -15,7 +15,6 @@ import importlib.metadata
 import re
 import shutil
 import warnings
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 

@@ -1,5 +1,5 @@
 """The loss's chunk size: peak memory and step time of a training step, for a few chunk sizes and for the model's
-own loss (chunk 0), on a real model. Chooses `adapters.loss.DEFAULT_CHUNK`.
+own loss (chunk 0), on a real model. Chooses `adapters.rules.DEFAULT_LOSS_CHUNK`.
 
 One LoRA model (the default strategy) on the real SmolLM2, one batch of the built-in data, the core's own
 `training_step` with ``loss_chunk`` set. Each setting's peak is the profiler's peak of live CPU tensors in one
@@ -27,9 +27,11 @@ import torch
 from adapters.bench import cpu_peak_tensor_bytes
 from adapters.bench.provenance import benchmark_record
 from adapters.files import write_json
-from adapters.loss import DEFAULT_CHUNK, loss_path
-from adapters.runspec import RunSpec, resolve
-from adapters.training import build, make_accelerator, make_batches, training_step
+from adapters.loss import loss_path
+from adapters.resolver import resolve
+from adapters.rules import DEFAULT_LOSS_CHUNK
+from adapters.runspec import RunSpec
+from adapters.training import build, make_accelerator, make_batches, optimizer_step
 
 HERE = Path(__file__).resolve().parent
 
@@ -37,14 +39,15 @@ HERE = Path(__file__).resolve().parent
 def measure(model_name: str, batch_size: int, seq_len: int, chunks: list[int], steps: int, seed: int) -> list[dict]:
     run = resolve(RunSpec(model=model_name, batch_size=batch_size, seq_len=seq_len, seed=seed))
     accelerator = make_accelerator()
-    base, model, _ = build(run, accelerator.device)
+    built = build(run, accelerator.device)
+    base, model = built.base, built.model
     data = make_batches(run.dataset.train, base, seq_len, "train")
     batch = {k: v[torch.arange(batch_size) % len(data)] for k, v in data.tensors.items()}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=run.learning_rate)
     model.train()
 
     def step(chunk: int) -> float:
-        return float(training_step(model, batch, optimizer, accelerator, 1, loss_chunk=chunk)[0])
+        return float(optimizer_step(model, [batch], optimizer, accelerator, loss_chunk=chunk)[0])
 
     step(0)  # the optimizer's state exists from here on, in every setting's peak alike
     peaks = {c: cpu_peak_tensor_bytes(lambda c=c: step(c)) for c in chunks}
@@ -99,12 +102,12 @@ def main() -> None:
         "seed": args.seed, "timed_steps": args.steps, "results": results,
         "choice": {"rule": f"the largest chunk that saves at least {args.keep:.0%} of the peak memory the smallest "
                            "chunk saves against the model's own loss", "chosen": chosen,
-                   "default_chunk_in_code": DEFAULT_CHUNK},
+                   "default_chunk_in_code": DEFAULT_LOSS_CHUNK},
         **benchmark_record(started),  # seconds, date, provenance (as adapters bench records it), threads, load
     }
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     write_json(Path(args.output), report)
-    print(f"chosen: {chosen} (DEFAULT_CHUNK in the code: {DEFAULT_CHUNK}) -> {args.output}")
+    print(f"chosen: {chosen} (DEFAULT_LOSS_CHUNK in the code: {DEFAULT_LOSS_CHUNK}) -> {args.output}")
 
 
 if __name__ == "__main__":

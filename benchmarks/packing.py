@@ -26,10 +26,11 @@ from pathlib import Path
 
 import torch
 
-from adapters import data as datasets
 from adapters.bench.provenance import benchmark_record
 from adapters.files import write_json
-from adapters.runspec import RunSpec, resolve
+from adapters.resolver import resolve
+from adapters.rules import IGNORE_INDEX
+from adapters.runspec import RunSpec
 from adapters.training import build, evaluate, make_accelerator, make_batches, optimizer_step
 
 HERE = Path(__file__).resolve().parent
@@ -44,7 +45,7 @@ def real_tokens(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
     counts = []
     for positions, row_labels in zip(position_ids, labels):
         last = int((positions == 0).nonzero().max())
-        closing = bool((row_labels[last:] == datasets.IGNORE_INDEX).all()) and last > 0
+        closing = bool((row_labels[last:] == IGNORE_INDEX).all()) and last > 0
         counts.append(last if closing else positions.numel())
     return torch.tensor(counts)
 
@@ -57,7 +58,8 @@ class Mode:
                                    packing=packing, seed=seed))
         self.packing, self.seq_len = packing, seq_len
         self.accelerator = make_accelerator()
-        self.base, self.model, _ = build(self.run, self.accelerator.device)
+        built = build(self.run, self.accelerator.device)
+        self.base, self.model = built.base, built.model
         self.train_set = make_batches(self.run.dataset.train, self.base, seq_len, "train", packing=packing)
         eval_set = make_batches(self.run.dataset.heldout, self.base, seq_len, "held-out")
         self.eval_loader = torch.utils.data.DataLoader(eval_set, batch_size=batch_size, collate_fn=eval_set.collate)

@@ -50,21 +50,24 @@ def assert_user_error(code: int, out: str, err: str, *needles: str) -> str:
     return lines[0]
 
 
-def bench_case_in_process(spec, measurement) -> dict:
+def bench_case_in_process(spec, measurement):
     """A bench worker's whole job (`adapters.bench.worker.work`: the case and its result as JSON, a failure
-    recorded) in this process: the same measurement without a fresh interpreter's seconds of imports.
-    Patch it over ``adapters.bench.runner.run_case`` (and ``adapters.bench.capacity.run_case``)."""
+    recorded) in this process: the same measurement without a fresh interpreter's seconds of imports. The typed
+    result, as `adapters.bench.worker.run_case` gives it back: patch it over ``adapters.bench.runner.run_case`` (and
+    ``adapters.bench.capacity.run_case``)."""
     import gc
-    import json
     import tempfile
+
+    import msgspec
 
     from adapters.bench.worker import work
     from adapters.files import write_json
+    from adapters.reports.model import Result
 
     with tempfile.TemporaryDirectory(prefix="adapters-bench-") as tmp:
         case, out = Path(tmp) / "case.json", Path(tmp) / "result.json"
         write_json(case, {"spec": spec.to_dict(), "measurement": measurement.to_dict()})
         assert work(str(case), str(out)) == 0
-        result = json.loads(out.read_text())
+        result = msgspec.json.decode(out.read_bytes(), type=Result)
     gc.collect()  # the case's model and optimizer, before the next case loads its own
     return result

@@ -32,8 +32,8 @@ SUITE_REPORT = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
 
 def measure_tiny(strategy, **changes):
     """One case of the TINY suite, measured in this process as the worker does."""
-    settings = BenchSettings(**{**TINY, **changes})
-    return measure(settings.spec(strategy), settings.measurement())
+    settings = BenchSettings.of(**{**TINY, **changes})
+    return measure(settings.case(strategy), settings.measurement())
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,7 @@ def report(tmp_path_factory):
     """A real bench of three strategies, written over an earlier report (which --overwrite may replace)."""
     out = tmp_path_factory.mktemp("bench") / "report.json"
     shutil.copy(SUITE_REPORT, out)
-    settings = BenchSettings(**TINY, strategies=["lora", "full-finetune@nf4", "linear-probe"], quality_steps=2,
+    settings = BenchSettings.of(**TINY, strategies=["lora", "full-finetune@nf4", "linear-probe"], quality_steps=2,
                              repeats=2, output=str(out))  # two repeats: two loads, so load time has a spread
     run_bench(settings, progress=False, overwrite=True)
     return out
@@ -91,7 +91,7 @@ def test_timings_parameters_and_quality_are_measured(report):
 def test_existing_report_is_never_overwritten(report):
     before = report.read_bytes()
     with pytest.raises(adapters.AdaptersError, match="exists"):
-        run_bench(BenchSettings(**TINY, strategies=["lora"], output=str(report)), progress=False)
+        run_bench(BenchSettings.of(**TINY, strategies=["lora"], output=str(report)), progress=False)
     assert report.read_bytes() == before
 
 
@@ -136,7 +136,7 @@ def test_the_load_time_spread_and_what_the_rows_ran_with_are_recorded(report):
 
 def test_unknown_strategy_is_refused_before_any_work(tmp_path):
     with pytest.raises(adapters.UnknownStrategyError, match="Did you mean 'lora'"):
-        run_bench(BenchSettings(**TINY, strategies=["lora", "lroa"], output=str(tmp_path / "r.json")),
+        run_bench(BenchSettings.of(**TINY, strategies=["lora", "lroa"], output=str(tmp_path / "r.json")),
                   progress=False)
     assert not (tmp_path / "r.json").exists()
 
@@ -182,9 +182,9 @@ def test_a_case_travels_to_the_worker_as_a_run_spec(tmp_path):
     from adapters.bench.worker import work
     from adapters.files import write_json
 
-    settings = BenchSettings(**TINY)
+    settings = BenchSettings.of(**TINY)
     case, out = tmp_path / "case.json", tmp_path / "result.json"
-    write_json(case, {"spec": settings.spec("full-finetune@nf4").to_dict(),
+    write_json(case, {"spec": settings.case("full-finetune@nf4").to_dict(),
                       "measurement": settings.measurement().to_dict()})
     assert work(str(case), str(out)) == 0
     result = json.loads(out.read_text())  # refused by resolve(spec) in the worker, before any model loads
@@ -205,7 +205,7 @@ def test_suite_files_and_flags(tmp_path):
     suite = tmp_path / "s.toml"
     suite.write_text('model = "random:tiny"\nstrategies = ["lora", "linear-probe"]\nseq-len = 64\n')
     settings = settings_from(str(suite), {"seq_len": 32})
-    assert settings.strategies == ["lora", "linear-probe"] and settings.seq_len == 32
+    assert settings.strategies == ["lora", "linear-probe"] and settings.spec.seq_len == 32
     suite.write_text("stepz = 3\n")
     with pytest.raises(adapters.AdaptersError, match="stepz"):
         settings_from(str(suite), {})
@@ -217,7 +217,7 @@ def test_default_suite_names_the_four_strategies_on_the_embedded_model():
     from pathlib import Path
 
     settings = settings_from(str(Path(__file__).parent.parent / "benchmarks" / "suites" / "default.toml"), {})
-    assert settings.model == "smollm2-135m"
+    assert settings.spec.model == "smollm2-135m"
     assert {"lora", "prefix-tuning", "linear-probe", "full-finetune"} <= set(settings.strategies)
 
 
@@ -402,7 +402,7 @@ def test_a_file_that_appears_at_the_output_during_the_run_is_kept(tmp_path, monk
         return _measure_here(spec, measurement)
 
     monkeypatch.setattr(runner, "run_case", measure_while_someone_writes)
-    report = run_bench(BenchSettings(**{**TINY, "steps": 1, "warmup": 0}, strategies=["linear-probe"],
+    report = run_bench(BenchSettings.of(**{**TINY, "steps": 1, "warmup": 0}, strategies=["linear-probe"],
                                      output=str(out)), progress=False)
     assert out.read_text() == "written by someone else meanwhile\n"
     moved = tmp_path / "r.1.json"
@@ -445,9 +445,9 @@ def _work(tmp_path, strategy: str, **changes) -> dict:
     from adapters.bench.worker import work
     from adapters.files import write_json
 
-    settings = BenchSettings(**{**TINY, **changes})
+    settings = BenchSettings.of(**{**TINY, **changes})
     case, out = tmp_path / "case.json", tmp_path / "result.json"
-    write_json(case, {"spec": settings.spec(strategy).to_dict(), "measurement": settings.measurement().to_dict()})
+    write_json(case, {"spec": settings.case(strategy).to_dict(), "measurement": settings.measurement().to_dict()})
     assert work(str(case), str(out)) == 0
     return strict_json(out)
 

@@ -49,7 +49,7 @@ def test_the_plan_beside_each_sharded_measurement_is_within_the_cpu_target(shard
     (result,) = load_report(output).ok_results()
     prediction = result.prediction
     assert prediction.status == "ok"
-    (plan,) = make_plans(PlanSettings(model="random:tiny", strategies=["full-finetune"], batch_size=1, seq_len=32,
+    (plan,) = make_plans(PlanSettings.of(model="random:tiny", strategies=["full-finetune"], batch_size=1, seq_len=32,
                                       device="cpu", processes=2, sharding="fsdp"))["plans"]
     assert prediction.peak_bytes == plan["peak_bytes"]  # what `adapters plan --processes 2 --sharding fsdp` says
     assert abs(prediction.error_pct["total"]) <= CPU_TARGET_PCT, (prediction.peak_bytes, result.memory)

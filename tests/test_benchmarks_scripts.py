@@ -10,7 +10,8 @@ import torch
 
 import adapters
 from adapters.models import resolve_model
-from adapters.runspec import RunSpec, resolve
+from adapters.resolver import resolve
+from adapters.runspec import RunSpec
 from adapters.training import make_batches
 
 ROOT = Path(__file__).resolve().parent.parent

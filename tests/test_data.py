@@ -482,14 +482,14 @@ def test_long_prompts_are_skipped_with_a_count_and_none_left_is_an_error() -> No
 
 
 def test_padded_rows_and_their_trimmed_batches() -> None:
-    from adapters.training import _Tensors
+    from adapters.batches import TokenRows
 
     rows = [([5, 6, 7], [IGNORE_INDEX, 6, 7]), ([8, 9], [IGNORE_INDEX, 9]), ([1], [1])]
     tensors = padded(rows, 6, pad=0)
     assert tensors["input_ids"].tolist()[1] == [8, 9, 0, 0, 0, 0]
     assert tensors["attention_mask"].tolist()[1] == [1, 1, 0, 0, 0, 0]
     assert tensors["labels"].tolist()[1] == [IGNORE_INDEX, 9] + [IGNORE_INDEX] * 4
-    data = _Tensors(trim=True, **tensors)
+    data = TokenRows(trim=True, **tensors)
     batch = data.collate([data[1], data[2]])
     assert batch["input_ids"].tolist() == [[8, 9], [1, 0]]  # as wide as the longest row
     assert batch["labels"].tolist() == [[IGNORE_INDEX, 9], [1, IGNORE_INDEX]]
@@ -567,7 +567,8 @@ def test_data_that_is_no_dataset(source) -> None:
 
 
 def test_data_given_in_python_is_recorded_by_description_and_refused_as_a_path() -> None:
-    from adapters.runspec import RunSpec, resolve
+    from adapters.resolver import resolve
+    from adapters.runspec import RunSpec
 
     run = resolve(RunSpec(model="random:tiny", data=iter(PC_ROWS)))
     assert run.spec.data == "<list_iterator: 12 rows>"

@@ -32,7 +32,7 @@ TWO_PROCESSES = '''
 import json, sys
 import adapters
 from adapters import RunSpec
-from adapters.checkpoints import resume_spec
+from adapters.resuming import resume_spec
 strategies, root, steps = json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 for sharding in ("none", "fsdp"):
     for name, options in strategies.items():
@@ -132,7 +132,7 @@ def test_a_sharded_run_resumed_from_its_checkpoint_ends_as_an_uninterrupted_one(
 
 def test_the_kits_optional_distributed_check_runs_only_when_asked(tmp_path):
     """`adapters check STRATEGY --with distributed`: the same comparison, for any installed strategy."""
-    from adapters.testing.checks import distributed
+    from adapters.testing.end_to_end import distributed
     from adapters.testing.harness import TINY_MODEL, Harness
     from adapters.testing.runner import _Runner
 
@@ -186,16 +186,16 @@ def test_ctrl_c_stops_every_process_of_a_sharded_run_after_the_same_step_with_a_
 OOM_IN_ONE_PROCESS = '''
 import os, sys
 import torch
-import adapters.trainer
+import adapters.training.step
 from adapters.cli import main
 if os.environ["RANK"] == "1":  # process 1 runs out of memory in its third step; process 0 never does
-    step, calls = adapters.trainer.optimizer_step, []
+    step, calls = adapters.training.step.optimizer_step, []
     def tight(*args, **kwargs):
         calls.append(1)
         if len(calls) == 3:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return step(*args, **kwargs)
-    adapters.trainer.optimizer_step = tight
+    adapters.training.step.optimizer_step = tight
 main(sys.argv[1:])
 '''
 

@@ -17,7 +17,8 @@ import torch
 
 import adapters
 from adapters import engine
-from adapters.runspec import RunSpec, resolve
+from adapters.resolver import resolve
+from adapters.runspec import RunSpec
 
 from cli_helpers import bench_case_in_process, run_in_process
 
@@ -103,7 +104,7 @@ def test_adamw_is_fused_on_the_cpu_and_updates_as_plain_adamw():
 def test_compile_finds_the_decoder_layers_through_peft_and_undoes_cleanly():
     from adapters.training import build
 
-    _, model, _ = build(resolve(RunSpec(**TINY, strategy="lora")), torch.device("cpu"))
+    model = build(resolve(RunSpec(**TINY, strategy="lora")), torch.device("cpu")).model
     layers = engine.decoder_layers(model)
     assert layers is model.get_base_model().model.layers
     names = [n for n, _ in model.named_parameters()]
@@ -139,7 +140,7 @@ def test_the_compile_flags_reach_the_run(monkeypatch, capsys):
         seen.append(spec.compile)
         raise AdaptersError("stopped before loading")
 
-    monkeypatch.setattr("adapters.trainer.train", train)
+    monkeypatch.setattr("adapters.training.train", train)
     for flags in (["--compile"], ["--no-compile"], []):
         code, _, err = run_in_process(capsys, "train", *TINY_ARGS, *flags)
         assert code == 2 and "stopped before loading" in err
@@ -150,15 +151,15 @@ def test_bench_with_compile_records_compile_time_apart_from_step_time(monkeypatc
     from adapters.bench.settings import BenchSettings, Measurement
 
     monkeypatch.setattr(engine, "BACKEND", "eager")  # dynamo's capture alone: what is timed is the same
-    settings = BenchSettings(model="random:tiny", batch_size=2, seq_len=32, compile=True)
+    settings = BenchSettings.of(model="random:tiny", batch_size=2, seq_len=32, compile=True)
     # No warm-up asked: the step that compiles is still run untimed.
-    result = bench_case_in_process(settings.spec("full-finetune"), Measurement(steps=2, warmup=0))
-    assert result["status"] == "ok", result
-    assert result["compiled_layers"] == 2 and result["compile_s"] >= 0  # None when nothing compiled
-    assert result["steps_run"] == 1 + 2
-    plain = bench_case_in_process(BenchSettings(model="random:tiny", batch_size=2, seq_len=32, compile=False)
-                                  .spec("lora"), Measurement(steps=1, warmup=0))
-    assert plain["compiled_layers"] == 0 and plain["compile_s"] is None and plain["steps_run"] == 1
+    result = bench_case_in_process(settings.case("full-finetune"), Measurement(steps=2, warmup=0))
+    assert result.status == "ok", result
+    assert result.compiled_layers == 2 and result.compile_s >= 0  # None when nothing compiled
+    assert result.steps_run == 1 + 2
+    plain = bench_case_in_process(BenchSettings.of(model="random:tiny", batch_size=2, seq_len=32, compile=False)
+                                  .case("lora"), Measurement(steps=1, warmup=0))
+    assert plain.compiled_layers == 0 and plain.compile_s is None and plain.steps_run == 1
 
 
 def test_a_compiler_that_fails_falls_back_with_one_warning_and_the_run_goes_on(monkeypatch):
@@ -176,16 +177,15 @@ def test_a_compiler_that_fails_falls_back_with_one_warning_and_the_run_goes_on(m
 
 
 def test_packed_rows_count_their_tokens_without_the_closing_padding():
-    from adapters.batches import packed
-    from adapters.data import IGNORE_INDEX
-    from adapters.trainer import _tokens
+    from adapters.batches import packed, real_tokens
+    from adapters.rules import IGNORE_INDEX
 
     rows = [([5, 6, 7, 8], [IGNORE_INDEX, IGNORE_INDEX, 7, 8]), ([1, 2, 3], [IGNORE_INDEX, 2, 3]),
             ([4, 4, 4, 4, 4, 4], [IGNORE_INDEX] * 3 + [4, 4, 4])]
     batch = packed(rows, 8, pad=0)
-    assert int(_tokens(batch)) == 4 + 3 + 6  # 13 real tokens in 2 rows of 8
+    assert int(real_tokens(batch)) == 4 + 3 + 6  # 13 real tokens in 2 rows of 8
     batch = packed([([1, 2, 3, 4], [IGNORE_INDEX, 2, 3, 4])] * 2, 4, pad=0)  # rows filled to the end: no padding
-    assert int(_tokens(batch)) == 8
+    assert int(real_tokens(batch)) == 8
 
 
 @pytest.mark.gpu
@@ -199,7 +199,8 @@ def test_a_micro_step_on_the_gpu_does_not_synchronise():
 
     run = resolve(RunSpec(model="random:smollm2-135m", strategy="lora", batch_size=2, seq_len=64))
     accelerator = make_accelerator()
-    base, model, _ = build(run, accelerator.device)
+    built = build(run, accelerator.device)
+    base, model = built.base, built.model
     rows = make_batches(run.dataset.train, base, 64, "train").tensors
     batch = {k: v[:2].to(accelerator.device) for k, v in rows.items()}
     optimizer = engine.make_optimizer([p for p in model.parameters() if p.requires_grad], 1e-4, 0.0,

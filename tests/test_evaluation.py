@@ -238,13 +238,13 @@ def test_a_save_made_elsewhere_continues_with_the_given_settings(tmp_path, capsy
     (["--quantization", "nf4"], ["--quantization nf4", "which has none"]),
 ], ids=["set-r", "strategy", "quantization"])
 def test_continuing_with_other_weights_is_refused_before_loading(args, needles, lm_run, capsys, monkeypatch):
-    monkeypatch.setattr("adapters.training.load_base_model", _no_loading)
+    monkeypatch.setattr("adapters.training.model.load_base_model", _no_loading)
     code, out, err = run_in_process(capsys, "train", "--resume", str(lm_run[0]), *args)
     assert_user_error(code, out, err, *needles)
 
 
 def test_a_continued_run_stopped_at_a_checkpoint_resumes_exactly_and_keeps_its_origin(tmp_path, capsys):
-    from adapters.checkpoints import resume_spec
+    from adapters.resuming import resume_spec
 
     out = tmp_path / "run"
     train(capsys, out)

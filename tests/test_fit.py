@@ -11,12 +11,12 @@ import dataclasses
 import json
 
 import pytest
-import torch
 
 from adapters.errors import AdaptersError
 from adapters.manifest import read_manifest
 from adapters.plan.fit import HEADROOM, MemoryLimitTooSmall, fit
-from adapters.runspec import RunSpec, resolve
+from adapters.resolver import resolve
+from adapters.runspec import RunSpec
 
 from cli_helpers import assert_user_error, bench_case_in_process, run_in_process
 
@@ -26,26 +26,14 @@ def measured_peak(run) -> int:
     uncompiled as on the CPU by default): ``gradient_accumulation_steps`` micro-batches of ``batch_size`` rows, the
     second step measured."""
     from adapters.bench.profiler import cpu_peak_tensor_bytes
-    from adapters.engine import make_optimizer
-    from adapters.training import build, make_accelerator, make_batches, optimizer_step, split_batch
+    from adapters.checkpoints import Position
+    from adapters.training import Session
 
-    s = run.spec
-    accelerator = make_accelerator()
-    base, model, _ = build(run, accelerator.device)
-    data = make_batches(run.dataset.train, base, s.seq_len, "train")
-    rows = torch.arange(s.batch_size * s.gradient_accumulation_steps) % len(data)
-    batches = split_batch({k: v[rows] for k, v in data.tensors.items()}, s.batch_size)
-    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], run.learning_rate,
-                               run.weight_decay, accelerator.device)  # as the trainer makes it
-    model, optimizer = accelerator.prepare(model, optimizer)
-    model.train()
-
-    def step():
-        return optimizer_step(model, batches, optimizer, accelerator, micro_batch=s.batch_size,
-                              loss_chunk=s.loss_chunk)
-
-    step()
-    return cpu_peak_tensor_bytes(step)
+    session = Session.open(run)  # as adapters train opens it
+    batches = session.batches(Position.start())
+    session.stepper.step(next(batches), 1)
+    second = next(batches)
+    return cpu_peak_tensor_bytes(lambda: session.stepper.step(second, 2))
 
 
 def limit_between(spec: RunSpec) -> int:
@@ -211,7 +199,7 @@ def bench(**settings) -> dict:
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(runner, "run_case", bench_case_in_process)
         patch.setattr(capacity, "run_case", bench_case_in_process)
-        return run_bench(BenchSettings(**{"steps": 1, "warmup": 0, **settings}), progress=False)
+        return run_bench(BenchSettings.of(**{"steps": 1, "warmup": 0, **settings}), progress=False)
 
 
 def test_bench_fits_each_case_and_agrees_with_the_capacity_search(tmp_path):

@@ -29,7 +29,7 @@ def test_qlora_trains_on_gpu_in_bf16_mixed_precision(tmp_path):
 @pytest.mark.parametrize("strategy", ["lora", "qlora"])
 def test_a_resumed_run_on_gpu_matches_an_uninterrupted_one(strategy, tmp_path):
     """The CUDA path of checkpoints and resume: bf16 autocast, CUDA random states, nf4 kernels."""
-    from adapters.checkpoints import resume_spec
+    from adapters.resuming import resume_spec
 
     spec = dict(model="random:smollm2-135m", strategy=strategy, max_steps=4, batch_size=2, seq_len=64,
                 eval_batches=1, save_every=2, gradient_accumulation_steps=2)

@@ -12,7 +12,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import adapters
-from adapters.loss import DEFAULT_CHUNK, loss, loss_path, output_head
+from adapters.loss import loss, loss_path, output_head
+from adapters.rules import DEFAULT_LOSS_CHUNK
 
 from cli_helpers import assert_user_error, run_in_process
 
@@ -314,7 +315,7 @@ def test_the_head_is_put_back_even_when_the_forward_fails():
 
 def test_the_default_chunk_and_zero():
     model = strategy_model("lora")
-    assert loss_path(model) == f"chunked({DEFAULT_CHUNK})" and loss_path(model, 0) == "model"
+    assert loss_path(model) == f"chunked({DEFAULT_LOSS_CHUNK})" and loss_path(model, 0) == "model"
     with pytest.raises(ValueError):
         loss(model, instruction_batch(model.config.vocab_size), -1)
 

@@ -10,8 +10,8 @@ import pytest
 
 import adapters
 from adapters.options import build_config, describe_options, parse_assignments, read_toml
+from adapters.resolver import resolve
 from adapters.runspec import RunSpec as TrainSettings
-from adapters.runspec import resolve
 from adapters.runspec import spec_from as settings_from
 
 STRATEGIES = ("lora", "qlora", "prefix-tuning", "linear-probe", "full-finetune")

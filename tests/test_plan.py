@@ -43,7 +43,7 @@ def bench(**settings) -> dict:
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(runner, "run_case", bench_case_in_process)
         patch.setattr(capacity, "run_case", bench_case_in_process)
-        return run_bench(BenchSettings(**{"steps": 1, "warmup": 0, **settings}), progress=False)
+        return run_bench(BenchSettings.of(**{"steps": 1, "warmup": 0, **settings}), progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +111,7 @@ def test_done_when_llama_8b_qlora_answers_within_seconds_with_components_and_a_v
 
 def test_a_70b_shape_plans_from_config_json_alone_in_seconds(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(LLAMA_70B))
-    result = make_plans(PlanSettings(model=str(tmp_path), strategies=["lora@nf4"], batch_size=1, seq_len=2048,
+    result = make_plans(PlanSettings.of(model=str(tmp_path), strategies=["lora@nf4"], batch_size=1, seq_len=2048,
                                      gradient_checkpointing=True, budget="80GiB"))
     assert result["seconds"] < 5
     (plan,) = result["plans"]
@@ -183,7 +183,7 @@ def test_gradient_checkpointing_and_smaller_batches_predict_less():
 
 
 def test_budget_gives_the_largest_batch_and_sequence_that_fit():
-    result = make_plans(PlanSettings(model="random:llama-1b", strategies=["lora"], batch_size=8, seq_len=512,
+    result = make_plans(PlanSettings.of(model="random:llama-1b", strategies=["lora"], batch_size=8, seq_len=512,
                                      budget="24GiB"))
     (plan,) = result["plans"]
     shape = model_shape("random:llama-1b", device="cuda")
@@ -213,7 +213,7 @@ def test_strategies_all_is_one_table_of_every_strategy_and_quantization(capsys):
 def test_an_unmodelled_architecture_gets_no_estimate_not_a_guess(tmp_path):
     gpt2 = {"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4, "vocab_size": 512, "n_positions": 256}
     (tmp_path / "config.json").write_text(json.dumps(gpt2))
-    result = make_plans(PlanSettings(model=str(tmp_path), strategies=["lora"], batch_size=2, seq_len=64))
+    result = make_plans(PlanSettings.of(model=str(tmp_path), strategies=["lora"], batch_size=2, seq_len=64))
     (plan,) = result["plans"]
     assert plan["status"] == "no estimate" and "'gpt2'" in plan["message"]
     assert plan["peak_bytes"] is None
@@ -228,7 +228,7 @@ def test_bert_predictions_match_measurement_on_the_real_minilm(tmp_path):
 
 
 def test_refusals_are_rows_not_errors():
-    result = make_plans(PlanSettings(model="random:tiny", strategies=["full-finetune@nf4", "prefix-tuning"],
+    result = make_plans(PlanSettings.of(model="random:tiny", strategies=["full-finetune@nf4", "prefix-tuning"],
                                      gradient_checkpointing=True))
     statuses = {p["strategy"]: (p["status"], p["message"]) for p in result["plans"]}
     assert statuses["full-finetune@nf4"][0] == "refused" and "nf4" in statuses["full-finetune@nf4"][1]
@@ -283,7 +283,7 @@ class _NormPlugin:
 
 def test_third_party_strategies_appear_in_plan_all(register_plugin):
     register_plugin(_NormPlugin(), name="adapters-norm")
-    result = make_plans(PlanSettings(model="random:llama-1b", strategies=["all"], budget="24GiB"))
+    result = make_plans(PlanSettings.of(model="random:llama-1b", strategies=["all"], budget="24GiB"))
     plans = {p["strategy"]: p for p in result["plans"]}
     assert plans["norm-tuning"]["status"] == "ok" and plans["norm-tuning@nf4"]["status"] == "ok"
     assert plans["norm-tuning"]["trainable_parameters"] == (16 * 2 + 1) * 2048
@@ -359,7 +359,7 @@ def test_capacity_search_user_errors(capsys, args, needles):
 def test_gpu_llama_1b_predictions_are_within_10_percent(tmp_path):
     for checkpointing in (False, True):
         strategies = ["lora", "linear-probe", "full-finetune"] + ([] if checkpointing else ["prefix-tuning"])
-        report = run_bench(BenchSettings(model="random:llama-1b", strategies=strategies, batch_size=8,
+        report = run_bench(BenchSettings.of(model="random:llama-1b", strategies=strategies, batch_size=8,
                                          seq_len=512, steps=2, warmup=1, gradient_checkpointing=checkpointing,
                                          output=str(tmp_path / f"gc-{checkpointing}.json")), progress=False)
         for result in report["results"]:
@@ -379,7 +379,7 @@ def test_find_max_seq_len_doubles_then_bisects_in_multiples_of_8(monkeypatch):
         return {"strategy": spec.strategy, "status": "ok", "memory": {"peak_bytes": spec.seq_len * peak_per_token}}
 
     monkeypatch.setattr(bench, "run_case", fake_case)
-    settings = BenchSettings(model="random:tiny", strategies=["lora"], find_max="seq_len", memory_limit="300MiB")
+    settings = BenchSettings.of(model="random:tiny", strategies=["lora"], find_max="seq_len", memory_limit="300MiB")
     result, search = bench.find_capacity(settings, "lora", 300 * 2**20)
     assert search["largest"] == 296 and result["memory"]["peak_bytes"] == 296 * peak_per_token
     assert tried[:7] == [8, 16, 32, 64, 128, 256, 512] and all(t % 8 == 0 for t in tried)

@@ -22,7 +22,7 @@ SHAPE = dict(model="random:tiny", batch_size=1, seq_len=32)
 
 
 def _plan(strategy: str, processes: int, sharding: str) -> dict:
-    (plan,) = make_plans(PlanSettings(strategies=[strategy], device="cpu", processes=processes, sharding=sharding,
+    (plan,) = make_plans(PlanSettings.of(strategies=[strategy], device="cpu", processes=processes, sharding=sharding,
                                       **SHAPE))["plans"]
     return plan
 
@@ -92,11 +92,11 @@ def test_an_unknown_sharding_is_refused_by_the_library_too():
     from adapters.errors import AdaptersError
 
     with pytest.raises(AdaptersError, match="--sharding 'gspmd' is not one of: none, fsdp"):
-        make_plans(PlanSettings(model="random:tiny", processes=2, sharding="gspmd"))
+        make_plans(PlanSettings.of(model="random:tiny", processes=2, sharding="gspmd"))
 
 
 def test_a_quantized_base_is_a_refused_row_under_fsdp():
-    plans = make_plans(PlanSettings(model="random:tiny", strategies=["lora", "qlora"], device="cpu", processes=2,
+    plans = make_plans(PlanSettings.of(model="random:tiny", strategies=["lora", "qlora"], device="cpu", processes=2,
                                     sharding="fsdp"))["plans"]
     assert [p["status"] for p in plans] == ["ok", "refused"]
     assert "--sharding fsdp cannot shard a nf4-quantized base" in plans[1]["message"]

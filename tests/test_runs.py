@@ -23,8 +23,9 @@ import pytest
 import torch
 
 import adapters
-from adapters.checkpoints import latest_checkpoint, resume_spec
+from adapters.checkpoints import latest_checkpoint
 from adapters.cli.tables import train_summary
+from adapters.resuming import resume_spec
 from adapters.testing import plugin_for
 
 from cli_helpers import assert_user_error, run_in_process
@@ -56,7 +57,7 @@ def no_loading(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a base model was loaded before the error")
 
-    monkeypatch.setattr("adapters.training.load_base_model", refuse)
+    monkeypatch.setattr("adapters.training.model.load_base_model", refuse)
 
 
 def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -246,11 +246,12 @@ def bf16_base(monkeypatch):
 
 
 def test_a_bf16_base_trains_float32_master_weights_that_keep_small_updates(bf16_base):
-    from adapters.runspec import resolve
+    from adapters.resolver import resolve
     from adapters.training import build, make_accelerator, make_batches, optimizer_step
 
     run = resolve(adapters.RunSpec(model="random:tiny", strategy="linear-probe", learning_rate=1e-6, **SMALL))
-    base, model, _ = build(run, torch.device("cpu"))
+    built = build(run, torch.device("cpu"))
+    base, model = built.base, built.model
     trainable = dict(adapters.trainable_parameters(model))
     assert {p.dtype for p in trainable.values()} == {torch.float32}
     assert {p.dtype for p in model.parameters() if not p.requires_grad and p.is_floating_point()} == {torch.bfloat16}
@@ -273,7 +274,7 @@ def test_a_bf16_base_trains_float32_master_weights_that_keep_small_updates(bf16_
 def test_a_run_on_a_bf16_base_records_its_precision_and_resumes_its_master_weights(bf16_base, tmp_path):
     from safetensors.torch import load_file
 
-    from adapters.checkpoints import resume_spec
+    from adapters.resuming import resume_spec
 
     settings = dict(model="random:tiny", strategy="full-finetune", learning_rate=1e-5, save_every=1,
                     **{**SMALL, "eval_batches": 0})

@@ -5,6 +5,7 @@ import dataclasses
 from typing import Any
 
 from ..errors import AdaptersError
+from ..reports.model import Capacity, CapacityTry, Failed, OkResult, OutOfMemory, Refused, Result
 from ..runspec import memory_limit
 from .predict import predicted_largest
 from .provenance import device_kind
@@ -32,7 +33,7 @@ def search_limit(settings: BenchSettings) -> int | None:
 
 
 def find_capacity(settings: BenchSettings, strategy: str, limit: int | None,
-                  bar: Any = None) -> tuple[dict[str, Any], dict[str, Any]]:
+                  bar: Any = None) -> tuple[Result, Capacity]:
     """The largest ``settings.find_max`` (batch size, or sequence length in multiples of 8) that
     ``strategy`` trains with under ``limit``, by real runs.
 
@@ -50,36 +51,35 @@ def find_capacity(settings: BenchSettings, strategy: str, limit: int | None,
     if param == "seq_len":
         upper = getattr(model_config(spec.model), "max_position_embeddings", None) or upper
     trial = dataclasses.replace(TRY, memory_limit=settings.spec.memory_limit)
-    tries: list[dict[str, Any]] = []
-    results: dict[int, dict[str, Any]] = {}
+    tries: list[CapacityTry] = []
+    results: dict[int, OkResult] = {}
 
     def works(value: int) -> bool:
         if bar is not None:
             bar.set_postfix(strategy=strategy, **{param: value})
         result = run_case(dataclasses.replace(spec, **{param: value}), trial)
-        peak = result["memory"]["peak_bytes"] if result["status"] == "ok" else None
-        status = result["status"]
-        if status == "ok" and result["batch_size"] != spec.batch_size:  # it fitted only by halving its micro-batch
-            status, peak = "oom", None
-            result = {"strategy": strategy, "status": "oom", "message": "out of memory: it ran only after backing "
-                      f"off to micro-batch {result['batch_size']}"}
-        if status == "ok" and limit is not None and peak > limit:
-            status = "over limit"
-        tries.append({"value": value, "status": status, "peak_bytes": peak,
-                      "message": None if status in ("ok", "over limit") else result.get("message")})
-        results[value] = result
+        if isinstance(result, OkResult) and result.batch_size != spec.batch_size:  # it fitted only by backing off
+            result = OutOfMemory(strategy=strategy, message="out of memory: it ran only after backing off to "
+                                 f"micro-batch {result.batch_size}")
+        peak = result.memory.peak_bytes if isinstance(result, OkResult) else None
+        status = "over limit" if peak is not None and limit is not None and peak > limit else result.status
+        tries.append(CapacityTry(value=value, status=status, peak_bytes=peak,
+                                 message=None if status in ("ok", "over limit") else result.message))
+        if status == "ok":
+            results[value] = result
         return status == "ok"
 
     # Sequence lengths are searched in multiples of 8: what kernels like, and fewer tries.
     step = 1 if param == "batch_size" else 8
     largest = largest_that_fits(lambda k: works(k * step), upper // step)
     largest = None if largest is None else largest * step
-    search = {"strategy": strategy, "parameter": param, "limit_bytes": limit, "largest": largest, "tries": tries,
-              "predicted_largest": predicted_largest(spec, param, limit)}
+    search = Capacity(strategy=strategy, parameter=param, limit_bytes=limit, largest=largest, tries=tries,
+                      predicted_largest=predicted_largest(spec, param, limit))
     if largest is None:
         first = tries[0]
-        return ({"strategy": strategy, "status": "failed" if first["status"] == "over limit" else first["status"],
-                 "message": first["message"] or f"even {param} = {first['value']} needs more than the memory limit"},
-                search)
-    search["peak_bytes"] = results[largest]["memory"]["peak_bytes"]
+        kind = Failed if first.status == "over limit" else {"oom": OutOfMemory, "refused": Refused}.get(first.status,
+                                                                                                       Failed)
+        return kind(strategy=strategy, message=first.message or
+                    f"even {param} = {first.value} needs more than the memory limit"), search
+    search.peak_bytes = results[largest].memory.peak_bytes
     return results[largest], search

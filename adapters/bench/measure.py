@@ -13,7 +13,6 @@ import gc
 import resource
 import statistics
 import time
-from typing import Any
 
 import torch
 
@@ -21,6 +20,7 @@ from ..contract import traits
 from ..distributed import is_sharded
 from ..errors import AdaptersError
 from ..nn import ParameterCount, trainable_parameters
+from ..reports.model import Engine, Memory, MemoryComponents, OkResult, Quality, StepTimes
 from ..resolver import resolve
 from ..runspec import Run, RunSpec
 from ..text import parse_size
@@ -50,7 +50,7 @@ class _Steps:
         from ..checkpoints import Position
 
         self.session = session
-        self.position = Position(step=0, epoch=0, batch=0, tokens=0, seconds=0.0, losses=[])
+        self.position = Position.start()
         self.batches = session.batches(self.position)
 
     def __call__(self) -> tuple[float, int]:
@@ -65,7 +65,7 @@ class _Steps:
         return finite_loss(done[0].item(), self.position.step), int(tokens_of(batches))
 
 
-def measure(spec: RunSpec, measurement: Measurement) -> dict[str, Any]:
+def measure(spec: RunSpec, measurement: Measurement) -> OkResult:
     """Load, apply, time and measure the run ``spec`` in this process; the result as the report holds it."""
     run = resolve(spec)
     cuda = torch.cuda.is_available()
@@ -74,12 +74,7 @@ def measure(spec: RunSpec, measurement: Measurement) -> dict[str, Any]:
     session = Session.open(run)
     steps = _Steps(session)
     before = _checksums(session.built.model)
-    # Untimed warm-up; with --compile at least one step, the first, which compiles the layers.
-    warmup_s = []
-    for _ in range(max(measurement.warmup, 1 if session.compiled["layers"] else 0)):
-        start = time.perf_counter()
-        steps()
-        warmup_s.append(time.perf_counter() - start)
+    warmup_s = _warm_up(steps, measurement.warmup, session.compiled["layers"])
     nvml = _Nvml() if cuda else None
     energy_start = nvml.energy_mj() if nvml else None
     if cuda:
@@ -87,24 +82,43 @@ def measure(spec: RunSpec, measurement: Measurement) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats()
     times, losses, tokens = _time_steps(steps, measurement, cuda)
     energy_end = nvml.energy_mj() if nvml else None
-    result = _result(run, session, times, losses, tokens)
-    # Compile time, apart from step time: the first step's seconds beyond a compiled step's (None: not compiled).
-    result["compiled_layers"] = session.compiled["layers"]
-    result["steps_run"] = len(warmup_s) + measurement.steps * measurement.repeats
-    result["compile_s"] = max(0.0, warmup_s[0] - result["step_s"]["median"]) if session.compiled["layers"] else None
-    result["memory"] = _memory(session, steps, cuda, nvml)
-    result["flags"] = _flags(session, before)
-    if cuda:
-        result["mfu"] = _mfu(run, session.parameters, result["tokens_per_s"])
-        if energy_start is not None and energy_end is not None:
-            result["energy_j_per_token"] = (energy_end - energy_start) / 1000 / sum(tokens)
+    step_s = _step_times(times)
+    per_step = sum(tokens) / len(tokens)  # the real tokens of a timed step, padding left out, as train counts them
+    engine = engine_now(session, session.unwrapped())
+    result = OkResult(
+        strategy=run.spec.strategy, name=run.strategy.name, quantization=run.quantization, task=run.task,
+        load_s=session.built.load_s, load_s_repeats=[session.built.load_s],  # the first in a fresh process
+        step_s=step_s, steps_run=len(warmup_s) + measurement.steps * measurement.repeats,
+        tokens_per_step=round(per_step), tokens_per_s=per_step / step_s.median,
+        # What the row really ran with: a row that backed off after running out of memory says so (compare checks).
+        batch_size=session.stepper.micro_batch, gradient_accumulation_steps=session.stepper.accumulation,
+        trainable_parameters=session.parameters.trainable, declared_trainable_parameters=session.built.declared,
+        total_parameters=session.parameters.total, final_loss=losses[-1],
+        memory=_memory(session, steps, cuda, nvml), flags=_flags(session, before), quality=None,
+        mfu=_mfu(run, session.parameters, per_step / step_s.median) if cuda else None,
+        energy_j_per_token=(energy_end - energy_start) / 1000 / sum(tokens)
+        if energy_start is not None and energy_end is not None else None,
+        # Compile time, apart from step time: the first step's seconds beyond a compiled step's (None: not compiled).
+        compiled_layers=session.compiled["layers"],
+        compile_s=max(0.0, warmup_s[0] - step_s.median) if session.compiled["layers"] else None,
+        memory_fit=run.fit, loss_path=engine["loss_path"], engine=Engine(**engine))
     device = session.accelerator.device
     del session, steps  # free its memory before the model loads again
     _load_again(run, device, measurement.loads - 1, result)
     if measurement.quality_steps:
-        result["quality"], quality_flags = _quality(spec, measurement.quality_steps)
-        result["flags"].extend(quality_flags)
+        result.quality, quality_flags = _quality(spec, measurement.quality_steps)
+        result.flags.extend(quality_flags)
     return result
+
+
+def _warm_up(steps: _Steps, warmup: int, compiled_layers: int) -> list[float]:
+    """Untimed steps, their seconds; with compiled layers at least one step, the first, which compiles them."""
+    seconds = []
+    for _ in range(max(warmup, 1 if compiled_layers else 0)):
+        start = time.perf_counter()
+        steps()
+        seconds.append(time.perf_counter() - start)
+    return seconds
 
 
 def _prepare_gpu(memory_limit: str | None) -> None:
@@ -115,16 +129,16 @@ def _prepare_gpu(memory_limit: str | None) -> None:
         torch.cuda.set_per_process_memory_fraction(min(1.0, parse_size(memory_limit) / total))
 
 
-def _load_again(run: Run, device: torch.device, times: int, result: dict[str, Any]) -> None:
+def _load_again(run: Run, device: torch.device, times: int, result: OkResult) -> None:
     """Load and apply ``run`` ``times`` more in this process (warm: imports done, files cached), each one's seconds
     added to the result's ``load_s_repeats``; a load that fails (out of memory, say) ends that with a flag."""
     for _ in range(times):
         gc.collect()  # the previous copy's memory, before this one takes its own
         try:
-            result["load_s_repeats"].append(build(run, device).load_s)
+            result.load_s_repeats.append(build(run, device).load_s)
         except Exception as exc:  # what was measured stands, without the load time's spread
-            result["flags"].append(f"loading again failed, so load time has no spread: {type(exc).__name__}: "
-                                   f"{exc}"[:300])
+            result.flags.append(f"loading again failed, so load time has no spread: {type(exc).__name__}: "
+                                f"{exc}"[:300])
             return
         finally:
             gc.collect()
@@ -153,48 +167,17 @@ def _time_steps(steps: _Steps, measurement: Measurement,
     return times, losses, tokens
 
 
-def _result(run: Run, session: Session, times: list[list[float]], losses: list[float],
-            tokens: list[int]) -> dict[str, Any]:
-    """The result's identity, timings and counts; memory, flags and the GPU's numbers are added after."""
+def _step_times(times: list[list[float]]) -> StepTimes:
     flat = sorted(t for repeat in times for t in repeat)
     median = statistics.median(flat)
-    per_step = sum(tokens) / len(tokens)  # the real tokens of a timed step, padding left out, as train counts them
-    stepper = session.stepper
-    return {
-        "strategy": run.spec.strategy,
-        "name": run.strategy.name,
-        "quantization": run.quantization,
-        "task": run.task,
-        "status": "ok",
-        "message": None,
-        "load_s": session.built.load_s,
-        "load_s_repeats": [session.built.load_s],  # every load's seconds, the first (load_s) in a fresh process
-        "step_s": {"median": median, "min": flat[0], "max": flat[-1], "spread": (flat[-1] - flat[0]) / median,
-                   "repeat_medians": [statistics.median(r) for r in times]},
-        "tokens_per_step": round(per_step),
-        "tokens_per_s": per_step / median,
-        # What the row really ran with: a row that backed off after running out of memory says so (compare checks).
-        "batch_size": stepper.micro_batch,
-        "gradient_accumulation_steps": stepper.accumulation,
-        "memory_fit": run.fit,  # --memory-limit: what the plan chose and why; None when not fitted
-        "loss_path": engine_now(session, session.unwrapped())["loss_path"],
-        "engine": engine_now(session, session.unwrapped()),
-        "trainable_parameters": session.parameters.trainable,
-        "declared_trainable_parameters": session.built.declared,
-        "total_parameters": session.parameters.total,
-        "final_loss": losses[-1],
-        "memory": None,
-        "mfu": None,
-        "energy_j_per_token": None,
-        "quality": None,
-        "flags": [],
-    }
+    return StepTimes(median=median, min=flat[0], max=flat[-1], spread=(flat[-1] - flat[0]) / median,
+                     repeat_medians=[statistics.median(r) for r in times])
 
 
 # ------------------------------------------------------------------------------------------ memory
 
 
-def _memory(session: Session, steps: _Steps, cuda: bool, nvml: _Nvml | None) -> dict[str, Any]:
+def _memory(session: Session, steps: _Steps, cuda: bool, nvml: _Nvml | None) -> Memory:
     """The step's peak, split into what is held outside the step and the step's own activations. On the CPU, the
     profiler watches one more step, on a batch drawn before it (as the loader's worker would have it ready)."""
     static = static_components(session.model, session.optimizer)
@@ -211,14 +194,10 @@ def _memory(session: Session, steps: _Steps, cuda: bool, nvml: _Nvml | None) -> 
         source = "cpu_profiler_allocation_events"
     components = {**static, "gradients": gradients}
     components["activations_and_temporaries"] = peak - sum(components.values())
-    return {
-        "peak_bytes": peak,
-        "source": source,
-        "components": components,
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux reports KiB
-        "reserved_bytes": torch.cuda.max_memory_reserved() if cuda else None,
-        "nvml_used_bytes": nvml.used_bytes() if nvml else None,
-    }
+    return Memory(peak_bytes=peak, source=source, components=MemoryComponents(**components),
+                  peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux reports KiB
+                  reserved_bytes=torch.cuda.max_memory_reserved() if cuda else None,
+                  nvml_used_bytes=nvml.used_bytes() if nvml else None)
 
 
 def static_components(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
@@ -320,21 +299,22 @@ class _Nvml:
         return self._nvml.nvmlDeviceGetMemoryInfo(self._handle).used if self._handle else None
 
 
-def _quality(spec: RunSpec, steps: int) -> tuple[dict[str, Any], list[str]]:
+def _quality(spec: RunSpec, steps: int) -> tuple[Quality, list[str]]:
     """Held-out quality before and after ``steps`` training steps on the built-in real data."""
     result = train(dataclasses.replace(spec, max_steps=steps), progress=False)
     if result.status != "completed":
-        return ({"steps": steps, "status": "failed", "message": result.reason},
+        return (Quality(steps=steps, status="failed", message=result.reason),
                 [f"quality run {result.status}: {result.reason}"])
     flags = []
     before, after = result.before.get("loss"), result.after.get("loss")
     if len(result.losses) > 1 and before is not None and after is not None and after >= before:
         flags.append("held-out loss did not decrease over the quality steps")
-    quality = {"steps": steps, "status": "ok", "before": result.before, "after": result.after, "losses": result.losses}
+    quality = Quality(steps=steps, status="ok", before=result.before, after=result.after, losses=result.losses)
     backoffs = result.backoffs
     if backoffs:  # out of memory: the quality run went on with a smaller micro-batch; compare must know
-        batch, accumulation = backoffs[-1]["batch_size"], backoffs[-1]["gradient_accumulation_steps"]
-        quality.update(batch_size=batch, gradient_accumulation_steps=accumulation)
+        quality.batch_size, quality.gradient_accumulation_steps = (backoffs[-1]["batch_size"],
+                                                                   backoffs[-1]["gradient_accumulation_steps"])
         flags.append(f"quality run backed off after running out of memory: micro-batch {spec.batch_size} x "
-                     f"{spec.gradient_accumulation_steps} -> {batch} x {accumulation}")
+                     f"{spec.gradient_accumulation_steps} -> {quality.batch_size} x "
+                     f"{quality.gradient_accumulation_steps}")
     return quality, flags

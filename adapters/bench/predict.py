@@ -3,11 +3,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
+
+from ..reports.model import OkResult, Prediction
 from ..runspec import RunSpec
 from .provenance import device_kind
 
 
-def predict(spec: RunSpec, result: dict[str, Any], shapes: dict[str, Any] | None = None) -> dict[str, Any]:
+def predict(spec: RunSpec, result: OkResult, shapes: dict[str, Any] | None = None) -> Prediction:
     """The plan's prediction for the measured ``result`` of ``spec``, split as the measurement is, with
     errors in percent; a plan that fails is recorded in it, never raised.
 
@@ -18,26 +21,26 @@ def predict(spec: RunSpec, result: dict[str, Any], shapes: dict[str, Any] | None
     from ..plan import RunShape, estimate, model_shape
 
     shapes = {} if shapes is None else shapes
-    task, device = result["task"], device_kind()
+    task, device = result.task, device_kind()
     try:
         if task not in shapes:
             shapes[task] = model_shape(spec.model, task, device)
-        strategy = get_registry().get(result["name"])
+        strategy = get_registry().get(result.name)
         config = build_config(strategy.config_class, spec.options, strategy.name)
-        run = RunShape(spec.batch_size, spec.seq_len, task, result["quantization"], spec.gradient_checkpointing,
+        run = RunShape(spec.batch_size, spec.seq_len, task, result.quantization, spec.gradient_checkpointing,
                        device, loss_chunk=spec.loss_chunk, compile=spec.compile,
-                       processes=result.get("processes", 1), sharding=spec.sharding)
-        plan = estimate(shapes[task], strategy, config, run, result["strategy"])
+                       processes=result.processes or 1, sharding=spec.sharding)
+        plan = estimate(shapes[task], strategy, config, run, result.strategy)
     except Exception as exc:  # the measurement stands; a failing plan is recorded, not fatal
-        return {"status": "no estimate", "message": f"planning failed: {type(exc).__name__}: {exc}"}
+        return Prediction(status="no estimate", message=f"planning failed: {type(exc).__name__}: {exc}")
     if plan.status != "ok":
-        return {"status": plan.status, "message": plan.message}
+        return Prediction(status=plan.status, message=plan.message)
     predicted = plan.measured_convention()
-    measured = result["memory"]["components"]
+    measured = msgspec.structs.asdict(result.memory.components)
     errors = {k: _error_pct(predicted[k], measured[k]) for k in predicted}
-    errors["total"] = _error_pct(plan.peak_bytes, result["memory"]["peak_bytes"])
-    return {"status": "ok", "message": None, "peak_bytes": plan.peak_bytes, "phase": plan.peak_phase,
-            "components": predicted, "error_pct": errors}
+    errors["total"] = _error_pct(plan.peak_bytes, result.memory.peak_bytes)
+    return Prediction(status="ok", message=None, peak_bytes=plan.peak_bytes, phase=plan.peak_phase,
+                      components=predicted, error_pct=errors)
 
 
 def predicted_largest(spec: RunSpec, parameter: str, limit: int | None) -> int | None:

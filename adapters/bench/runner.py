@@ -11,8 +11,23 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from ..errors import AdaptersError
 from ..files import write_json
+from ..reports.model import (
+    SCHEMA_VERSION,
+    Cancelled,
+    Capacity,
+    OkResult,
+    Prediction,
+    Provenance,
+    Refused,
+    Report,
+    Result,
+    Scaling,
+    Settings,
+)
 from ..runspec import RunSpec
 from .capacity import find_capacity, search_limit
 from .predict import predict
@@ -25,14 +40,15 @@ from .worker import null_non_finite, run_case
 class _Outcome:
     """What the suite's cases gave: every result in order, the runs measured, the capacity searches."""
 
-    results: list[dict[str, Any]] = dataclasses.field(default_factory=list)
-    measured: list[tuple[RunSpec, dict[str, Any]]] = dataclasses.field(default_factory=list)  # the run, its result
-    capacity: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    results: list[Result] = dataclasses.field(default_factory=list)
+    measured: list[tuple[RunSpec, Result]] = dataclasses.field(default_factory=list)  # the run, its result
+    capacity: list[Capacity] = dataclasses.field(default_factory=list)
     interrupted: str | None = None  # the signal that stopped the suite
 
 
 def run_bench(settings: BenchSettings, progress: bool = True, *, overwrite: bool = False) -> dict[str, Any]:
-    """Benchmark every strategy in ``settings`` and return the report (also written to ``output``).
+    """Benchmark every strategy in ``settings`` and return the report as written to ``output`` (JSON data of the
+    typed `adapters.reports.Report`, which `adapters.reports.as_report` gives back).
 
     With ``find_max`` set, each strategy's largest batch size or sequence length is searched by real
     runs instead, and the report's result for it is the run at that value.
@@ -54,8 +70,8 @@ def run_bench(settings: BenchSettings, progress: bool = True, *, overwrite: bool
             _run_cases(settings, refusals, search_limit(settings), progress, outcome)
             shapes: dict[str, Any] = {}
             for spec, result in outcome.measured:
-                if result["status"] == "ok":
-                    result["prediction"] = predict(spec, result, shapes)
+                if result.ok:
+                    result.prediction = predict(spec, result, shapes)
     except KeyboardInterrupt:  # keep what was measured; mark the rest
         outcome.interrupted = outcome.interrupted or "SIGINT"
     with _signals_deferred():  # a second Ctrl-C must not cost the report
@@ -64,7 +80,7 @@ def run_bench(settings: BenchSettings, progress: bool = True, *, overwrite: bool
         if output is not None:
             output = _free_output(output, overwrite)
             settings = dataclasses.replace(settings, output=str(output))
-        report = null_non_finite(_report(settings, outcome))  # strict JSON, whatever slipped through
+        report = null_non_finite(msgspec.to_builtins(_report(settings, outcome)))  # strict JSON, whatever slipped
         if output is not None:
             output.parent.mkdir(parents=True, exist_ok=True)
             write_json(output, report)
@@ -116,12 +132,12 @@ def _signals_deferred() -> Iterator[None]:
 def _cancel_the_rest(settings: BenchSettings, outcome: _Outcome) -> None:
     """Strategies without a result are cancelled; measured ones keep their result, without a prediction
     when the interrupt came before it."""
-    done = {r["strategy"] for r in outcome.results}
-    outcome.results.extend({"strategy": name, "status": "cancelled", "message": f"interrupted ({outcome.interrupted}) "
-                            "before it ran to the end"} for name in settings.strategies if name not in done)
+    done = {r.strategy for r in outcome.results}
+    outcome.results.extend(Cancelled(strategy=name, message=f"interrupted ({outcome.interrupted}) before it ran to "
+                                     "the end") for name in settings.strategies if name not in done)
     for result in outcome.results:
-        if result["status"] == "ok" and "prediction" not in result:
-            result["prediction"] = {"status": "cancelled", "message": "interrupted before the plan's prediction"}
+        if result.ok and result.prediction is None:
+            result.prediction = Prediction(status="cancelled", message="interrupted before the plan's prediction")
 
 
 def _free_output(output: Path, overwrite: bool) -> Path:
@@ -168,14 +184,14 @@ def _run_cases(settings: BenchSettings, refusals: dict[str, str], limit: int | N
         for name in bar:
             bar.set_postfix(strategy=name)
             if name in refusals:
-                outcome.results.append({"strategy": name, "status": "refused", "message": refusals[name]})
+                outcome.results.append(Refused(strategy=name, message=refusals[name]))
                 continue
             spec = settings.case(name)
             if settings.find_max:
                 result, search = find_capacity(settings, name, limit, bar)
                 outcome.capacity.append(search)
-                if search["largest"] is not None:  # predicted for the shape it ran: the largest found
-                    spec = dataclasses.replace(spec, **{settings.find_max: search["largest"]})
+                if search.largest is not None:  # predicted for the shape it ran: the largest found
+                    spec = dataclasses.replace(spec, **{settings.find_max: search.largest})
             else:
                 result = _measure(settings, spec, measurement)
             outcome.results.append(result)
@@ -184,41 +200,31 @@ def _run_cases(settings: BenchSettings, refusals: dict[str, str], limit: int | N
         bar.close()
 
 
-def _measure(settings: BenchSettings, spec: RunSpec, measurement: Measurement) -> dict[str, Any]:
+def _measure(settings: BenchSettings, spec: RunSpec, measurement: Measurement) -> Result:
     """One strategy measured in a fresh process, or in a torchrun of ``settings.processes``; with several, also in a
     torchrun of one, for the scaling efficiency: tokens/s with N processes / (N x tokens/s with 1)."""
     n = settings.processes
     if n == 1 and settings.spec.sharding == "none":
         return run_case(spec, measurement)
     result = run_case(spec, measurement, n)
-    if n > 1 and result["status"] == "ok":
+    if n > 1 and isinstance(result, OkResult):
         single = run_case(spec, measurement, 1)
-        if single["status"] == "ok":
-            result["scaling"] = {"single_process_tokens_per_s": single["tokens_per_s"],
-                                 "single_process_peak_bytes": single["memory"]["peak_bytes"],
-                                 "efficiency": result["tokens_per_s"] / (n * single["tokens_per_s"])}
+        if isinstance(single, OkResult):
+            result.scaling = Scaling(single_process_tokens_per_s=single.tokens_per_s,
+                                     single_process_peak_bytes=single.memory.peak_bytes,
+                                     efficiency=result.tokens_per_s / (n * single.tokens_per_s))
         else:
-            result["flags"].append(f"no scaling efficiency: the run of 1 process {single['status']}: "
-                                   f"{single['message']}")
+            result.flags.append(f"no scaling efficiency: the run of 1 process {single.status}: {single.message}")
     return result
 
 
-def _report(settings: BenchSettings, outcome: _Outcome) -> dict[str, Any]:
+def _report(settings: BenchSettings, outcome: _Outcome) -> Report:
     """The report as written: provenance, the settings with what they imply, results, capacity searches."""
-    from ..reports import SCHEMA_VERSION
-
-    device = device_kind()
-    report = {
-        "schema_version": SCHEMA_VERSION,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "provenance": {**provenance(), "seed": settings.spec.seed},
-        "settings": {**settings.to_dict(), "effective_batch_size": settings.spec.batch_size *
-                     settings.spec.gradient_accumulation_steps * settings.processes,
-                     "dtype": "bfloat16" if device == "cuda" else "float32", "device": device},
-        "results": outcome.results,
-    }
-    if outcome.interrupted:
-        report["interrupted"] = True
-    if settings.find_max:
-        report["capacity"] = outcome.capacity
-    return report
+    device, s = device_kind(), settings.spec
+    return Report(
+        schema_version=SCHEMA_VERSION,
+        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        provenance=msgspec.convert({**provenance(), "seed": s.seed}, Provenance),
+        settings=Settings(**settings.to_dict(), dtype="bfloat16" if device == "cuda" else "float32", device=device,
+                          effective_batch_size=s.batch_size * s.gradient_accumulation_steps * settings.processes),
+        results=outcome.results, capacity=outcome.capacity, interrupted=bool(outcome.interrupted))

@@ -20,13 +20,16 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from ..errors import AdaptersError, TrainingFailed
 from ..files import write_json
+from ..reports.model import Failed, OkResult, OutOfMemory, Refused, Result
 from ..runspec import RunSpec
 from .settings import Measurement
 
 
-def run_case(spec: RunSpec, measurement: Measurement, processes: int | None = None) -> dict[str, Any]:
+def run_case(spec: RunSpec, measurement: Measurement, processes: int | None = None) -> Result:
     """Measure ``spec`` in a fresh Python process, or in a fresh torchrun of ``processes`` (even of 1); its result,
     or the reason it failed."""
     with tempfile.TemporaryDirectory(prefix="adapters-bench-") as tmp:
@@ -38,34 +41,34 @@ def run_case(spec: RunSpec, measurement: Measurement, processes: int | None = No
         proc = subprocess.run([sys.executable, *launcher, "-m", "adapters.bench", str(case), str(out)],
                               capture_output=True, text=True)
         if processes is None and out.exists():
-            return json.loads(out.read_text())
+            return _read(out)
         ranks = [out.with_name(f"{out.name}.{rank}") for rank in range(processes or 0)]
         if ranks and all(r.exists() for r in ranks):
-            return combine([json.loads(r.read_text()) for r in ranks])
-        failed = [json.loads(r.read_text()) for r in ranks if r.exists()]
-        failed = [r for r in failed if r["status"] != "ok"]
+            return combine([_read(r) for r in ranks])
+        failed = [r for r in (_read(r) for r in ranks if r.exists()) if not r.ok]
         if failed:
             return failed[0]
     tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-    return {"strategy": spec.strategy, "status": "failed",
-            "message": f"worker exited with code {proc.returncode}: {' | '.join(tail)}"}
+    return Failed(strategy=spec.strategy, message=f"worker exited with code {proc.returncode}: {' | '.join(tail)}")
 
 
-def combine(ranks: list[dict[str, Any]]) -> dict[str, Any]:
+def _read(path: Path) -> Result:
+    return msgspec.json.decode(path.read_bytes(), type=Result)
+
+
+def combine(ranks: list[Result]) -> Result:
     """One result from each process's (rank order): rank 0's, with the largest per-process peak (and its
     components), every process's peak, and the tokens of all processes per step and per second."""
-    failed = [(rank, r) for rank, r in enumerate(ranks) if r["status"] != "ok"]
+    failed = [(rank, r) for rank, r in enumerate(ranks) if not r.ok]
     if failed:
         rank, result = failed[0]
-        return {**result, "message": f"process {rank} of {len(ranks)}: {result['message']}"}
-    peaks = [r["memory"]["peak_bytes"] for r in ranks]
-    result = dict(ranks[0])
-    result["memory"] = {**ranks[peaks.index(max(peaks))]["memory"], "per_process_peak_bytes": peaks}
-    result["processes"] = len(ranks)
-    result["tokens_per_step"] = sum(r["tokens_per_step"] for r in ranks)
-    result["tokens_per_s"] = sum(r["tokens_per_s"] for r in ranks)
-    result["flags"] = sorted({f for r in ranks for f in r["flags"]})
-    return result
+        return msgspec.structs.replace(result, message=f"process {rank} of {len(ranks)}: {result.message}")
+    peaks = [r.memory.peak_bytes for r in ranks]
+    memory = msgspec.structs.replace(ranks[peaks.index(max(peaks))].memory, per_process_peak_bytes=peaks)
+    return msgspec.structs.replace(ranks[0], memory=memory, processes=len(ranks),
+                                   tokens_per_step=sum(r.tokens_per_step for r in ranks),
+                                   tokens_per_s=sum(r.tokens_per_s for r in ranks),
+                                   flags=sorted({f for r in ranks for f in r.flags}))
 
 
 def work(case_path: str, out_path: str) -> int:
@@ -78,17 +81,16 @@ def work(case_path: str, out_path: str) -> int:
     out = Path(out_path) if rank is None else Path(f"{out_path}.{rank}")
     try:
         result = finite(measure(spec, Measurement(**case["measurement"])))
-    except TrainingFailed as exc:  # a non-finite loss in the measured steps: the loss is null, the row failed
-        result = {"strategy": spec.strategy, "status": "failed", "message": str(exc), "final_loss": None}
+    except TrainingFailed as exc:  # a non-finite loss in the measured steps: the row failed
+        result = Failed(strategy=spec.strategy, message=str(exc))
     except AdaptersError as exc:
-        result = {"strategy": spec.strategy, "status": "refused", "message": str(exc)}
+        result = Refused(strategy=spec.strategy, message=str(exc))
     except Exception as exc:  # OOM and the like: recorded so the other strategies go on
-        oom = "out of memory" in str(exc).lower()
-        result = {"strategy": spec.strategy, "status": "oom" if oom else "failed",
-                  "message": f"{type(exc).__name__}: {exc}"[:500]}
-    write_json(out, result)
+        kind = OutOfMemory if "out of memory" in str(exc).lower() else Failed
+        result = kind(strategy=spec.strategy, message=f"{type(exc).__name__}: {exc}"[:500])
+    write_json(out, msgspec.to_builtins(result))
     # A process that failed exits with an error, so that torchrun stops the others, which would wait for it.
-    return 0 if rank is None or result["status"] == "ok" else 1
+    return 0 if rank is None or result.ok else 1
 
 
 # Where a non-finite number is only a missing extra: recorded as null, with a flag. Anywhere else
@@ -96,28 +98,26 @@ def work(case_path: str, out_path: str) -> int:
 _EXTRAS = ("mfu", "energy_j_per_token", "prediction")
 
 
-def finite(result: dict[str, Any]) -> dict[str, Any]:
+def finite(result: OkResult) -> Result:
     """``result`` as strict JSON holds it: every NaN or infinity becomes null, with a status that says so.
 
     In the held-out quality, the quality fails (its other numbers stay); in an extra (MFU, energy),
     the row gets a flag; anywhere else, the row is failed, naming each value and where it was.
     """
     found: list[tuple[str, float]] = []
-    result = null_non_finite(result, "", found)
+    data = null_non_finite(msgspec.to_builtins(result), "", found)
     if not found:
         return result
     where = {path: f"{path} = {value}" for path, value in found}
     core = [text for path, text in where.items() if _top(path) not in ("quality", *_EXTRAS)]
     if core:
-        return {"strategy": result["strategy"], "status": "failed",
-                "message": f"non-finite {', '.join(core)} in the measurement (recorded as failed)",
-                "final_loss": result.get("final_loss")}
+        return Failed(strategy=result.strategy,
+                      message=f"non-finite {', '.join(core)} in the measurement (recorded as failed)")
     quality = [text for path, text in where.items() if _top(path) == "quality"]
     if quality:
-        result["quality"].update(status="failed", message=f"non-finite {', '.join(quality)}")
-    flags = [f"non-finite {text}, recorded as null" for text in where.values()]
-    result["flags"] = list(result.get("flags") or []) + flags
-    return result
+        data["quality"].update(status="failed", message=f"non-finite {', '.join(quality)}")
+    data["flags"] = list(data.get("flags") or []) + [f"non-finite {text}, recorded as null" for text in where.values()]
+    return msgspec.convert(data, OkResult)
 
 
 def _top(path: str) -> str:

@@ -60,7 +60,9 @@ class Provenance(Struct, kw_only=True):
 
 
 class Settings(Struct, kw_only=True):
-    """What was run: `adapters bench`'s settings plus what the machine decided (dtype, device)."""
+    """What was run: `adapters bench`'s settings (the run each case measures, as `adapters.RunSpec` names its
+    settings, and the suite's own) plus what the machine decided (dtype, device). Settings added after the first
+    reports are optional: None (or empty) where a report does not say."""
 
     model: str
     strategies: list[str]
@@ -82,6 +84,20 @@ class Settings(Struct, kw_only=True):
     device: Literal["cpu", "cuda"]
     processes: Count = 1  # each case one torchrun of this many, batch_size rows each
     sharding: Literal["none", "fsdp"] = "none"
+    quantization: str | None = None  # for every strategy that does not say NAME@QUANT
+    data: str | None = None  # what the steps trained on (None: the built-in data for the task)
+    packing: bool | None = None
+    train_on_prompt: bool | None = None
+    learning_rate: float | None = None
+    lr_scheduler: str | None = None
+    warmup_steps: int | None = None
+    warmup_ratio: float | None = None
+    weight_decay: float | None = None
+    max_grad_norm: float | None = None
+    loss_chunk: int | None = None
+    compile: bool | None = None
+    options: dict[str, Any] = {}  # strategy options, for every strategy of the suite
+    run: str | None = None  # `adapters bench --run RUN`: the run whose settings these are
 
 
 class StepTimes(Struct, kw_only=True):
@@ -151,6 +167,17 @@ class Prediction(Struct, kw_only=True):
     error_pct: dict[str, float | None] | None = None  # (predicted - measured) / measured, per component and total
 
 
+class Engine(Struct, kw_only=True):
+    """How the measured steps computed (`adapters.rules`): as the rules chose, and what the run found out."""
+
+    device: str
+    compiled: bool
+    recomputes_mlp: bool
+    optimizer: str
+    loss_path: str
+    ignore_index: int
+
+
 class _Result(Struct, kw_only=True, tag_field="status"):
     strategy: str  # the spec benchmarked, e.g. "lora@nf4"
     message: str | None = None
@@ -201,6 +228,7 @@ class OkResult(_Result, tag="ok", kw_only=True):
     # The processes of the run (tokens_per_step and tokens_per_s are all of theirs); None: one, as in older reports.
     processes: Count | None = None
     scaling: Scaling | None = None  # with several processes: against one, measured in the same bench
+    engine: Engine | None = None  # how the steps computed; None in older reports
 
 
 class NotRun(_Result):

@@ -20,12 +20,12 @@ test and always unregisters it; load it with ``pytest_plugins = ["adapters.testi
 conftest.py, or ``from adapters.testing import register_plugin`` there. `registered` is the same
 as a context manager.
 
-Modules: `checks` (every check, declared once with its scope and description; `CHECKS` lists
-them), `harness` (the runs of the core's training pipeline they share), `runner` (running them),
+Modules: `checks` and `end_to_end` (every check, declared once with its scope and description;
+`catalog.CHECKS` lists them), `harness` (the runs of the core's training session they share), `runner` (running them),
 `report` (the results), `fixtures` (registering plugins for a test), `matrix` (`adapters matrix`).
 The checks are described in docs/plugins.md.
 """
-from .checks import CELL_CHECKS, CHECKS, OPTIONAL_CHECKS
+from .catalog import CELL_CHECKS, CHECKS, OPTIONAL_CHECKS
 from .fixtures import plugin_for, register_plugin, registered
 from .harness import LABELS, STEPS, TINY_MODEL
 from .report import FAIL, PASS, SKIP, CheckReport, CheckResult, ConformanceError

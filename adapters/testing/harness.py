@@ -177,7 +177,7 @@ class Harness:
                 grads.update({n: None if p.grad is None else p.grad.detach().clone() for n, p in trainable.items()})
 
         session.optimizer.optimizer.register_step_pre_hook(keep_first_gradients)
-        batches = session.batches(Position(step=0, epoch=0, batch=0, tokens=0, seconds=0.0, losses=[]))
+        batches = session.batches(Position.start())
         losses = []
         for step in range(1, STEPS + 1):
             seed_everything(self.seed + step)  # the same dropout masks in every run

@@ -16,7 +16,7 @@ from typing import Any
 
 from ..contract import QUANTIZATIONS, TASKS
 from ..errors import AdaptersError
-from .checks import CHECKS
+from .catalog import CHECKS
 from .harness import TINY_MODEL
 from .report import FAIL, PASS, CheckReport
 from .runner import run_checks

@@ -14,7 +14,7 @@ from typing import Any
 
 from ..contract import QUANTIZATIONS, TASKS, Strategy, traits, validate_strategy
 from ..errors import AdaptersError
-from .checks import REGISTRY, Check
+from .catalog import REGISTRY, Check
 from .fixtures import plugin_for, registered
 from .harness import TINY_MODEL, Harness, Skip, reproducible
 from .report import FAIL, PASS, SKIP, CheckReport, CheckResult, ConformanceError

@@ -80,8 +80,7 @@ class _Loop:
         s, accelerator = session.run.spec, session.accelerator
         self.metrics = MetricsLog(s.output, accelerator, bool(s.report_to))
         session.stepper.events = self.metrics.event
-        self.position = checkpoints.Position(step=0, epoch=0, batch=0, tokens=0, seconds=0.0, losses=[],
-                                             trainable=session.trainable_shapes())
+        self.position = checkpoints.Position.start(session.trainable_shapes())
         self.written: list[Path] = []
         self.status, self.reason = COMPLETED, None
         if begun.checkpoint is not None:

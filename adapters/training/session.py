@@ -29,7 +29,7 @@ from ..nn import ParameterCount, count_parameters
 from ..runspec import Run
 from .evaluate import evaluate
 from .health import Health
-from .model import build
+from .model import Built, build
 from .prepared import Prepared
 from .sharded import ShardedState
 from .state import LocalState, State
