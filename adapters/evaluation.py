@@ -8,7 +8,7 @@ What can be scored (`inspect`, `open_run`; `adapters generate` opens them the sa
   ``adapters merge``; it loads as a base model, for the task its config names.
 
 `evaluate_run` scores it with what training uses (`adapters.data.load_dataset`,
-`adapters.training.make_batches` and `adapters.training.evaluate`), on the settings the run
+`adapters.batches.make_batches` and `adapters.training.evaluate`), on the settings the run
 recorded: the same data, sequence length, batch size and number of held-out batches, so that a
 run's score equals the "after" of its ``adapters train`` summary. Every one of them can be given
 instead. A merged checkpoint takes its run's where its merge record holds them (``merged_from.training``);

@@ -25,7 +25,7 @@ from .checkpoints import STATE, Position, checkpoints_dir, latest_checkpoint, re
 from .errors import AdaptersError
 from .manifest import MANIFEST, read_manifest
 from .resolver import resolve
-from .runspec import Run, RunSpec
+from .runspec import Run, RunSpec, split_strategy
 
 # The settings a resumed run may change: where it goes, not what it computes.
 # compile changes nothing but rounding, so a resumed run may turn it on or off.
@@ -81,12 +81,12 @@ def start(spec: RunSpec) -> Start:
         return Start(run, checkpoint=checkpoint, position=position)
     if not has_final_save(spec.output):
         raise _nothing_to_resume(spec.output)
-    # A new run into the same output, which its final save replaces (keeping the run's checkpoints and logs).
-    run = resolve(dataclasses.replace(spec, resume=False, overwrite=True))
     manifest = read_manifest(spec.output)
     where = Path(spec.output) / MANIFEST
-    # The strategy first: another one's options are no contradiction of their own, only its consequence.
-    _refuse_contradictions({"strategy": manifest.strategy}, {"strategy": run.strategy.name}, where, "continued")
+    # The strategy first, before its options are read: another one's are no contradiction of their own.
+    _refuse_contradictions({"strategy": manifest.strategy}, {"strategy": _strategy_name(spec)}, where, "continued")
+    # A new run into the same output, which its final save replaces (keeping the run's checkpoints and logs).
+    run = resolve(dataclasses.replace(spec, resume=False, overwrite=True))
     saved = {"quantization": manifest.quantization, "task": manifest.task,
              **{f"set {k}": v for k, v in manifest.config.items()}}
     _refuse_contradictions(saved, {k: _weights(run)[k] for k in saved}, where, "continued")
@@ -96,6 +96,13 @@ def start(spec: RunSpec) -> Start:
     before = earlier + steps if isinstance(earlier, int) and isinstance(steps, int) else None
     started = {"run": str(spec.output), "from": "final save", "steps_before": before, "optimizer": "fresh"}
     return Start(run, saved=Path(spec.output), started_from=started)
+
+
+def _strategy_name(spec: RunSpec) -> str:
+    """The registered name of the strategy ``spec`` asks for (an alias gives the strategy's own name)."""
+    from .host import get_registry
+
+    return get_registry().entry(split_strategy(spec.strategy, spec.quantization)[0]).strategy.name
 
 
 def _nothing_to_resume(output: str | Path) -> AdaptersError:

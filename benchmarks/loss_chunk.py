@@ -2,7 +2,7 @@
 own loss (chunk 0), on a real model. Chooses `adapters.rules.DEFAULT_LOSS_CHUNK`.
 
 One LoRA model (the default strategy) on the real SmolLM2, one batch of the built-in data, the core's own
-`training_step` with ``loss_chunk`` set. Each setting's peak is the profiler's peak of live CPU tensors in one
+`optimizer_step` with ``loss_chunk`` set. Each setting's peak is the profiler's peak of live CPU tensors in one
 step (`adapters.bench.cpu_peak_tensor_bytes`, as `adapters bench` measures it); its time is the median of the
 timed steps. The settings take their steps in turn, round after round, so that whatever else the machine runs
 slows them alike.

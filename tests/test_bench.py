@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import jsonschema
+import msgspec
 import pytest
 
 import adapters
@@ -22,6 +23,7 @@ from adapters.bench.measure import measure
 from adapters.reports import as_report, compare_reports, schema
 from adapters.reports import load_report as typed_report
 from adapters.reports import read_report as load_report  # the plain JSON data, checked through the model
+from adapters.reports.model import OkResult
 from adapters.testing import plugin_for
 
 from cli_helpers import assert_user_error, bench_case_in_process, run_in_process
@@ -192,13 +194,12 @@ def test_a_case_travels_to_the_worker_as_a_run_spec(tmp_path):
 
 
 def test_quantized_base_weights_are_counted_as_quantized():
-    result = measure_tiny("lora@nf4")
-    components = result["memory"]["components"]
-    plain = measure_tiny("lora")["memory"]["components"]
-    assert components["base_weights_quantized"] > 0 and plain["base_weights_quantized"] == 0
+    components = measure_tiny("lora@nf4").memory.components
+    plain = measure_tiny("lora").memory.components
+    assert components.base_weights_quantized > 0 and plain.base_weights_quantized == 0
     # 4-bit linear weights take well under a quarter of their fp32 size.
-    assert components["base_weights_quantized"] < 0.3 * (plain["base_weights_unquantized"]
-                                                         - components["base_weights_unquantized"])
+    assert components.base_weights_quantized < 0.3 * (plain.base_weights_unquantized
+                                                       - components.base_weights_unquantized)
 
 
 def test_suite_files_and_flags(tmp_path):
@@ -289,22 +290,24 @@ class _UndercountingPlugin:
 def test_a_trainable_count_that_disagrees_with_the_declaration_is_flagged(register_plugin):
     register_plugin(_UndercountingPlugin(), name="undercount-plugin")
     result = measure_tiny("lora-undercount")
-    assert result["declared_trainable_parameters"] == result["trainable_parameters"] - 1
-    assert any("disagrees with the strategy's declared" in f for f in result["flags"])
+    assert result.declared_trainable_parameters == result.trainable_parameters - 1
+    assert any("disagrees with the strategy's declared" in f for f in result.flags)
 
 
-def test_short_data_still_gives_the_asked_batch_shape(monkeypatch):
-    import adapters.training as pipeline
+def test_short_data_is_measured_as_train_runs_it_and_flagged(monkeypatch):
+    """Data of fewer rows than --batch-size gives train smaller batches; bench measures those, and says so."""
+    import adapters.training.session as session
 
-    real = pipeline.make_batches
+    real = session.make_batches
 
     def one_row(*args, **kwargs):  # data with a single sequence of seq_len tokens
         data = real(*args, **kwargs)
-        return pipeline._Tensors(**{k: v[:1] for k, v in data.tensors.items()})
+        return type(data)(**{k: v[:1] for k, v in data.tensors.items()})
 
-    monkeypatch.setattr(pipeline, "make_batches", one_row)
+    monkeypatch.setattr(session, "make_batches", one_row)
     result = measure_tiny("lora", batch_size=4)
-    assert result["tokens_per_step"] == 4 * TINY["seq_len"]  # rows repeated, never a smaller batch
+    assert result.tokens_per_step == TINY["seq_len"]  # the one row train would step on, not 4 made up
+    assert any("fewer rows than --batch-size 4" in flag for flag in result.flags), result.flags
 
 
 # --------------------------------------------------------------------------------------------
@@ -456,7 +459,7 @@ def test_a_loss_that_stops_being_finite_is_a_failed_row_with_a_null_loss(tmp_pat
     """Issue 14, item 4 in bench: a diverging run is recorded as failed, its loss null, not a crashed worker."""
     register_plugin(plugin_for(_diverging_probe()), name="diverging")
     result = _work(tmp_path, "diverging-probe")
-    assert result["status"] == "failed" and result["final_loss"] is None
+    assert result["status"] == "failed" and result.get("final_loss") is None
     assert re.search(r"loss became (nan|inf)", result["message"]), result["message"]
 
 
@@ -476,14 +479,19 @@ def test_non_finite_numbers_become_null_with_a_status(report):
     from adapters.bench.worker import finite
 
     real = next(r for r in json.loads(report.read_text())["results"] if r["strategy"] == "lora")
-    extra = finite({**real, "mfu": float("inf")})
+
+    def finite_json(row: dict) -> dict:
+        return msgspec.to_builtins(finite(msgspec.convert(row, OkResult)))
+
+    extra = finite_json({**real, "mfu": float("inf")})
     assert extra["status"] == "ok" and extra["mfu"] is None
     assert "non-finite mfu = inf, recorded as null" in extra["flags"]
-    quality = finite({**real, "quality": {**real["quality"], "after": {**real["quality"]["after"], "loss": math.nan}}})
+    quality = finite_json({**real, "quality": {**real["quality"], "after": {**real["quality"]["after"],
+                                                                           "loss": math.nan}}})
     assert quality["status"] == "ok" and quality["quality"]["status"] == "failed"
     assert quality["quality"]["after"]["loss"] is None and "quality.after.loss = nan" in quality["quality"]["message"]
-    core = finite({**real, "final_loss": math.nan, "step_s": {**real["step_s"], "max": math.inf}})
-    assert core == {"strategy": "lora", "status": "failed", "final_loss": None,
+    core = finite_json({**real, "final_loss": math.nan, "step_s": {**real["step_s"], "max": math.inf}})
+    assert core == {"strategy": "lora", "status": "failed",
                     "message": "non-finite step_s.max = inf, final_loss = nan in the measurement (recorded as failed)"}
     for result in (extra, quality, core):  # strict JSON that loads as a report row
         text = json.dumps(result, allow_nan=False)

@@ -128,12 +128,12 @@ def test_checkpointing_as_asked_or_as_the_strategy_allows():
 @pytest.fixture
 def no_loading(monkeypatch):
     """Any load of a base model fails the test."""
-    import adapters.training
+    import adapters.training.model
 
     def refuse(*args, **kwargs):
         raise AssertionError("the base was loaded")
 
-    monkeypatch.setattr(adapters.training, "load_base_model", refuse)
+    monkeypatch.setattr(adapters.training.model, "load_base_model", refuse)
 
 
 def test_a_limit_nothing_fits_under_is_refused_before_loading(capsys, tmp_path, no_loading):

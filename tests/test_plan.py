@@ -4,7 +4,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from pathlib import Path
 
+import msgspec
 import pytest
 import torch
 from test_cli import assert_user_error, run_cli, run_in_process
@@ -13,12 +15,14 @@ from test_plugin_kit import Norms
 import adapters
 from adapters.bench import BenchSettings, run_bench
 from adapters.plan import PlanSettings, RunShape, estimate, make_plans, model_shape, peak
+from adapters.reports import load_report
 from adapters.testing import run_checks
 from adapters.text import parse_size
 
 from cli_helpers import bench_case_in_process
 
 DEFAULT_SUITE = ["lora", "lora@nf4", "prefix-tuning", "linear-probe", "full-finetune"]
+SUITE_REPORT = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "cpu-2core-default-suite.json"
 CPU_TARGET_PCT = 15.0
 LLAMA_70B = {  # Llama-3-70B's published shape
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 8192,
@@ -374,14 +378,17 @@ def test_find_max_seq_len_doubles_then_bisects_in_multiples_of_8(monkeypatch):
     peak_per_token = 2**20
     tried = []
 
+    measured = next(r for r in load_report(SUITE_REPORT).results if r.ok)
+
     def fake_case(spec, measurement):  # stands in for a worker: a peak proportional to the sequence length
         tried.append(spec.seq_len)
-        return {"strategy": spec.strategy, "status": "ok", "memory": {"peak_bytes": spec.seq_len * peak_per_token}}
+        memory = msgspec.structs.replace(measured.memory, peak_bytes=spec.seq_len * peak_per_token)
+        return msgspec.structs.replace(measured, strategy=spec.strategy, batch_size=spec.batch_size, memory=memory)
 
     monkeypatch.setattr(bench, "run_case", fake_case)
     settings = BenchSettings.of(model="random:tiny", strategies=["lora"], find_max="seq_len", memory_limit="300MiB")
     result, search = bench.find_capacity(settings, "lora", 300 * 2**20)
-    assert search["largest"] == 296 and result["memory"]["peak_bytes"] == 296 * peak_per_token
+    assert search.largest == 296 and result.memory.peak_bytes == 296 * peak_per_token
     assert tried[:7] == [8, 16, 32, 64, 128, 256, 512] and all(t % 8 == 0 for t in tried)
     assert len(tried) <= 7 + 5  # a bisection over the 32 multiples of 8 between 256 and 512
 

@@ -239,7 +239,7 @@ def test_gradient_accumulation_matches_a_larger_batch(tmp_path):
 @pytest.fixture
 def bf16_base(monkeypatch):
     """Bases load in bf16, as they do on a GPU."""
-    import adapters.training as pipeline
+    import adapters.training.model as pipeline
 
     real = pipeline.load_base_model
     monkeypatch.setattr(pipeline, "load_base_model", lambda *args, **kwargs: real(*args, dtype=torch.bfloat16))

@@ -57,8 +57,9 @@ def find_capacity(settings: BenchSettings, strategy: str, limit: int | None,
     def works(value: int) -> bool:
         if bar is not None:
             bar.set_postfix(strategy=strategy, **{param: value})
-        result = run_case(dataclasses.replace(spec, **{param: value}), trial)
-        if isinstance(result, OkResult) and result.batch_size != spec.batch_size:  # it fitted only by backing off
+        tried = dataclasses.replace(spec, **{param: value})
+        result = run_case(tried, trial)
+        if isinstance(result, OkResult) and result.batch_size != tried.batch_size:  # it fitted only by backing off
             result = OutOfMemory(strategy=strategy, message="out of memory: it ran only after backing off to "
                                  f"micro-batch {result.batch_size}")
         peak = result.memory.peak_bytes if isinstance(result, OkResult) else None

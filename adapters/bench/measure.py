@@ -52,12 +52,14 @@ class _Steps:
         self.session = session
         self.position = Position.start()
         self.batches = session.batches(self.position)
+        self.fewest_rows = session.run.spec.batch_size  # of a micro-batch drawn: fewer when the data has fewer rows
 
     def __call__(self) -> tuple[float, int]:
         return self.run(next(self.batches))
 
     def run(self, batches: list[dict[str, torch.Tensor]]) -> tuple[float, int]:
         """The next step, on ``batches`` (drawn from `batches`)."""
+        self.fewest_rows = min(self.fewest_rows, *(int(b["input_ids"].shape[0]) for b in batches))
         self.position.step += 1
         done = self.session.stepper.step(batches, self.position.step)
         if done is None:
@@ -94,7 +96,7 @@ def measure(spec: RunSpec, measurement: Measurement) -> OkResult:
         batch_size=session.stepper.micro_batch, gradient_accumulation_steps=session.stepper.accumulation,
         trainable_parameters=session.parameters.trainable, declared_trainable_parameters=session.built.declared,
         total_parameters=session.parameters.total, final_loss=losses[-1],
-        memory=_memory(session, steps, cuda, nvml), flags=_flags(session, before), quality=None,
+        memory=_memory(session, steps, cuda, nvml), flags=_flags(session, steps, before), quality=None,
         mfu=_mfu(run, session.parameters, per_step / step_s.median) if cuda else None,
         energy_j_per_token=(energy_end - energy_start) / 1000 / sum(tokens)
         if energy_start is not None and energy_end is not None else None,
@@ -254,9 +256,13 @@ def _checksums(model: torch.nn.Module) -> dict[str, tuple[float, float]]:
             for n, p in trainable_parameters(model)}
 
 
-def _flags(session: Session, before: dict[str, tuple[float, float]]) -> list[str]:
-    """What looks wrong: weights that did not train, a trainable count unlike the declared one."""
+def _flags(session: Session, steps: _Steps, before: dict[str, tuple[float, float]]) -> list[str]:
+    """What looks wrong: weights that did not train, a trainable count unlike the declared one, batches smaller than
+    asked, a back-off."""
     flags = [] if _checksums(session.built.model) != before else ["trainable weights unchanged after training"]
+    if steps.fewest_rows < session.run.spec.batch_size:
+        flags.append(f"the data has fewer rows than --batch-size {session.run.spec.batch_size}: steps drew batches of "
+                     f"{steps.fewest_rows}, as train would")
     if session.stepper.backoffs:  # as train would have: the row says what it really ran with, and compare checks it
         s, last = session.run.spec, session.stepper.backoffs[-1]
         flags.append(f"backed off after running out of memory: micro-batch {s.batch_size} x "

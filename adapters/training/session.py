@@ -74,6 +74,7 @@ class Session(Prepared):
     eval_loader: Any = None
     engine: rules.Engine | None = None  # how it computes, as the rules decided for its device
     parameters: ParameterCount | None = None
+    precision: dict[str, Any] = field(default_factory=dict)  # the dtypes it trains in (`Built.precision`)
     state: State = field(init=False)
     stepper: Stepper = field(init=False)
     health: Health = field(init=False)
@@ -82,11 +83,6 @@ class Session(Prepared):
         self.state = (ShardedState if is_sharded(self.model) else LocalState)(self)
         self.stepper = Stepper(self)
         self.health = Health(self.state.non_finite_weight)
-
-    @property
-    def precision(self) -> dict[str, Any]:
-        autocast = None if self.accelerator.mixed_precision == "no" else self.accelerator.mixed_precision
-        return self.built.precision(autocast)
 
     @classmethod
     def open(cls, run: Run, *, accelerator: Any = None, checkpoint: Path | None = None,
@@ -110,14 +106,16 @@ class Session(Prepared):
         compiled = {"on": choice.compiled, "layers": engine.compile_layers(model) if choice.compiled else 0,
                     "error": None}
         scheduler = _schedule(run, optimizer, accelerator.num_processes)
-        prepared = accelerator.prepare(model, optimizer, train_loader, eval_loader, scheduler)
+        model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
+        if eval_loader is not None:
+            eval_loader = accelerator.prepare(eval_loader)
         # Checkpoints hold the trainable weights in the strategy's format, not the frozen base.
         accelerator.register_save_state_pre_hook(lambda models, weights, output_dir: weights.clear())
         accelerator.register_load_state_pre_hook(lambda models, input_dir: models.clear())
-        model, optimizer, train_loader, eval_loader, scheduler = prepared
         model.train()
+        autocast = None if accelerator.mixed_precision == "no" else accelerator.mixed_precision
         return cls(run, accelerator, built, model, optimizer, scheduler, compiled, train_loader, eval_loader, choice,
-                   parameters)
+                   parameters, built.precision(autocast))
 
     def batches(self, position: Position) -> Iterator[list[dict[str, torch.Tensor]]]:
         """Each optimizer step's micro-batches, from where ``position`` is, epoch after epoch; the position
@@ -142,10 +140,10 @@ class Session(Prepared):
 
     def evaluate(self) -> dict[str, float | None]:
         """The held-out metrics now (uncompiled: compiling for a few held-out batches would cost more than it
-        saves); the model is left in train mode."""
+        saves); the model is left in train mode. None for each where the data has no held-out split."""
         with engine.eager():
-            return evaluate(self.model, self.eval_loader, self.run.task, self.accelerator, self.run.spec.eval_batches,
-                            self.run.spec.loss_chunk)
+            return evaluate(self.model, self.eval_loader or [], self.run.task, self.accelerator,
+                            self.run.spec.eval_batches, self.run.spec.loss_chunk)
 
     def trainable_shapes(self) -> dict[str, list[int]]:
         """Each trainable weight's name and shape, as the optimizer holds them (what a checkpoint must match)."""
@@ -160,16 +158,18 @@ class Session(Prepared):
 
 
 def _loaders(run: Run, built: Built) -> tuple[Any, Any]:
-    """The training rows (packed or padded as the run says) and the held-out rows, one example a row and always
-    masked, so that the held-out loss is on completions whatever the training. Loaders draw their workers' seeds
-    from their own generators, never from the global one that dropout uses, so where a run is resumed does not
-    change its random numbers."""
+    """The training rows (packed or padded as the run says) and the held-out rows (None without a held-out split),
+    one example a row and always masked, so that the held-out loss is on completions whatever the training. Loaders
+    draw their workers' seeds from their own generators, never from the global one that dropout uses, so where a
+    run is resumed does not change its random numbers."""
     s = run.spec
     train_set = make_batches(run.dataset.train, built.base, s.seq_len, "train", packing=bool(s.packing),
                              train_on_prompt=s.train_on_prompt)
-    eval_set = make_batches(run.dataset.heldout, built.base, s.seq_len, "held-out")
     train = torch.utils.data.DataLoader(train_set, batch_size=s.batch_size, shuffle=True, collate_fn=train_set.collate,
                                         generator=torch.Generator().manual_seed(s.seed))
+    if not run.dataset.heldout:
+        return train, None
+    eval_set = make_batches(run.dataset.heldout, built.base, s.seq_len, "held-out")
     held_out = torch.utils.data.DataLoader(eval_set, batch_size=s.batch_size, collate_fn=eval_set.collate,
                                            generator=torch.Generator().manual_seed(s.seed))
     return train, held_out
