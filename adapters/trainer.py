@@ -52,6 +52,7 @@ from typing import Any
 import torch
 
 from . import checkpoints, engine
+from .chat import uses_chat_template
 from .contract import SavesOwnFormat
 from .data import IGNORE_INDEX
 from .errors import AdaptersError, NothingKept, OutOfMemoryBackoff, TrainingFailed
@@ -582,6 +583,7 @@ class _Loop:
                     "compiled": dict(self.compiled),
                     # How the causal-LM loss was computed: "chunked(N)", "liger" or "model" (adapters.loss).
                     "loss": loss_path(model, s.loss_chunk),
+                    "chat_template": uses_chat_template(run.dataset.shape),  # adapters.generate's default
                     **({"started_from": self.position.started_from} if self.position.started_from else {})}
         # The run made this directory (or was allowed to replace it): replace it, keeping its checkpoints.
         return save(model, s.output, strategy=run.strategy, config=run.config,
