@@ -6,7 +6,11 @@ a word or so at a time; prefix tuning decodes with a loop of its own, see `uses_
 Decoding is greedy by default, and sampled with a temperature above 0 (nucleus sampling with
 ``top_p``, seeded, so a seed gives the same text again). ``chat`` renders
 the prompt as one user message with the tokenizer's own chat template, with the generation prompt
-that opens the assistant's turn.
+that opens the assistant's turn; by default (``chat=None``) a run renders it as it was trained: through
+the chat template when it trained on chat data, as plain text otherwise (`adapters.chat`).
+
+A generation that yields no text (an instruct model given a bare question often ends its answer at its
+first token) raises `NothingGenerated` once it ends, naming why and the other rendering to try.
 
 ``base=True`` gives the base model's answer instead, to compare. For a PEFT strategy (LoRA, QLoRA,
 prefix tuning) that is the same model with its adapter disabled (PEFT's ``disable_adapter``); a
@@ -26,10 +30,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from .chat import recorded_chat_template
 from .errors import AdaptersError
 from .evaluation import Opened, RunInfo, inspect_run, open_run
 
 DEFAULT_MAX_NEW_TOKENS = 64
+
+
+class NothingGenerated(AdaptersError):
+    """A generation ended without any text: its message says why and what to try."""
 
 
 def check_generates(info: RunInfo) -> None:
@@ -48,6 +57,11 @@ class Generator:
         self.opened = run if isinstance(run, Opened) else open_run(info, device)
         self.info = info
         self._base: Any = None  # a reloaded base model, for strategies that change the base itself
+
+    @property
+    def chat_default(self) -> bool:
+        """Whether a prompt goes through the chat template unless told: as the run was trained (`adapters.chat`)."""
+        return recorded_chat_template(self.info.training)
 
     @property
     def uses_peft(self) -> bool:
@@ -78,26 +92,32 @@ class Generator:
             self._base.eval()
         return self._base
 
-    def prompt_ids(self, prompt: str, chat: bool = False) -> list[int]:
-        """The token ids of ``prompt``: as plain text, or (``chat``) as one user turn of the chat template."""
+    def prompt_ids(self, prompt: str, chat: bool | None = None) -> list[int]:
+        """The token ids of ``prompt``: as plain text, or (``chat``) as one user turn of the chat template;
+        ``chat=None``: as the run was trained (`chat_default`)."""
         tokenizer = self.opened.tokenizer
         check_prompt(prompt)
-        if not chat:
+        if not (self.chat_default if chat is None else chat):
             return list(tokenizer.encode(prompt, add_special_tokens=True))
         if not getattr(tokenizer, "chat_template", None):
+            why, fix = (("--chat cannot render", "Drop --chat") if chat else
+                        ("the run, trained on chat data, cannot render", "Give --no-chat"))
             raise AdaptersError(f"{self.info.path}: its tokenizer ({type(tokenizer).__name__}) has no chat template, "
-                                "so --chat cannot render the prompt as a conversation. Drop --chat to continue the "
-                                "prompt as plain text.")
+                                f"so {why} the prompt as a conversation. {fix} to continue the prompt as plain text.")
         text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                              tokenize=False)
         return list(tokenizer.encode(text, add_special_tokens=False))
 
-    def generate(self, prompt: str, *, chat: bool = False, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    def generate(self, prompt: str, *, chat: bool | None = None, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, base: bool = False) -> Iterator[str]:
-        """The continuation of ``prompt``, yielded piece by piece as it is generated (see the module's docstring)."""
+        """The continuation of ``prompt``, yielded piece by piece as it is generated (see the module's docstring).
+
+        ``chat=None`` renders the prompt as the run was trained (`chat_default`). Raises `NothingGenerated` at
+        the end when no piece held any text."""
         import torch
 
         check_decoding(max_new_tokens, temperature, top_p)
+        chat = self.chat_default if chat is None else chat
         ids = self.prompt_ids(prompt, chat)
         model = self._base_model() if base and not self.uses_peft else self.opened.model
         device = next(model.parameters()).device
@@ -110,8 +130,31 @@ class Generator:
         if sampling:
             torch.manual_seed(seed)
         disabled = self.opened.model.disable_adapter() if base and self.uses_peft else contextlib.nullcontext()
+        generated: list[int] = []
+        said = False
         with disabled, torch.no_grad():
-            yield from _stream(model, self.opened.tokenizer, kwargs)
+            for piece in _stream(model, self.opened.tokenizer, kwargs, generated):
+                said = said or not piece.isspace()
+                yield piece
+        if not said:
+            raise NothingGenerated(self._silence(generated, chat, base))
+
+    def _silence(self, generated: list[int], chat: bool, base: bool) -> str:
+        """Why a generation gave no text, and the other rendering of the prompt to try, in one line."""
+        tokenizer = self.opened.tokenizer
+        who = f"the base model ({self.base_source})" if base else f"{self.info.path} ({self.info.describe()})"
+        if generated and generated[0] == getattr(tokenizer, "eos_token_id", None):
+            end = tokenizer.decode(generated[:1])
+            why = f"the model ended its answer at once (its first token was the end of text, {end!r})"
+        else:
+            why = f"its {len(generated)} new tokens decode to no text (only special tokens or whitespace)"
+        if chat:
+            fix = "The prompt went through the chat template; give --no-chat to continue it as plain text."
+        elif getattr(tokenizer, "chat_template", None):
+            fix = "The prompt went in as plain text; give --chat to send it as a user turn through the chat template."
+        else:
+            fix = "Give a longer prompt, or sample with --temperature 0.7."
+        return f"{who} generated no text: {why}. {fix}"
 
 
 def generate(run: str | Path | Opened | Generator, prompt: str, **options: Any) -> Iterator[str]:
@@ -156,9 +199,10 @@ def uses_own_loop(model: Any) -> bool:
     return bool(getattr(config, "is_prompt_learning", False))
 
 
-def _stream(model: Any, tokenizer: Any, kwargs: dict[str, Any]) -> Iterator[str]:
+def _stream(model: Any, tokenizer: Any, kwargs: dict[str, Any], generated: list[int]) -> Iterator[str]:
     """``model.generate(**kwargs)`` (or `_decode_without_cache`) in a thread, its text yielded as it
-    comes; its error raised here. Closing the iterator early stops the generation at the next token."""
+    comes (and its new token ids appended to ``generated``); its error raised here. Closing the
+    iterator early stops the generation at the next token."""
     from transformers import (
         LogitsProcessor,
         LogitsProcessorList,
@@ -183,8 +227,14 @@ def _stream(model: Any, tokenizer: Any, kwargs: dict[str, Any]) -> Iterator[str]
                 scores[:, known:] = float("-inf")
             return scores
 
+    class _Streamer(TextIteratorStreamer):
+        def put(self, value):
+            if not (self.skip_prompt and self.next_tokens_are_prompt):
+                generated.extend(value.reshape(-1).tolist())
+            super().put(value)
+
     decode = {"skip_special_tokens": True} if hasattr(tokenizer, "convert_ids_to_tokens") else {}
-    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, **decode)
+    streamer = _Streamer(tokenizer, skip_prompt=True, **decode)
     failure: list[BaseException] = []
 
     def run() -> None:

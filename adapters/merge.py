@@ -313,7 +313,8 @@ def _write_record(directory: Path, result: MergeResult, manifest: Any) -> None:
         "merged_from": {"run": result.run, "strategy": result.strategy, "config": manifest.config,
                         "base_model": manifest.base_model, "fingerprint": manifest.fingerprint,
                         "quantization": manifest.quantization, "task": manifest.task, "labels": manifest.labels,
-                        "training": manifest.training},  # the run's settings (its data), for adapters eval
+                        # The run's settings: its data for adapters eval, its "chat_template" for generate.
+                        "training": manifest.training},
         "dtype": result.dtype,
         # A quantized run merges into its base dequantized to float32, then stored in `dtype`.
         "dequantized": result.dequantized,

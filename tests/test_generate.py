@@ -16,7 +16,7 @@ import torch
 import adapters
 from adapters.errors import TokenizerFallback
 from adapters.evaluation import Opened, inspect_run
-from adapters.generate import Generator, generate
+from adapters.generate import Generator, NothingGenerated, generate
 from adapters.options import build_config
 
 from cli_helpers import assert_user_error, run_in_process
@@ -121,10 +121,12 @@ def test_chat_renders_the_prompt_with_the_tokenizers_template(smol_run, smollm2)
                                               tokenize=True)["input_ids"]
     assert smol_run.prompt_ids(QUESTION, chat=True) == list(templated)
     chat = "".join(generate(smol_run, QUESTION, chat=True, max_new_tokens=12))
-    plain = "".join(generate(smol_run, QUESTION, max_new_tokens=12))
     assert chat == base_greedy(smollm2, list(templated), 12)
-    assert chat != plain
     assert "Paris" in chat and "<|im_end|>" not in chat  # the end-of-turn token ends it and is not shown
+    # A run saved without training records no chat data: plain text, where the instruct model ends at once.
+    assert not smol_run.chat_default and smol_run.prompt_ids(QUESTION) == tokenizer.encode(QUESTION)
+    with pytest.raises(NothingGenerated, match="give --chat"):
+        "".join(generate(smol_run, QUESTION, max_new_tokens=12))
 
 
 @pytest.mark.slow

@@ -154,6 +154,7 @@ def test_builtin_instructions_lower_heldout_completion_loss_on_smollm2(capsys, t
     assert summary["heldout_after"]["loss"] < summary["heldout_before"]["loss"] - 0.02
     training = json.loads((tmp_path / "run" / "adapters.json").read_text())["training"]
     assert (training["data"], training["packing"], training["train_on_prompt"]) == ("builtin:instructions", True, False)
+    assert training["chat_template"] is False  # prompt/completion data is joined as plain text
     _assert_masked("prompt-completion", datasets.load_dataset("builtin:instructions", "causal-lm").heldout[0],
                    smollm2, 48)
 

@@ -1,6 +1,7 @@
 """Commands that use a trained run: generate, eval."""
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import click
@@ -13,8 +14,10 @@ from . import cli, echo_json
 
 @cli.command()
 @click.argument("run", metavar="RUN")
-@click.option("--prompt", required=True, help="The text to continue (with --chat: the user's message).")
-@click.option("--chat", is_flag=True, help="Render the prompt as a user turn with the tokenizer's chat template.")
+@click.option("--prompt", required=True, help="The text to continue (with the chat template: the user's message).")
+@click.option("--chat/--no-chat", default=None,
+              help="Render the prompt as a user turn with the tokenizer's chat template, or as plain text "
+                   "[default: as RUN was trained: the chat template for chat data].")
 @click.option("--max-new-tokens", type=int, default=64, show_default=True)
 @click.option("--temperature", type=float, default=0.0, show_default=True,
               help="0 decodes greedily; above 0 samples, seeded by --seed.")
@@ -22,16 +25,18 @@ from . import cli, echo_json
 @click.option("--seed", type=int, default=0, show_default=True, help="With --temperature: the sampling seed.")
 @click.option("--compare-base", is_flag=True, help="Then the base model's answer to the same prompt.")
 @click.pass_context
-def generate(ctx: click.Context, run: str, prompt: str, chat: bool, max_new_tokens: int, temperature: float,
+def generate(ctx: click.Context, run: str, prompt: str, chat: bool | None, max_new_tokens: int, temperature: float,
              top_p: float, seed: int, compare_base: bool) -> None:
     """Continue a prompt with a causal-lm RUN, streamed as it is generated.
 
-    RUN is a run's --output directory or a merged checkpoint. With --compare-base, the base model
-    answers too: the same model with its adapter disabled (PEFT strategies), or the base loaded
-    again (strategies that change the base's own weights).
+    RUN is a run's --output directory or a merged checkpoint. A run trained on chat data gets the
+    prompt through its chat template, any other as plain text; --chat or --no-chat chooses. With
+    --compare-base, the base model answers too: the same model with its adapter disabled (PEFT
+    strategies), or the base loaded again (strategies that change the base's own weights). An
+    answer without any text says why on stderr, and the exit code is 2.
     """
     from ..evaluation import inspect_run
-    from ..generate import Generator, check_decoding, check_generates, check_prompt
+    from ..generate import Generator, NothingGenerated, check_decoding, check_generates, check_prompt
 
     sampling_flags = [f"--{n.replace('_', '-')}" for n in ("top_p", "seed")
                       if ctx.get_parameter_source(n) == ParameterSource.COMMANDLINE]
@@ -50,12 +55,29 @@ def generate(ctx: click.Context, run: str, prompt: str, chat: bool, max_new_toke
     answers = [(f"{info.describe()}", False)]
     if compare_base:
         answers.append((f"base: {generator.base_source}", True))
+    silent = False
     for label, base in answers:
         if compare_base:
             click.echo(f"--- {label} ---")
-        for piece in generator.generate(prompt, base=base, **options):
+        try:
+            _echo_stream(generator.generate(prompt, base=base, **options))
+        except NothingGenerated as exc:  # said here, so that the base still answers after it
+            click.echo(f"Error: {exc}", err=True)
+            silent = True
+    if silent:
+        ctx.exit(2)
+
+
+def _echo_stream(pieces: Iterator[str]) -> None:
+    """Each piece as it comes, then one newline (none when nothing came)."""
+    printed = False
+    try:
+        for piece in pieces:
             click.echo(piece, nl=False)
-        click.echo()
+            printed = True
+    finally:
+        if printed:
+            click.echo()
 
 
 @cli.command("eval")

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..chat import uses_chat_template
 from ..loading import BaseModel
 from ..loss import loss_path
 from ..metrics import clean
@@ -98,4 +99,5 @@ def training_record(session: Session, position: Position, model: torch.nn.Module
             "compiled": dict(session.compiled), "engine": engine,
             # How the causal-LM loss was computed: "chunked(N)", "liger" or "model" (adapters.loss).
             "loss": engine["loss_path"],
+            "chat_template": uses_chat_template(run.dataset.shape),  # adapters.generate's default
             **({"started_from": position.started_from} if position.started_from else {})}
