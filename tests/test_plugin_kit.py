@@ -436,7 +436,7 @@ def test_a_classifier_that_leaves_its_new_head_frozen_passes_check(register_plug
 def test_nothing_trainable_skips_the_rest_of_its_cell_after_one_failure():
     report = adapters.testing.run_checks(NothingTrainable(), **ONE_CELL)
     rows = {r.check: r for r in report.results}
-    assert rows["apply"].detail == "apply left no parameter trainable"
+    assert "apply left no parameter trainable" in rows["apply"].detail
     assert rows["train-step"].status == "skip"
 
 

@@ -43,11 +43,12 @@ class Built:
     dtypes: dict[str, torch.dtype]  # the strategy's dtype of each weight that trains as a float32 master weight
     declared: int | None  # the trainable count the strategy declared for this base (None: it declares none)
     load_s: float  # seconds to load the base and apply the strategy
+    base_dtype: str  # the frozen weights' dtype, as loaded
     other_base: dict[str, str] | None = None  # restored onto other weights (--allow-other-base)
 
     def precision(self, autocast: str | None) -> dict[str, Any]:
         """The dtypes it trains in, as results and manifests record them."""
-        return {"base_dtype": str(self.base.model.dtype).removeprefix("torch."),
+        return {"base_dtype": self.base_dtype,
                 "trainable_dtype": trainable_dtypes(self.model),
                 "master_weights": sorted({str(d).removeprefix("torch.") for d in self.dtypes.values()}),
                 "autocast": autocast}
@@ -58,10 +59,11 @@ def build(run: Run, device: torch.device, *, checkpoint: Path | None = None, sav
     weights (``checkpoint``), or from the final save in ``saved`` (a run continued with a fresh optimizer)."""
     started = time.perf_counter()
     base = load_base(run, device)
+    base_dtype = str(base.model.dtype).removeprefix("torch.")  # before a strategy makes master weights of some
     if checkpoint is None and saved is None:
         declared = declared_trainable(run.strategy, base.model, run.config)
         model, dtypes = apply_strategy(run, base)
-        return Built(base, model, dtypes, declared, time.perf_counter() - started)
+        return Built(base, model, dtypes, declared, time.perf_counter() - started, base_dtype)
     directory = saved if saved is not None else checkpoint / MODEL
     other_base = check_base(directory, read_manifest(directory), base, run.spec.allow_other_base)
     model = restore(run.strategy, base.model, directory, run.config)
@@ -73,7 +75,7 @@ def build(run: Run, device: torch.device, *, checkpoint: Path | None = None, sav
     if checkpoint is not None and dtypes and not isinstance(run.strategy, SavesOwnFormat):
         # The checkpoint holds the float32 master weights; restoring went through the strategy's dtype.
         load_trainable(model, directory)
-    return Built(base, model, dtypes, None, time.perf_counter() - started, other_base)
+    return Built(base, model, dtypes, None, time.perf_counter() - started, base_dtype, other_base)
 
 
 def load_base(run: Run, device: torch.device) -> BaseModel:
@@ -102,7 +104,7 @@ def apply_strategy(run: Run, base: BaseModel) -> tuple[torch.nn.Module, dict[str
     """
     model = run.strategy.apply(base.model, run.config)
     if count_parameters(model).trainable == 0:
-        raise AdaptersError(f"strategy {run.strategy.name!r} left no parameter trainable; check its options.")
+        raise AdaptersError(f"strategy {run.strategy.name!r}: apply left no parameter trainable; check its options.")
     return model, keep_float32_trainable(model)
 
 
