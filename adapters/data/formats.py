@@ -167,6 +167,6 @@ def register_data_readers(register):
     register("jsonl", read_jsonl, suffixes=".jsonl", description="one JSON object a line")
     register("json", read_json, suffixes=".json", description="a JSON array of objects")
     register("csv", read_csv, suffixes=".csv", description="a header row naming the columns")
-    register("parquet", read_parquet, suffixes=".parquet", description="a parquet table (needs `datasets`)")
+    register("parquet", read_parquet, suffixes=".parquet", description="a parquet table")
     register("save-to-disk", read_saved, suffixes="/",
-             description="a directory written by datasets' save_to_disk (needs `datasets`)")
+             description="a directory written by datasets' save_to_disk")

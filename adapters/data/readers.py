@@ -41,8 +41,8 @@ def read_path(path: Path) -> Parts:
         also = f", or {directory.description or 'a directory'}" if directory else ""
         what = "a directory, which no reader reads" if is_dir else \
             f"unsupported file type {path.suffix.lower() or '(no extension)'!r}"
-        raise DataError(f"{path}: {what}; use one of {', '.join(readers.suffixes())}{also} "
-                        "(`adapters plugins` lists the plugins that add readers)")
+        raise DataError(f"{path}: {what}; use one of {', '.join(readers.suffixes())}{also} (plugins add "
+                        "readers of other files)")
     if not is_dir and not path.is_file():
         raise DataError(f"{path}: file not found; check the path or omit it to use the built-in dataset")
     return guarded(reader.plugin, lambda: parts_of(str(path), reader.function(path), reader),
@@ -60,22 +60,22 @@ def read_object(source: Iterable[Any]) -> Parts:
 def parts_of(name: str, result: Any, reader: Format | None = None) -> Parts:
     """What a reader returned (pairs, or a dict of them by split), checked, as the `Parts` of ``name``."""
     if not isinstance(result, Mapping):
-        return Parts(name, _rows(result, reader))
+        return Parts(name, _rows(name, result, reader))
     splits = list(result)
     train = "train" if "train" in splits else (splits[0] if len(splits) == 1 else None)
     if train is None:
         raise DataError(f"{name}: has the splits {', '.join(map(str, splits))} but none named train; name the one "
                         "to train on train")
     held = next((s for s in ("validation", "test") if s in splits), None)
-    return Parts(name, _rows(result[train], reader), _rows(result[held], reader) if held else None)
+    return Parts(name, _rows(name, result[train], reader), _rows(name, result[held], reader) if held else None)
 
 
-def _rows(pairs: Iterable[Any], reader: Format | None) -> list[Row]:
+def _rows(name: str, pairs: Iterable[Any], reader: Format | None) -> list[Row]:
     rows = []
     for pair in pairs:
         if not (isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], str)):
             by = f"the {reader.name!r} reader of plugin {reader.plugin!r}" if reader else "the data"
-            raise DataError(f"{by} gave {pair!r:.60} where a (location, row) pair belongs; a reader returns "
-                            "such pairs (docs/plugins.md)")
+            raise DataError(f"{name}: {by} gave {pair!r:.60} where a (location, row) pair belongs; a reader "
+                            "returns such pairs (docs/plugins.md)")
         rows.append(as_row(*pair))
     return rows

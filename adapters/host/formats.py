@@ -55,11 +55,11 @@ class Formats:
         if problems:
             raise AdaptersError(f"plugin {entry.plugin!r} registered an invalid {self.kind} {entry.name!r}: "
                                 f"{'; '.join(problems)}. Fix it to follow docs/plugins.md.")
-        for what, key, table in self._keys(entry):
+        for attribute, key, table in self._keys(entry):
             existing = table.get(key)
             if existing is not None:
                 raise AdaptersError(
-                    f"{what} {key!r} is registered twice: by plugin {existing.plugin!r} and by plugin "
+                    f"{self.kind} {attribute} {key!r} is registered twice: by plugin {existing.plugin!r} and by plugin "
                     f"{entry.plugin!r}. Uninstall or disable one of them, or rename it in the plugin."
                 )
         for _, key, table in self._keys(entry):
@@ -67,16 +67,17 @@ class Formats:
 
     def adopt(self, other: Formats, builtin: Container[str]) -> list[tuple[str, str, str]]:
         """Add what ``other`` (one third-party plugin's registrations) holds, less the names and suffixes a
-        built-in plugin already has: the built-in keeps them. Returns each key left out, as (what, key, the
-        built-in plugin); a format whose name is taken is left out whole, as is a reader left without a suffix."""
+        built-in plugin already has: the built-in keeps them. Returns each key left out, as ("name" or
+        "suffix", the key, the built-in plugin); a format whose name is taken is left out whole, as is a
+        reader left without a suffix."""
         dropped = []
         for entry in other.entries():
             taken = set()  # names never begin with "." or "/", so one set holds both kinds of key
-            for what, key, table in self._keys(entry):
+            for attribute, key, table in self._keys(entry):
                 owner = table.get(key)
                 if owner is not None and owner.plugin in builtin:
                     taken.add(key)
-                    dropped.append((what, key, owner.plugin))
+                    dropped.append((attribute, key, owner.plugin))
             kept = replace(entry, aliases=tuple(a for a in entry.aliases if a not in taken),
                            suffixes=tuple(s for s in entry.suffixes if s not in taken))
             if entry.name not in taken and (kept.suffixes or not self.suffix_required):
@@ -108,8 +109,8 @@ class Formats:
         return sorted(s for s in self._by_suffix if s != DIRECTORY)
 
     def _keys(self, entry: Format) -> Iterable[tuple[str, str, dict[str, Format]]]:
-        yield from ((self.kind, n, self._by_name) for n in (entry.name, *entry.aliases))
-        yield from ((f"{self.kind} suffix", s, self._by_suffix) for s in entry.suffixes)
+        yield from (("name", n, self._by_name) for n in (entry.name, *entry.aliases))
+        yield from (("suffix", s, self._by_suffix) for s in entry.suffixes)
 
     def _problems(self, entry: Format) -> list[str]:
         problems = [f"name {n!r} is not lowercase words joined by hyphens" for n in (entry.name, *entry.aliases)

@@ -66,13 +66,14 @@ class Collision:
     plugin: str
     distribution: str
     builtin_plugin: str
-    kind: str = "strategy"  # what the name is: "strategy", "report format", "data reader suffix", ...
+    kind: str = "strategy"  # what it names: "strategy", "report format" or "data reader"
+    attribute: str = "name"  # "name" (aliases included) or "suffix"
 
     def message(self) -> str:
         return (
-            f"plugin {self.plugin!r} from distribution {self.distribution!r} registers {self.kind} {self.name!r}, "
-            f"which the built-in plugin {self.builtin_plugin!r} already has; the built-in wins. "
-            f"Give the plugin's {self.kind} another one."
+            f"plugin {self.plugin!r} from distribution {self.distribution!r} registers {self.kind} {self.attribute} "
+            f"{self.name!r}, which the built-in plugin {self.builtin_plugin!r} already has; the built-in wins. "
+            f"Give the plugin's {self.kind} another {self.attribute}."
         )
 
 
@@ -326,8 +327,8 @@ def _register_all(pm: pluggy.PluginManager, hook: str, registry: _R, make: Calla
         except (Exception, SystemExit) as exc:  # the plugin's own code, or what it registered is invalid
             _registration_failed(registry, plugin, hook, exc)
             continue
-        for kind, name, builtin_plugin in registry.adopt(own, DEFAULT_PLUGINS):
-            collision = Collision(name, plugin, distribution_of(plugin)[0], builtin_plugin, kind)
+        for attribute, name, builtin_plugin in registry.adopt(own, DEFAULT_PLUGINS):
+            collision = Collision(name, plugin, distribution_of(plugin)[0], builtin_plugin, registry.kind, attribute)
             registry.collisions.append(collision)
             _warn(collision.message())
 

@@ -75,15 +75,15 @@ class Registry:
 
     def adopt(self, other: Registry, builtin: Container[str]) -> list[tuple[str, str, str]]:
         """Add the strategies of ``other`` (one third-party plugin's), less the names and aliases a built-in
-        plugin already has: the built-in keeps them. Returns each name left out, as (what, name, the built-in
-        plugin); a strategy whose own name is taken is left out with its aliases. A name that another third
+        plugin already has: the built-in keeps them. Returns each name left out, as ("name", the name, the
+        built-in plugin); a strategy whose own name is taken is left out with its aliases. A name that another third
         party registered is an error naming both."""
         dropped = []
         for entry in other.entries(aliases=False):
             aliases = other.aliases(entry.strategy.name)
             taken = [n for n in [entry.strategy.name, *aliases]
                      if (e := self.find(n)) is not None and e.plugin in builtin]
-            dropped += [(self.kind, n, self.entry(n).plugin) for n in taken]
+            dropped += [("name", n, self.entry(n).plugin) for n in taken]
             if entry.strategy.name not in taken:
                 self.register(entry.strategy, plugin=entry.plugin,
                               aliases={a: q for a, q in aliases.items() if a not in taken})
