@@ -111,7 +111,7 @@ def strict() -> bool:
 
 def _describe(exc: BaseException, where: str = "at import") -> str:
     if isinstance(exc, SystemExit):  # not an error of its own: what the plugin did is the error
-        return f"called sys.exit({'' if exc.code is None else repr(exc.code)}) {where}"
+        return f"called sys.exit({'' if exc.code is None else repr(exc.code)}) {where}".rstrip()
     return f"{type(exc).__name__}: {exc}".strip()
 
 
