@@ -280,10 +280,10 @@ def stored_dtype(checkpoint: Path) -> torch.dtype:
 def heldout_batch(tokenizer: Any, task: str, device: torch.device) -> dict[str, torch.Tensor]:
     """`HELDOUT_ROWS` rows of `HELDOUT_TOKENS` tokens of the built-in held-out text, no padding.
 
-    The held-out topics of the Python reference (``adapters.corpora``), for either task: a
+    The held-out topics of the Python reference (``adapters.data.corpora``), for either task: a
     classification head reads the same text as a language model does.
     """
-    from .corpora import python_reference
+    from .data.corpora import python_reference
 
     ids: list[int] = []
     need = HELDOUT_ROWS * HELDOUT_TOKENS

@@ -61,9 +61,9 @@ class RunSpec:
     # From Python also a datasets.Dataset or an iterable of dicts, which the run records as "<KIND: N rows>".
     data: str | os.PathLike[str] | Iterable[dict[str, Any]] | None = setting(
         None, commands=RUN, metavar="FILE",
-        help="Training data: a .txt, .jsonl, .json, .csv or .parquet file, a `datasets` save_to_disk directory, or "
-        "builtin:NAME (python-reference, instructions, stdlib-docstrings); columns: messages, prompt/completion, "
-        "instruction/input/output or text [default: built-in real text].")
+        help="Training data: a .txt, .jsonl, .json, .csv or .parquet file (plugins add other formats), a `datasets` "
+        "save_to_disk directory, or builtin:NAME (python-reference, instructions, stdlib-docstrings); columns: "
+        "messages, prompt/completion, instruction/input/output or text [default: built-in real text].")
     packing: bool | None = setting(None, commands=RUN, help="Instruction and chat data: pack several examples into "
                                    "each --seq-len row, attention kept within each [default: packing, which "
                                    "measured faster].")

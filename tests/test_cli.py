@@ -53,7 +53,10 @@ def test_plugins_json_lists_the_builtin_plugins():
     assert rows["adapters_lora"]["strategies"] == ["lora", "qlora"]
     assert rows["adapters_full"]["strategies"] == ["full-finetune"]
     assert all(r["builtin"] and r["distribution"] == "adapters-lab" for r in rows.values())
-    assert all(r["hooks"] == ["register_strategies"] for r in rows.values())
+    assert {name: r["hooks"] for name, r in rows.items() if r["hooks"] != ["register_strategies"]} == {
+        "adapters.reports.renderers": ["register_report_renderers"], "adapters.data.formats": ["register_data_readers"]}
+    assert rows["adapters.reports.renderers"]["report_formats"] == ["html", "markdown"]
+    assert rows["adapters.data.formats"]["data_readers"] == ["csv", "json", "jsonl", "parquet", "save-to-disk", "text"]
 
 
 def test_models_lists_the_named_models():

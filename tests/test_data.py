@@ -116,7 +116,7 @@ def test_stdlib_docstrings_same_in_fresh_process() -> None:
 
 
 def test_defaults_build_quickly() -> None:
-    from adapters.corpora import python_reference, stdlib_docstrings
+    from adapters.data.corpora import python_reference, stdlib_docstrings
 
     python_reference.cache_clear()
     stdlib_docstrings.cache_clear()
@@ -338,7 +338,8 @@ def test_dataset_type() -> None:
 
 
 from adapters.batches import ExamplesSkipped, example_tokens, instruction_rows, packed, padded  # noqa: E402
-from adapters.data import ALPACA_PROMPT, IGNORE_INDEX  # noqa: E402
+from adapters.data import ALPACA_PROMPT  # noqa: E402
+from adapters.rules import IGNORE_INDEX  # noqa: E402
 
 PC_ROWS = [{"prompt": f"Q{i}: ", "completion": f"answer {i}"} for i in range(12)]
 

@@ -70,7 +70,7 @@ def test_builtins_and_examples_use_only_the_public_api(path):
 
 def test_the_guides_plugins_use_only_the_public_api():
     text = DOCS.read_text()
-    for marker in ("docs-plugin-module", "docs-dora-module"):
+    for marker in ("docs-plugin-module", "docs-dora-module", "docs-renderer-module", "docs-reader-module"):
         code = block(text, marker)
         assert public_names_used(code) <= set(adapters.__all__), marker
         assert "adapters_lora" not in code and "from adapters" not in code, marker

@@ -12,7 +12,7 @@ import torch
 import adapters
 from adapters import batches
 from adapters import data as datasets
-from adapters.data import IGNORE_INDEX
+from adapters.rules import IGNORE_INDEX
 from adapters.training import make_batches
 
 from cli_helpers import assert_user_error, run_in_process

@@ -688,7 +688,7 @@ def test_a_builtin_name_collision_is_reported_and_the_builtin_wins(register_plug
         registry = adapters.get_registry()
     assert registry.entry("lora").plugin == "adapters_lora"
     assert registry.entry("kit-norms").plugin == "kit_colliding_plugin"  # its other strategy is kept
-    assert [(c.strategy, c.plugin) for c in registry.collisions] == [("lora", "kit_colliding_plugin")]
+    assert [(c.name, c.plugin) for c in registry.collisions] == [("lora", "kit_colliding_plugin")]
     rows = {r["name"]: r for r in adapters.host.manager.list_plugins()}
     assert rows["kit_colliding_plugin"]["strategies"] == ["kit-norms"]
     assert "built-in wins" in rows["kit_colliding_plugin"]["collisions"][0]

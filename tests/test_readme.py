@@ -84,7 +84,8 @@ def test_readme_chat_file_is_chat_data_that_masks_all_but_the_answers(tmp_path, 
     """The worked example's chat.jsonl, written by the README's own snippet, is read as chat data, and its rows
     train on the assistant's tokens alone (rendered with SmolLM2-Instruct's chat template)."""
     from adapters.batches import instruction_rows
-    from adapters.data import IGNORE_INDEX, load_dataset
+    from adapters.data import load_dataset
+    from adapters.rules import IGNORE_INDEX
 
     monkeypatch.chdir(tmp_path)
     exec(compile(_block("chat-data"), "README chat-data", "exec"), {})

@@ -478,16 +478,24 @@ def test_builtins_are_registered_by_module_name_through_pm_register(monkeypatch)
         assert pm.get_name(plugin) == name
 
 
+STRATEGY_BUILTINS = {"adapters_lora", "adapters_prefix", "adapters_probe", "adapters_full"}
+
+
 def test_builtins_come_from_default_plugins():
     pm = adapters.get_plugin_manager()
-    assert set(adapters.host.manager.DEFAULT_PLUGINS) == {"adapters_lora", "adapters_prefix", "adapters_probe",
-                                                     "adapters_full"}
-    for name in adapters.host.manager.DEFAULT_PLUGINS:
+    # The strategies, the report formats and the data readers: each registered through its hook.
+    hooks = {**dict.fromkeys(STRATEGY_BUILTINS, "register_strategies"),
+             "adapters.reports.renderers": "register_report_renderers",
+             "adapters.data.formats": "register_data_readers"}
+    assert set(adapters.host.manager.DEFAULT_PLUGINS) == set(hooks)
+    for name, hook in hooks.items():
         module = sys.modules[name]
         assert pm.get_plugin(name) is module
-        assert pm.hook.register_strategies in pm.get_hookcallers(module)
-    # Every strategy comes from one of them (no test plugins are loaded here).
-    assert {e.plugin for e in adapters.get_registry().entries()} == set(adapters.host.manager.DEFAULT_PLUGINS)
+        assert [h.name for h in pm.get_hookcallers(module)] == [hook]
+    # Every strategy, format and reader comes from one of them (no test plugins are loaded here).
+    assert {e.plugin for e in adapters.get_registry().entries()} == STRATEGY_BUILTINS
+    assert {f.plugin for f in adapters.host.get_renderers().entries()} == {"adapters.reports.renderers"}
+    assert {f.plugin for f in adapters.host.get_readers().entries()} == {"adapters.data.formats"}
     rows = {r["name"]: r for r in adapters.host.manager.list_plugins()}
     for name in adapters.host.manager.DEFAULT_PLUGINS:
         assert rows[name]["builtin"] is True

@@ -323,8 +323,7 @@ def test_overwrite_replaces_only_an_earlier_rendering(tmp_path, capsys, name, co
     before = out.read_bytes()
     code, _, err = run_in_process(capsys, "report", str(src), "--output", str(out), "--format", "markdown",
                                   "--overwrite")
-    assert_user_error(code, err, str(out), "is not a page or markdown file written by `adapters report`",
-                      "left as it was")
+    assert_user_error(code, err, str(out), "is not a report written by `adapters report`", "left as it was")
     assert out.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == sorted({"cpu.json", name})
 
 
@@ -403,7 +402,7 @@ def test_cli_errors(tmp_path, capsys, report_files):
     code, _, err = run_in_process(capsys, "report", str(corrupt))
     assert_user_error(code, err, "corrupt.json", "not a valid JSON report")
     code, _, err = run_in_process(capsys, "report", str(a), "--format", "pdf")
-    assert_user_error(code, err, "--format pdf", "html or markdown")
+    assert_user_error(code, err, "--format pdf", "Use one of html, markdown")
     code, _, err = run_in_process(capsys, "report", str(a), "--output", str(tmp_path / "r.pdf"))
     assert_user_error(code, err, "r.pdf", "--format")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corrupt.json", "cpu.json", "gpu.json"]

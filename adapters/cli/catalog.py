@@ -43,7 +43,7 @@ def strategies(as_json: bool) -> None:
 @click.option("--no-import", "no_import", is_flag=True,
               help="List the installed entry points from package metadata, importing none of them.")
 def plugins(as_json: bool, no_import: bool) -> None:
-    """List the loaded plugins, with their distributions, hooks and strategies."""
+    """List the loaded plugins, with their distributions, hooks, strategies, report formats and data readers."""
     from ..host import entry_points, list_plugins
 
     if no_import:  # works even when a plugin breaks the tool at import: find it, then disable it
@@ -64,8 +64,9 @@ def plugins(as_json: bool, no_import: bool) -> None:
     click.echo(aligned_table(
         [[r["name"], f"{r['distribution']} {r.get('version', '')}".strip(),
           ", ".join(r.get("strategies", [])) or "-",
+          ", ".join([*r.get("report_formats", []), *r.get("data_readers", [])]) or "-",
           r.get("error", "") or "; ".join(r.get("collisions", []))] for r in rows],
-        ["plugin", "distribution", "strategies", "error"],
+        ["plugin", "distribution", "strategies", "report formats, data readers", "error"],
     ))
 
 

@@ -29,14 +29,16 @@ def compare(ctx: click.Context, reports: tuple[str, ...], reference: str | None,
 
 @cli.command()
 @click.argument("reports", nargs=-1, metavar="REPORT.json...")
-@click.option("--output", default=None, help="File to write (.html or .md) [default: print markdown].")
-@click.option("--format", "fmt", default=None, metavar="html|markdown", help="[default: from the --output suffix]")
+@click.option("--output", default=None,
+              help="File to write; its suffix picks the format (.html, .md, or a plugin's) [default: print markdown].")
+@click.option("--format", "fmt", default=None, metavar="NAME",
+              help="markdown, html, or a format a plugin adds [default: from the --output suffix].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --output file.")
 @click.option("--label", "labels", multiple=True, metavar="NAME",
               help="What to call each report in charts and headings, once per report in order [default: file name].")
 def report(reports: tuple[str, ...], output: str | None, fmt: str | None, overwrite: bool,
            labels: tuple[str, ...]) -> None:
-    """Render benchmark reports as an HTML page with charts, or as markdown tables."""
+    """Render benchmark reports as an HTML page with charts, as markdown tables, or in a plugin's format."""
     from ..reports import write_report
 
     text = write_report(list(reports), output, fmt, overwrite=overwrite, labels=list(labels))

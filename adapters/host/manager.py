@@ -1,8 +1,11 @@
-"""The plugin manager: built-in plugins, third-party entry points, and the strategy registry.
+"""The plugin manager: built-in plugins, third-party entry points, and what they register.
 
 Built-ins and third parties go through the same door: each is a module with hook
 implementations, registered with the same ``pm.register`` call. Built-ins come from
-`DEFAULT_PLUGINS`; third parties from the ``adapters`` entry-point group.
+`DEFAULT_PLUGINS` (the strategies in plugins/, the report renderers and the data readers); third
+parties from the ``adapters`` entry-point group. What they register is built, hook by hook, into
+the strategy registry (`get_registry`), the report formats (`get_renderers`) and the data readers
+(`get_readers`), all under the same rules.
 
 Environment variables:
     ADAPTERS_LOAD_PLUGINS     comma-separated distribution names to load; set but empty loads none
@@ -10,14 +13,15 @@ Environment variables:
     ADAPTERS_STRICT_PLUGINS   "1" makes a broken third-party plugin fatal instead of a warning
 
 A third-party plugin that fails to import, fails to register (raises in its hook, or registers an
-invalid strategy), or implements a misspelled or wrong-signature hook is skipped with a
-`PluginWarning` naming the entry point, distribution and exception, and is listed with its error
-by `adapters plugins`; the rest of the tool keeps working. A plugin that calls ``sys.exit()``
-while it is imported or registers is one of these: it is skipped the same way ("called
-sys.exit(3) at import") instead of ending the command. `entry_points` lists what is installed
-without importing any of it (``adapters plugins --no-import``). A third-party strategy whose name a
-built-in already has is dropped (the built-in wins) and the collision is reported the same way.
-Built-in plugins are never isolated: a failure there is a bug, and raises.
+invalid strategy, renderer or reader), or implements a misspelled or wrong-signature hook is
+skipped with a `PluginWarning` naming the entry point, distribution and exception, and is listed
+with its error by `adapters plugins`; the rest of the tool keeps working. A plugin that calls
+``sys.exit()`` while it is imported or registers is one of these: it is skipped the same way
+("called sys.exit(3) at import") instead of ending the command. `entry_points` lists what is
+installed without importing any of it (``adapters plugins --no-import``). A third-party strategy,
+report format or data reader whose name (or suffix) a built-in already has loses it to the built-in,
+and the collision is reported the same way. Built-in plugins are never isolated: a failure there is
+a bug, and raises.
 """
 from __future__ import annotations
 
@@ -27,16 +31,20 @@ import importlib.metadata
 import os
 import re
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import pluggy
 
 from .. import __distribution__ as DISTRIBUTION  # our name on PyPI, where `adapters` is AdapterHub's library
 from ..errors import AdaptersError
 from . import hookspecs
+from .formats import Formats, Readers, Renderers
 from .registry import Registry
 
-DEFAULT_PLUGINS = ("adapters_lora", "adapters_prefix", "adapters_probe", "adapters_full")
+DEFAULT_PLUGINS = ("adapters_lora", "adapters_prefix", "adapters_probe", "adapters_full",
+                   "adapters.reports.renderers", "adapters.data.formats")
 ENTRY_POINT_GROUP = "adapters"
 
 
@@ -52,23 +60,25 @@ class PluginFailure:
 
 @dataclass(frozen=True)
 class Collision:
-    """A third-party strategy dropped because a built-in has its name; the built-in wins."""
+    """A name (or suffix) a third party registered and a built-in already has; the built-in keeps it."""
 
-    strategy: str
+    name: str
     plugin: str
     distribution: str
     builtin_plugin: str
+    kind: str = "strategy"  # what it names: "strategy", "report format" or "data reader"
+    attribute: str = "name"  # "name" (aliases included) or "suffix"
 
     def message(self) -> str:
         return (
-            f"plugin {self.plugin!r} from distribution {self.distribution!r} registers strategy {self.strategy!r}, "
-            f"a name the built-in plugin {self.builtin_plugin!r} already has; the built-in wins. "
-            "Rename the plugin's strategy."
+            f"plugin {self.plugin!r} from distribution {self.distribution!r} registers {self.kind} {self.attribute} "
+            f"{self.name!r}, which the built-in plugin {self.builtin_plugin!r} already has; the built-in wins. "
+            f"Give the plugin's {self.kind} another {self.attribute}."
         )
 
 
 class PluginWarning(UserWarning):
-    """A third-party plugin was skipped (or one of its strategies dropped); the rest keeps working."""
+    """A third-party plugin was skipped (or one of its names dropped); the rest keeps working."""
 
 
 _pm: pluggy.PluginManager | None = None
@@ -78,8 +88,8 @@ _distributions: dict[str, tuple[str, str]] = {}
 # Plugins whose failures always raise, as under ADAPTERS_STRICT_PLUGINS=1 (`adapters.testing`
 # registers plugins this way, so a plugin's own tests fail loudly).
 _strict_plugins: set[str] = set()
-# The registry being built, while plugins' hooks run.
-_building: Registry | None = None
+# The registries being built, by hook, while plugins' hooks run.
+_building: dict[str, Any] = {}
 
 
 def _normalize(name: str) -> str:
@@ -101,7 +111,7 @@ def strict() -> bool:
 
 def _describe(exc: BaseException, where: str = "at import") -> str:
     if isinstance(exc, SystemExit):  # not an error of its own: what the plugin did is the error
-        return f"called sys.exit({'' if exc.code is None else repr(exc.code)}) {where}"
+        return f"called sys.exit({'' if exc.code is None else repr(exc.code)}) {where}".rstrip()
     return f"{type(exc).__name__}: {exc}".strip()
 
 
@@ -269,63 +279,98 @@ def get_registry() -> Registry:
     that raises instead. A third-party strategy named like a built-in one is dropped and recorded in
     ``registry.collisions``. Two third-party plugins registering one name is an error naming both.
     """
-    global _building
-    if _building is not None:
-        # Re-entered from a plugin's hook (a wrapper looking up the strategy it wraps): what is
-        # registered so far, the built-ins included, since they register first.
-        return _building
+    return _build("register_strategies", Registry)
+
+
+def get_renderers() -> Renderers:
+    """Every report format registered by the loaded plugins (``register_report_renderers``), under the
+    rules of `get_registry`: a name or suffix a built-in has stays the built-in's."""
+    return _build("register_report_renderers", Renderers)
+
+
+def get_readers() -> Readers:
+    """Every data reader registered by the loaded plugins (``register_data_readers``), under the rules of
+    `get_registry`: a suffix a built-in reads stays the built-in's."""
+    return _build("register_data_readers", Readers)
+
+
+_R = TypeVar("_R", Registry, Formats)
+
+
+def _build(hook: str, make: Callable[[], _R]) -> _R:
+    if hook in _building:
+        # Re-entered from a plugin's hook (a wrapper looking up what it wraps): what is registered so
+        # far, the built-ins included, since they register first.
+        return _building[hook]
     pm = get_plugin_manager()
-    registry = _building = Registry()
+    registry = _building[hook] = make()
     try:
-        _register_all(pm, registry)
+        _register_all(pm, hook, registry, make)
     finally:
-        _building = None
+        del _building[hook]
     return registry
 
 
-def _register_all(pm: pluggy.PluginManager, registry: Registry) -> None:
-    impls = pm.hook.register_strategies.get_hookimpls()
+def _register_all(pm: pluggy.PluginManager, hook: str, registry: _R, make: Callable[[], _R]) -> None:
+    impls = getattr(pm.hook, hook).get_hookimpls()
     # Built-ins first, so that they win every name; otherwise in registration order.
     impls = sorted(impls, key=lambda impl: impl.plugin_name not in DEFAULT_PLUGINS)
     # Call each implementation on its own, so the registry knows which plugin registered what.
     for impl in impls:
         plugin = impl.plugin_name
         if plugin in DEFAULT_PLUGINS:
-            impl.function(register=lambda strategy, aliases=None, plugin=plugin:
-                          registry.register(strategy, plugin=plugin, aliases=aliases))
+            impl.function(register=_register_as(registry, plugin))
             continue
-        own = Registry()  # validates each strategy, and catches a name registered twice by this plugin
+        own = make()  # validates what the plugin registers, and catches a name it registers twice
         try:
-            impl.function(register=lambda strategy, aliases=None, plugin=plugin, own=own:
-                          own.register(strategy, plugin=plugin, aliases=aliases))
-        except (Exception, SystemExit) as exc:  # the plugin's own code, or its invalid strategies
-            _registration_failed(registry, plugin, exc)
+            impl.function(register=_register_as(own, plugin))
+        except (Exception, SystemExit) as exc:  # the plugin's own code, or what it registered is invalid
+            _registration_failed(registry, plugin, hook, exc)
             continue
-        for entry in own.entries(aliases=False):
-            aliases = own.aliases(entry.strategy.name)
-            taken = [n for n in [entry.strategy.name, *aliases]
-                     if (e := registry.find(n)) is not None and e.plugin in DEFAULT_PLUGINS]
-            for name in taken:  # the built-in keeps the name
-                collision = Collision(name, plugin, distribution_of(plugin)[0], registry.find(name).plugin)
-                registry.collisions.append(collision)
-                _warn(collision.message())
-            if entry.strategy.name not in taken:  # two third parties registering one name: an error naming both
-                registry.register(entry.strategy, plugin=plugin,
-                                  aliases={a: q for a, q in aliases.items() if a not in taken})
+        for attribute, name, builtin_plugin in registry.adopt(own, DEFAULT_PLUGINS):
+            collision = Collision(name, plugin, distribution_of(plugin)[0], builtin_plugin, registry.kind, attribute)
+            registry.collisions.append(collision)
+            _warn(collision.message())
 
 
-def _registration_failed(registry: Registry, plugin: str, exc: BaseException) -> None:
+def _register_as(registry: Registry | Formats, plugin: str) -> Callable[..., None]:
+    """The ``register`` a hook gets: the registry's own, with the plugin filled in."""
+    def register(*args: Any, **kwargs: Any) -> None:
+        registry.register(*args, plugin=plugin, **kwargs)
+
+    return register
+
+
+def _registration_failed(registry: Registry | Formats, plugin: str, hook: str, exc: BaseException) -> None:
     dist = distribution_of(plugin)[0]
-    failure = PluginFailure(plugin, dist, _describe(exc, "in register_strategies"), stage="registration")
+    failure = PluginFailure(plugin, dist, _describe(exc, f"in {hook}"), stage="registration")
     if strict() or plugin in _strict_plugins:
         if isinstance(exc, AdaptersError):
             raise exc
         raise AdaptersError(
-            f"plugin {plugin!r} from distribution {dist!r} failed to register its strategies: {failure.error}. "
-            "Fix or uninstall it, or unset ADAPTERS_STRICT_PLUGINS."
+            f"plugin {plugin!r} from distribution {dist!r} failed to register its {registry.plural}: "
+            f"{failure.error}. Fix or uninstall it, or unset ADAPTERS_STRICT_PLUGINS."
         ) from exc
     registry.failures.append(failure)
-    _warn(f"skipped plugin {plugin!r} from distribution {dist!r}: its strategies failed to register: {failure.error}")
+    _warn(f"skipped plugin {plugin!r} from distribution {dist!r}: its {registry.plural} failed to register: "
+          f"{failure.error}")
+
+
+_T = TypeVar("_T")
+
+
+def guarded(plugin: str, call: Callable[[], _T], error: Callable[[str], AdaptersError]) -> _T:
+    """``call()``, which runs ``plugin``'s code (a renderer, a reader): an exception from a third-party
+    plugin's code becomes ``error(what it raised)``, a user error naming it, not a traceback; a built-in's
+    is a bug, and raises as it is."""
+    try:
+        return call()
+    except AdaptersError:
+        raise
+    except (Exception, SystemExit) as exc:
+        if plugin in DEFAULT_PLUGINS:
+            raise
+        raise error(_describe(exc, "")) from exc
 
 
 def distribution_of(plugin_name: str) -> tuple[str, str]:
@@ -346,14 +391,16 @@ def _version(distribution: str) -> str:
 
 
 def list_plugins() -> list[dict]:
-    """Each plugin with its distribution, hooks and strategies (for `adapters plugins`).
+    """Each plugin with its distribution, hooks, and what it registered (for `adapters plugins`):
+    ``strategies``, ``report_formats`` and ``data_readers``, by name.
 
-    A plugin that was skipped carries ``error`` (and ``stage``: import or registration); one whose
-    strategy lost its name to a built-in carries ``collisions``, one message per dropped strategy.
+    A plugin that was skipped carries ``error`` (and ``stage``: import or registration); one that
+    lost a name to a built-in carries ``collisions``, one message per name.
     """
     pm = get_plugin_manager()
-    registry = get_registry()
-    failed = {f.entry_point: f for f in registry.failures}
+    strategies, renderers, readers = get_registry(), get_renderers(), get_readers()
+    failed = {f.entry_point: f for r in (readers, renderers, strategies) for f in r.failures}
+    collisions = [c for r in (strategies, renderers, readers) for c in r.collisions]
     rows = []
     for plugin in pm.get_plugins():
         name = pm.get_name(plugin)
@@ -364,16 +411,18 @@ def list_plugins() -> list[dict]:
             "version": version,
             "builtin": name in DEFAULT_PLUGINS,
             "hooks": sorted(h.name for h in pm.get_hookcallers(plugin) or []),
-            "strategies": [e.strategy.name for e in registry.entries() if e.plugin == name],
+            "strategies": [e.strategy.name for e in strategies.entries() if e.plugin == name],
+            "report_formats": [f.name for f in renderers.entries() if f.plugin == name],
+            "data_readers": [f.name for f in readers.entries() if f.plugin == name],
         }
         if name in failed:
             row.update(error=failed[name].error, stage="registration")
-        collisions = [c.message() for c in registry.collisions if c.plugin == name]
-        if collisions:
-            row["collisions"] = collisions
+        if any(c.plugin == name for c in collisions):
+            row["collisions"] = [c.message() for c in collisions if c.plugin == name]
         rows.append(row)
     rows.sort(key=lambda r: (not r["builtin"], r["name"]))
     for failure in _failures:
         rows.append({"name": failure.entry_point, "distribution": failure.distribution, "version": "",
-                     "builtin": False, "hooks": [], "strategies": [], "error": failure.error, "stage": failure.stage})
+                     "builtin": False, "hooks": [], "strategies": [], "report_formats": [], "data_readers": [],
+                     "error": failure.error, "stage": failure.stage})
     return rows

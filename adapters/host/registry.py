@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import difflib
+from collections.abc import Container
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +40,9 @@ class Entry:
 class Registry:
     """The strategies registered by all loaded plugins, looked up by name."""
 
+    kind = "strategy"
+    plural = "strategies"
+
     def __init__(self) -> None:
         self._entries: dict[str, Entry] = {}
         # Filled by `adapters.host.get_registry`: third-party plugins skipped because their
@@ -68,6 +72,22 @@ class Registry:
                 )
         for entry in entries:
             self._entries[entry.strategy.name] = entry
+
+    def adopt(self, other: Registry, builtin: Container[str]) -> list[tuple[str, str, str]]:
+        """Add the strategies of ``other`` (one third-party plugin's), less the names and aliases a built-in
+        plugin already has: the built-in keeps them. Returns each name left out, as ("name", the name, the
+        built-in plugin); a strategy whose own name is taken is left out with its aliases. A name that another third
+        party registered is an error naming both."""
+        dropped = []
+        for entry in other.entries(aliases=False):
+            aliases = other.aliases(entry.strategy.name)
+            taken = [n for n in [entry.strategy.name, *aliases]
+                     if (e := self.find(n)) is not None and e.plugin in builtin]
+            dropped += [("name", n, self.entry(n).plugin) for n in taken]
+            if entry.strategy.name not in taken:
+                self.register(entry.strategy, plugin=entry.plugin,
+                              aliases={a: q for a, q in aliases.items() if a not in taken})
+        return dropped
 
     def get(self, name: str) -> Strategy:
         return self.entry(name).strategy

@@ -1,4 +1,4 @@
-"""Benchmark reports: the typed format, loading, comparing, and rendering as markdown or HTML.
+"""Benchmark reports: the typed format, loading, comparing, and rendering as markdown, HTML or a plugin's format.
 
 Modules, one job each:
 
@@ -7,6 +7,8 @@ Modules, one job each:
 * `metrics`: the numbers compared between reports (`METRICS`).
 * `compare`: verdicts against noise, ``--fail-on``, ``--reference``; returns data.
 * `tables`, `markdown`, `html`, `charts`: what the rendered reports show (charts need matplotlib).
+* `renderers`: markdown and HTML registered as report formats, through the hook a plugin's format
+  uses (``register_report_renderers``).
 * `commands`: what `adapters compare` and `adapters report` print and write.
 * `output`: which existing file ``--output --overwrite`` may replace (only a report of ours).
 
@@ -25,14 +27,14 @@ _EXPORTS = {
     "metrics": ["METRICS", "Metric"],
     "compare": ["Comparison", "Failure", "Relative", "Row", "compare_reports", "noise_band", "parse_fail_on",
                 "relative_to"],
-    "commands": ["FORMATS", "format_comparison", "format_for", "format_relative", "run_compare", "write_report"],
+    "commands": ["DEFAULT_FORMAT", "format_comparison", "format_for", "format_relative", "run_compare", "write_report"],
     "markdown": ["render_markdown"],
     "html": ["render_html"],
     "output": ["check_output", "is_bench_report", "is_rendered_report"],
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = [
-    "Comparison", "FORMATS", "Failure", "METRICS", "Metric", "NotRun", "OkResult", "Provenance", "Relative",
+    "Comparison", "DEFAULT_FORMAT", "Failure", "METRICS", "Metric", "NotRun", "OkResult", "Provenance", "Relative",
     "Report", "Result", "Row", "SCHEMA_DIR", "SCHEMA_VERSION", "Settings", "as_report", "check_output",
     "compare_reports", "format_comparison", "format_for", "format_relative", "is_bench_report",
     "is_rendered_report", "json_schema", "load_report", "noise_band", "parse_fail_on", "read_report",
@@ -40,7 +42,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from .commands import FORMATS, format_comparison, format_for, format_relative, run_compare, write_report
+    from .commands import DEFAULT_FORMAT, format_comparison, format_for, format_relative, run_compare, write_report
     from .compare import Comparison, Failure, Relative, Row, compare_reports, noise_band, parse_fail_on, relative_to
     from .html import render_html
     from .load import as_report, load_report, read_report

@@ -9,14 +9,15 @@ from typing import Any
 
 from ..errors import AdaptersError
 from ..files import dumps_json, write_atomic
+from ..host import Format, get_renderers, guarded
 from ..text import aligned_table
 from .compare import Comparison, Failure, Relative, compare_reports, noise_rule, parse_fail_on, relative_to
 from .load import load_report
 from .metrics import METRICS
+from .tables import run_labels
 
-FORMATS = ("html", "markdown")
-_SUFFIXES = {".html": "html", ".htm": "html", ".md": "markdown", ".markdown": "markdown"}
-_FORMAT_ALIASES = {"html": "html", "htm": "html", "markdown": "markdown", "md": "markdown"}
+# What `adapters report` prints without --format or --output.
+DEFAULT_FORMAT = "markdown"
 
 
 # --------------------------------------------------------------------------------------------
@@ -106,39 +107,48 @@ def run_compare(paths: Sequence[str], reference: str | None = None, fail_on: Seq
 
 
 def format_for(output: str | os.PathLike[str] | None, format: str | None) -> str:
-    """'html' or 'markdown': ``format`` when given, else from the output's suffix, else markdown."""
+    """The name of the report format to render: ``format`` (a name or alias of a registered format) when
+    given, else the one whose suffix ``output`` has, else markdown."""
+    return _renderer(output, format).name
+
+
+def _renderer(output: str | os.PathLike[str] | None, format: str | None) -> Format:
+    renderers = get_renderers()
     if format is not None:
-        fmt = _FORMAT_ALIASES.get(format.strip().lower())
-        if fmt is None:
-            raise AdaptersError(f"--format {format}: unknown. Use html or markdown.")
-        return fmt
+        found = renderers.find(format)
+        if found is None:
+            raise AdaptersError(f"--format {format}: unknown. Use one of {', '.join(renderers.names())} "
+                                "(`adapters plugins` lists the plugins that add them).")
+        return found
     if output is None:
-        return "markdown"
-    suffix = Path(output).suffix.lower()
-    if suffix not in _SUFFIXES:
+        return renderers.find(DEFAULT_FORMAT)
+    found = renderers.for_path(str(output))
+    if found is None:
+        suffix = Path(output).suffix.lower()
         raise AdaptersError(
             f"--output {output}: cannot tell the format from the suffix {suffix or '(none)'!r}. "
-            "Name it .html or .md, or pass --format html|markdown."
+            f"Name it {', '.join(renderers.suffixes())}, or pass --format {'|'.join(renderers.names())}."
         )
-    return _SUFFIXES[suffix]
+    return found
 
 
 def _check_output(output: Path, overwrite: bool) -> None:
     from .output import check_output, is_rendered_report
 
-    check_output(output, overwrite, is_rendered_report, "a page or markdown file written by `adapters report`")
+    check_output(output, overwrite, is_rendered_report, "a report written by `adapters report`")
 
 
 def write_report(paths: Sequence[str | os.PathLike[str]], output: str | os.PathLike[str] | None = None,
                  format: str | None = None, *, overwrite: bool = False, labels: Sequence[str] | None = None) -> str:
     """Load the reports at ``paths``, render them, and write ``output`` atomically; returns the text.
 
-    Without ``output`` nothing is written (the CLI prints the text). An existing ``output`` is
-    refused unless ``overwrite``, and even then unless it is a page or markdown file this function
-    wrote (`adapters.reports.output`). Runs are labelled by ``labels`` (one per report), else by
-    their file names.
+    The format is ``format`` (any registered report format: markdown, html, or one a plugin adds), else
+    the one ``output``'s suffix names, else markdown. Without ``output`` nothing is written (the CLI
+    prints the text). An existing ``output`` is refused unless ``overwrite``, and even then unless a
+    registered format recognises it as one of its renderings (`adapters.reports.output`). Runs are
+    labelled by ``labels`` (one per report), else by their file names.
     """
-    fmt = format_for(output, format)
+    renderer = _renderer(output, format)
     if not paths:
         raise AdaptersError("no reports given. Pass one or more report files written by `adapters bench`.")
     out = Path(output) if output is not None else None
@@ -148,11 +158,14 @@ def write_report(paths: Sequence[str | os.PathLike[str]], output: str | os.PathL
     sources = [str(p) for p in paths]
     if len({Path(s).name for s in sources}) == len(sources):
         sources = [Path(s).name for s in sources]
-    if fmt == "html":
-        from .html import render_html as render
-    else:
-        from .markdown import render_markdown as render
-    text = render(reports, sources=sources, labels=labels or None)
+    names = run_labels(reports, sources, labels or None)
+    text = guarded(renderer.plugin, lambda: renderer.function(reports, sources=sources, labels=names),
+                   lambda error: AdaptersError(f"--format {renderer.name}: the renderer of plugin "
+                                               f"{renderer.plugin!r} failed: {error}. Choose another --format, "
+                                               "or fix or uninstall the plugin."))
+    if not isinstance(text, str):
+        raise AdaptersError(f"--format {renderer.name}: the renderer of plugin {renderer.plugin!r} returned "
+                            f"{type(text).__name__}, not text. Choose another --format, or fix the plugin.")
     if out is None:
         return text
     _check_output(out, overwrite)  # again: rendering takes a moment and someone may have written it

@@ -19,6 +19,9 @@ from .metrics import METRICS
 from .model import Report
 from .tables import NUMERIC_COLUMNS, description, heading, provenance_rows, results_table, run_labels, summary, text
 
+# The start of every page's title, by which `is_html_report` knows one.
+TITLE = "adapters benchmark report"
+
 _CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, "Liberation Sans", sans-serif; margin: 0;
        color: #1a202c; background: #f7fafc; line-height: 1.45; }
@@ -141,7 +144,7 @@ def render_html(reports: Sequence[Report | Mapping[str, Any]], *, sources: Seque
         raise AdaptersError("no reports to render. Give at least one report written by `adapters bench`.")
     typed = [as_report(r, sources[i] if sources else f"report {i + 1}") for i, r in enumerate(reports)]
     names = run_labels(typed, sources, labels)
-    title = "adapters benchmark report" + (f": {description(typed[0])}" if len(typed) == 1
+    title = TITLE + (f": {description(typed[0])}" if len(typed) == 1
                                            else f" ({len(typed)} reports)")
     parts = _head(title) + ['<ul class="reports">']
     for i, (report, label) in enumerate(zip(typed, names)):
@@ -161,3 +164,8 @@ def render_html(reports: Sequence[Report | Mapping[str, Any]], *, sources: Seque
         parts += _report_section(i, report, label, sources[i] if sources else None)
     parts.append("</main></body></html>\n")
     return "\n".join(parts)
+
+
+def is_html_report(start: str) -> bool:
+    """Whether a file that begins with ``start`` is a page `render_html` wrote: its title."""
+    return start.startswith("<!DOCTYPE html>") and f"<title>{TITLE}" in start

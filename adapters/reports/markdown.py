@@ -10,6 +10,9 @@ from .load import as_report
 from .model import Report
 from .tables import NUMERIC_COLUMNS, heading, provenance_rows, results_table, run_labels, summary
 
+# The first line of every rendering, by which `is_markdown_report` knows one.
+TITLE = "# adapters benchmark report"
+
 
 def _md(text: str) -> str:
     """A table cell: HTML-escaped (GitHub renders inline HTML), pipes escaped, one line."""
@@ -31,7 +34,7 @@ def render_markdown(reports: Sequence[Report | Mapping[str, Any]], *, sources: S
         raise AdaptersError("no reports to render. Give at least one report written by `adapters bench`.")
     typed = [as_report(r, sources[i] if sources else f"report {i + 1}") for i, r in enumerate(reports)]
     names = run_labels(typed, sources, labels)
-    out = ["# adapters benchmark report", ""]
+    out = [TITLE, ""]
     for i, (report, label) in enumerate(zip(typed, names)):
         source = sources[i] if sources else None
         out += [f"## {_md(heading(report, label, source))}", "", _md(summary(report)), ""]
@@ -40,3 +43,8 @@ def render_markdown(reports: Sequence[Report | Mapping[str, Any]], *, sources: S
         provenance = _md_table(["field", "value"], [[k, v] for k, v in provenance_rows(report, source)])
         out += ["<details><summary>Provenance</summary>", "", provenance, "", "</details>", ""]
     return "\n".join(out)
+
+
+def is_markdown_report(start: str) -> bool:
+    """Whether a file that begins with ``start`` is one `render_markdown` wrote."""
+    return start.startswith(TITLE + "\n")

@@ -2,9 +2,10 @@
 
 `adapters bench --output` and `adapters report --output` never overwrite a file without
 ``--overwrite``, and ``--overwrite`` replaces only what the same command wrote before, recognised
-by its content: a benchmark report that loads as one, or a page or markdown file that `adapters
-report` rendered. Anything else (a thesis, a config, a report of another tool) is refused and left
-as it was. The write itself is atomic (`adapters.files.write_atomic`).
+by its content: a benchmark report that loads as one, or a rendering that a registered report
+format recognises as its own (markdown and HTML do; a plugin's format may). Anything else (a
+thesis, a config, a report of another tool) is refused and left as it was. The write itself is
+atomic (`adapters.files.write_atomic`).
 """
 from __future__ import annotations
 
@@ -12,10 +13,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import AdaptersError
+from ..host import get_renderers, guarded
 
-# How the renderings begin (markdown) or title themselves (HTML); see markdown.py and html.py.
-MARKDOWN_START = "# adapters benchmark report"
-HTML_TITLE = "<title>adapters benchmark report"
+# How much of a file a format's ``recognizes`` sees.
+START_CHARS = 4096
 
 
 def is_bench_report(path: Path) -> bool:
@@ -30,15 +31,20 @@ def is_bench_report(path: Path) -> bool:
 
 
 def is_rendered_report(path: Path) -> bool:
-    """Whether ``path`` holds a page or markdown file `adapters report` rendered, by how it begins."""
+    """Whether ``path`` holds a rendering of `adapters report`: one that a registered report format
+    recognises as its own by how it begins."""
     try:
         with open(path, "rb") as f:
-            head = f.read(4096).decode("utf-8", errors="replace")
+            start = f.read(START_CHARS).decode("utf-8", errors="replace")
     except OSError:
         return False
-    if head.startswith("<!DOCTYPE html>"):
-        return HTML_TITLE in head
-    return head.startswith(MARKDOWN_START + "\n")
+    return any(
+        guarded(f.plugin, lambda f=f: bool(f.recognizes(start)),
+                lambda error, f=f: AdaptersError(f"--output {path}: the report format {f.name!r} of plugin "
+                                                 f"{f.plugin!r} failed to tell whether it wrote it: {error}. "
+                                                 "Choose a new file name, or fix or uninstall the plugin."))
+        for f in get_renderers().entries() if f.recognizes is not None
+    )
 
 
 def check_output(path: Path, overwrite: bool, ours: Callable[[Path], bool], what: str) -> None:

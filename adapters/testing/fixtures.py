@@ -28,8 +28,8 @@ def registered(plugin: object, name: str | None = None, *, strict: bool = True) 
     """Register ``plugin`` (a module or object with hook implementations) for the duration of a block.
 
     It is always unregistered afterwards. A misspelled or wrong-signature hook is rejected at once
-    with an `AdaptersError` naming the plugin. With ``strict`` (the default) a failure in its
-    ``register_strategies`` raises, as under ADAPTERS_STRICT_PLUGINS=1, instead of being skipped
+    with an `AdaptersError` naming the plugin. With ``strict`` (the default) a failure in any of its
+    registration hooks raises, as under ADAPTERS_STRICT_PLUGINS=1, instead of being skipped
     with a warning; pass ``strict=False`` to test the isolation of a broken plugin.
     """
     from ..host import manager

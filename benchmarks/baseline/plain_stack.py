@@ -36,7 +36,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from adapters.batches import causal_lm_blocks
 from adapters.bench.profiler import cpu_peak_tensor_bytes
-from adapters.corpora import python_reference
+from adapters.data.corpora import python_reference
 from adapters.loading import ByteTokenizer
 from adapters.models import resolve_model
 

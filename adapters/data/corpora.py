@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from types import ModuleType
 from typing import Any
 
-from .data import Dataset, Example, split, stable_hash
+from .examples import Dataset, Example, split, stable_hash
 
 # Standard-library packages whose docstrings make up the classification set.
 # All are pure Python, import without side effects on Linux, and exist on
