@@ -149,6 +149,17 @@ def test_every_documented_command_parses(command):
         pytest.fail(f"{command.page}: `{command.line}` does not parse: {exc.format_message()}")
 
 
+def test_every_command_and_option_of_the_cli_is_documented():
+    from adapters.cli import cli
+
+    text = "".join(page.read_text() for page in PAGES)
+    missing = [f"adapters {name}" for name in cli.commands if f"adapters {name}" not in text]
+    missing += [f"adapters {name} {flag}" for name, command in cli.commands.items() for param in command.params
+                for flag in (*param.opts, *param.secondary_opts)
+                if flag.startswith("--") and flag != "--help" and not re.search(re.escape(flag) + r"(?![\w-])", text)]
+    assert not missing, f"not in README.md or docs/: {missing}"
+
+
 RUN_MARKERS = ("tour", "run")
 
 
