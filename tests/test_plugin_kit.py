@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 import adapters
@@ -509,14 +510,6 @@ def test_a_different_strategy_under_a_registered_name_is_refused():
         adapters.testing.run_checks(FakeLora(), **ONE_CELL)
 
 
-def test_the_readme_plugin_passes_the_kit(monkeypatch):
-    module = types.ModuleType("adapters_bitfit_readme")
-    monkeypatch.setitem(sys.modules, module.__name__, module)  # dataclasses look their module up
-    exec(_block(README.read_text(), "plugin-module"), module.__dict__)
-    report = adapters.testing.run_checks(module.BitFit())
-    assert report.passed, report.table(failures_only=True)
-
-
 # --------------------------------------------------------------------------------------------
 # docs/plugins.md: every hook documented and tested; its plugin, pip-installed, passes check.
 
@@ -571,6 +564,39 @@ def test_the_guides_plugin_pip_installed_passes_adapters_check(docs_plugin):
     assert done.returncode == 0, done.stdout + done.stderr
     assert "norm-tuning: PASSED" in done.stdout
     assert re.search(r"^save-load +sequence-classification +nf4 +pass", done.stdout, re.M)
+
+
+def test_the_guides_plugin_is_listed_with_its_plugin_and_distribution(docs_plugin):
+    """As the guide says after `pip install .`: `adapters strategies` lists it, `adapters plugins` names its
+    distribution, hooks and strategies."""
+    _, env = docs_plugin
+    done = _adapters("strategies", "--json", env=env)
+    assert done.returncode == 0, done.stderr
+    rows = {r["name"]: r for r in json.loads(done.stdout)}
+    assert rows["norm-tuning"]["plugin"] == "norm-tuning" and set(BUILTINS) <= set(rows)
+    plugins = json.loads(_adapters("plugins", "--json", env=env).stdout)
+    entry = next(p for p in plugins if p["name"] == "norm-tuning")
+    assert entry["distribution"] == "adapters-norm-tuning" and entry["strategies"] == ["norm-tuning"]
+
+
+def test_the_guides_plugin_trains_by_name_and_saves_only_its_weights(docs_plugin, tmp_path):
+    _, env = docs_plugin
+    out = tmp_path / "norm-tuning"
+    done = _adapters("train", "--model", "random:tiny", "--strategy", "norm-tuning", "--max-steps", "2",
+                     "--batch-size", "2", "--seq-len", "32", "--eval-batches", "1", "--output", str(out), "--json",
+                     env=env)
+    assert done.returncode == 0, done.stderr
+    with safe_open(out / "weights.safetensors", "pt") as f:
+        saved = {k: f.get_tensor(k).numel() for k in f.keys()}
+    assert saved and all("norm" in k for k in saved)  # random:tiny's Llama has no biases
+    assert json.loads(done.stdout)["trainable_parameters"] == sum(saved.values())
+
+
+def test_installed_plugins_do_not_load_under_the_test_allow_list(docs_plugin):
+    _, env = docs_plugin
+    listed = _adapters("strategies", "--json", env={**env, "ADAPTERS_LOAD_PLUGINS": ""})
+    names = {r["name"] for r in json.loads(listed.stdout)}
+    assert "norm-tuning" not in names
 
 
 def test_the_guides_plugin_test_passes_with_the_kit(docs_plugin):
