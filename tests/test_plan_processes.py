@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import msgspec
 import pytest
 
 from adapters.bench.predict import predict
@@ -36,9 +37,9 @@ def two_processes() -> dict[tuple[str, str], dict]:
         for strategy in STRATEGIES:
             spec = RunSpec(strategy=strategy, sharding=sharding, **SHAPE)
             result = run_case(spec, Measurement(steps=1, warmup=1), processes=2)
-            assert result["status"] == "ok", result.get("message")
-            result["prediction"] = predict(spec, result)
-            measured[strategy, sharding] = result
+            assert result.ok, result.message
+            result.prediction = predict(spec, result)
+            measured[strategy, sharding] = msgspec.to_builtins(result)  # as the report holds it
     return measured
 
 

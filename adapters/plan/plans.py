@@ -113,7 +113,8 @@ def _asked(settings: PlanSettings, registry: Registry) -> list[_Asked]:
         _check_shared_options(options, strategies)
     asked = []
     for spec, strategy in zip(specs, strategies):
-        run_spec = dataclasses.replace(settings.spec, strategy=spec,
+        # Sharding's own refusal (a quantized base) is a row of its own (`_sharding_refusal`), not an error.
+        run_spec = dataclasses.replace(settings.spec, strategy=spec, sharding="none",
                                        options=_accepted(strategy, options) if several else dict(options))
         try:
             run = resolve(run_spec, data=False)
