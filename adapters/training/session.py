@@ -13,6 +13,7 @@ writes and reads checkpoints and gives the whole model back, `Health` checks tha
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,11 +71,11 @@ def make_accelerator(log_with: list[str] | None = None, project_dir: str | Path 
 class Session(Prepared):
     """One run, set up and ready to step (see the module's docstring)."""
 
-    train_loader: Any = None
-    eval_loader: Any = None
-    engine: rules.Engine | None = None  # how it computes, as the rules decided for its device
-    parameters: ParameterCount | None = None
-    precision: dict[str, Any] = field(default_factory=dict)  # the dtypes it trains in (`Built.precision`)
+    train_loader: Any
+    eval_loader: Any  # None: the data has no held-out split
+    engine: rules.Engine  # how it computes, as the rules decided for its device
+    parameters: ParameterCount
+    precision: dict[str, Any]  # the dtypes it trains in (`Built.precision`)
     state: State = field(init=False)
     stepper: Stepper = field(init=False)
     health: Health = field(init=False)
@@ -89,8 +90,6 @@ class Session(Prepared):
              saved: Path | None = None) -> Session:
         """Set ``run`` up (``accelerator``: one made for it by default), its strategy applied afresh, or restored
         from ``checkpoint``'s weights or from the final save in ``saved``."""
-        import dataclasses
-
         accelerator = accelerator or make_accelerator(sharding=run.spec.sharding)
         if run.spec.sharding == "none" and accelerator.distributed_type == "FSDP":  # `accelerate launch --use_fsdp`
             run = dataclasses.replace(run, spec=dataclasses.replace(run.spec, sharding="fsdp"))
