@@ -36,7 +36,7 @@ from ..errors import AdaptersError
 from . import hookspecs
 from .registry import Registry
 
-DEFAULT_PLUGINS = ("adapters_lora", "adapters_prefix", "adapters_probe", "adapters_full")
+DEFAULT_PLUGINS = ("adapters_lora", "adapters_prefix", "adapters_probe", "adapters_full", "adapters_peft_methods")
 ENTRY_POINT_GROUP = "adapters"
 
 
