@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import warnings
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 import adapters
 
@@ -82,7 +82,7 @@ class PeftMethodStrategy(adapters.PeftStrategy):
 
     def __init__(self, method: adapters.PeftMethod) -> None:
         self.method = method
-        self.name = _name(method)
+        self.name = strategy_name(method.peft_type)
         self.title = method.config_class.removesuffix("Config")
         self.limits = LIMITS.get(self.name, {})
         self.known_failures = KNOWN_FAILURES.get(self.name, {})
@@ -125,11 +125,14 @@ class PeftMethodStrategy(adapters.PeftStrategy):
         return f"PEFT's {self.title} knows only {', '.join(kinds)} models"
 
     def options_from_peft(self, peft_config: dict[str, Any]):
-        """Every option from its own key; the fields PEFT works out from the base follow from it again."""
+        """Every option from its own key, lists of names as the comma-separated names an option holds; what PEFT
+        works out from the base follows from it again."""
         import peft
 
+        names = {o.name for o in self.method.options if "list[str]" in o.types}
+        joined = {k: ",".join(sorted(v)) for k, v in peft_config.items() if k in names and isinstance(v, list)}
         options = {f.name: f.name for f in dataclasses.fields(self.config_class)}
-        return self.options_from_keys(peft_config, getattr(peft, self.method.config_class), options,
+        return self.options_from_keys({**peft_config, **joined}, getattr(peft, self.method.config_class), options,
                                       derived=DERIVED | {"inference_mode"})
 
 
@@ -176,10 +179,11 @@ def options_class(method: adapters.PeftMethod, name: str) -> type:
         if option.name in DERIVED or any(word in option.name for word in UNSAFE):
             continue
         atoms = sorted((a for a in option.types if a != "None"), key=_ATOM_ORDER.index)
-        hint = Union[tuple(_ATOMS[a] for a in atoms)]
         default = _default(method, option)
-        if default is None:  # unset (PEFT works it out), and only then: "none" is a string some options take
-            hint = Optional[hint]
+        # None only where it is the default (unset until PEFT works it out): "none" is a string some options take.
+        # One Union of them all, in this order, strings before lists: Optional of a Union could come back as an
+        # equal Union from typing's cache, in PEFT's order, and --set would then read names as a list.
+        hint = Union[tuple(_ATOMS[a] for a in atoms) + ((type(None),) if default is None else ())]
         fields.append((option.name, hint, dataclasses.field(default_factory=lambda d=default: list(d))
                        if isinstance(default, list) else dataclasses.field(default=default)))
 
@@ -194,11 +198,12 @@ def options_class(method: adapters.PeftMethod, name: str) -> type:
 
 
 def peft_values(method: adapters.PeftMethod, config: Any) -> dict[str, Any]:
-    """The options as PEFT's config takes them: a comma-separated string is a list where PEFT takes one."""
-    listed = {o.name for o in method.options if {"list[str]", "list[int]"} & set(o.types)}
+    """The options as PEFT's config takes them: names separated by commas are a list where PEFT takes one (PEFT
+    would read a string as a regular expression), but "all-linear"."""
+    listed = {o.name for o in method.options if "list[str]" in o.types}
     values = {}
     for name, value in dataclasses.asdict(config).items():
-        if name in listed and isinstance(value, str) and "," in value:
+        if name in listed and isinstance(value, str) and value != "all-linear":
             value = [v.strip() for v in value.split(",") if v.strip()]
         values[name] = value
     return values
@@ -225,13 +230,14 @@ def build_peft_config(method: adapters.PeftMethod, values: dict[str, Any], task_
 @functools.cache
 def strategies() -> tuple[PeftMethodStrategy, ...]:
     """One strategy per method of the installed PEFT, but those of `BUILT_IN` and `NOT_REGISTERED`; made once."""
-    return tuple((MergingPeftMethodStrategy if m.merges and "merge" not in LIMITS.get(_name(m), {})
+    return tuple((MergingPeftMethodStrategy if m.merges and "merge" not in LIMITS.get(strategy_name(m.peft_type), {})
                   else PeftMethodStrategy)(m) for m in adapters.peft_methods()
                  if m.peft_type not in BUILT_IN | set(NOT_REGISTERED) and not m.unusable)
 
 
-def _name(method: adapters.PeftMethod) -> str:
-    return method.peft_type.lower().replace("_", "-")
+def strategy_name(peft_type: str) -> str:
+    """A PEFT type's strategy name: ``PROMPT_TUNING`` -> ``prompt-tuning``."""
+    return peft_type.lower().replace("_", "-")
 
 
 @adapters.hookimpl
