@@ -234,8 +234,6 @@ def peft_methods() -> tuple[PeftMethod, ...]:
 @functools.cache
 def _cached_methods(key: str) -> tuple[PeftMethod, ...]:
     import os
-    import subprocess
-    import sys
 
     from .files import write_json
 
@@ -246,25 +244,34 @@ def _cached_methods(key: str) -> tuple[PeftMethod, ...]:
     try:
         described = json.loads(path.read_text())
     except (OSError, ValueError):
-        done = subprocess.run([sys.executable, "-c", "import json, sys\nfrom adapters.peft import describe_peft\n"
-                               "sys.stdout.write(json.dumps(describe_peft()))"],
-                              capture_output=True, text=True, timeout=600)
-        if done.returncode != 0:
-            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-            raise AdaptersError(f"could not read the installed PEFT's methods: {last}. Check that `python -c "
-                                "'import peft'` works, or reinstall peft.")
-        described = json.loads(done.stdout)
+        described = _describe_elsewhere()
         try:
             root.mkdir(parents=True, exist_ok=True)
             write_json(path, described)
         except OSError:  # a cache that cannot be written only means reading PEFT again next time
             pass
-    return tuple(PeftMethod(**{**m, "options": tuple(PeftOption(**{**o, "types": tuple(o["types"]),
-                                                                    "choices": tuple(o["choices"])})
-                                                      for o in m["options"]),
-                               "tasks": tuple(m["tasks"]), "bnb_layers": tuple(m["bnb_layers"]),
-                               "model_types": None if m["model_types"] is None else tuple(m["model_types"])})
+
+    def option(o: dict[str, Any]) -> PeftOption:
+        return PeftOption(o["name"], tuple(o["types"]), o["default"], tuple(o["choices"]), o["help"])
+
+    return tuple(PeftMethod(m["peft_type"], m["config_class"], m["kind"], tuple(map(option, m["options"])),
+                            tuple(m["tasks"]), tuple(m["bnb_layers"]), m["merges"],
+                            None if m["model_types"] is None else tuple(m["model_types"]), m["unusable"])
                  for m in described)
+
+
+def _describe_elsewhere() -> list[dict[str, Any]]:
+    """`describe_peft` in a fresh interpreter, where importing PEFT (and torch) costs this one nothing."""
+    import subprocess
+    import sys
+
+    code = "import json, sys\nfrom adapters.peft import describe_peft\nsys.stdout.write(json.dumps(describe_peft()))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise AdaptersError(f"could not read the installed PEFT's methods: {last}. Check that `python -c "
+                            "'import peft'` works, or reinstall peft.")
+    return json.loads(done.stdout)
 
 
 def describe_peft() -> list[dict[str, Any]]:

@@ -229,10 +229,15 @@ def build_peft_config(method: adapters.PeftMethod, values: dict[str, Any], task_
 
 @functools.cache
 def strategies() -> tuple[PeftMethodStrategy, ...]:
-    """One strategy per method of the installed PEFT, but those of `BUILT_IN` and `NOT_REGISTERED`; made once."""
-    return tuple((MergingPeftMethodStrategy if m.merges and "merge" not in LIMITS.get(strategy_name(m.peft_type), {})
-                  else PeftMethodStrategy)(m) for m in adapters.peft_methods()
-                 if m.peft_type not in BUILT_IN | set(NOT_REGISTERED) and not m.unusable)
+    """One strategy per method of the installed PEFT, but those of `BUILT_IN` and `NOT_REGISTERED` and those PEFT
+    cannot build from its own defaults; made once (the registry is built again and again)."""
+    made = []
+    for method in adapters.peft_methods():
+        if method.peft_type in BUILT_IN or method.peft_type in NOT_REGISTERED or method.unusable:
+            continue
+        merges = method.merges and "merge" not in LIMITS.get(strategy_name(method.peft_type), {})
+        made.append((MergingPeftMethodStrategy if merges else PeftMethodStrategy)(method))
+    return tuple(made)
 
 
 def strategy_name(peft_type: str) -> str:

@@ -345,7 +345,7 @@ def test_check_json_and_user_errors(capsys):
     assert data["passed"] is True and data["strategy"] == "full-finetune" and data["plugin"] == "adapters_full"
     assert {(r["check"], r["quantization"], r["status"]) for r in data["results"]} >= {
         ("save-load", "none", "pass"), ("refused", "nf4", "pass")}
-    code, _, err = run_in_process(capsys, "check", "lroa")
+    code, _, err = run_in_process(capsys, "check", "lorra")
     assert code == 2 and "Did you mean 'lora'?" in err
     code, _, err = run_in_process(capsys, "check", "lora", "--quantization", "int4")
     assert code == 2 and "unknown quantization 'int4'" in err

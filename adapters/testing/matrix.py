@@ -141,7 +141,7 @@ def to_markdown(reports: list[CheckReport], model: str = TINY_MODEL) -> str:
 
 
 def _reasons(name: str) -> str:
-    """What the strategy says it refuses and which checks fail for it, with why (its ``limits`` and ``known_failures``)."""
+    """What the strategy refuses and which checks fail for it, with why (its ``limits`` and ``known_failures``)."""
     from ..host import get_registry
 
     entry = get_registry().find(name)
