@@ -96,11 +96,15 @@ def test_what_a_method_cannot_do_is_declared_with_the_reason():
     assert not isinstance(METHODS["lily"], adapters.Merges) and "NotImplementedError" in METHODS["lily"].merge_refusal
     assert isinstance(METHODS["loha"], adapters.Merges) and isinstance(METHODS["ia3"], adapters.Merges)
     assert METHODS["cartridge"].supported_tasks == {"causal-lm"}
-    for strategy in METHODS.values():  # every limit is a task, a quantization or a capability, and refused
-        for what in strategy.limits:
-            assert what in (*adapters.TASKS, *adapters.QUANTIZATIONS, "gradient-checkpointing", "merge"), what
-            refused = what not in strategy.supported_tasks | strategy.supported_quantization
-            assert refused and (what != "merge" or not isinstance(strategy, adapters.Merges))
+    for strategy in METHODS.values():  # every limit found by the kit is declared, and so refused up front
+        for what, why in strategy.limits.items():
+            if what == "merge":
+                assert not isinstance(strategy, adapters.Merges) and strategy.merge_refusal == why
+            elif what == "gradient-checkpointing":
+                assert not strategy.supports_gradient_checkpointing
+            else:
+                assert what in (*adapters.TASKS, *adapters.QUANTIZATIONS), what
+                assert what not in strategy.supported_tasks | strategy.supported_quantization
 
 
 def test_sizes_made_for_large_models_fit_the_layers_they_target():
