@@ -37,7 +37,8 @@ _EXPORTS = {
     "nn": ("ParameterCount", "count_parameters", "freeze", "linear_module_names", "output_head_name", "task_of",
            "trainable_parameters", "match_targets", "targeted_linears", "head_parameters", "is_linear",
            "linear_features"),
-    "peft": ("PeftStrategy", "load_peft", "save_peft", "peft_task_type"),
+    "peft": ("PeftStrategy", "load_peft", "save_peft", "peft_task_type", "PeftMethod", "PeftOption", "peft_methods",
+             "PEFT_TASK_TYPES"),
     "runspec": ("RunSpec", "TrainSettings", "StrategyRefused"),
     "resolver": ("resolve",),
     "loading": ("BaseModel", "fingerprint", "load_base_model"),
@@ -115,7 +116,16 @@ if TYPE_CHECKING:  # for type checkers and editors: the names above, imported ea
         task_of,
         trainable_parameters,
     )
-    from .peft import PeftStrategy, load_peft, peft_task_type, save_peft  # noqa: F401
+    from .peft import (  # noqa: F401
+        PEFT_TASK_TYPES,
+        PeftMethod,
+        PeftOption,
+        PeftStrategy,
+        load_peft,
+        peft_methods,
+        peft_task_type,
+        save_peft,
+    )
     from .resolver import resolve  # noqa: F401
     from .runspec import RunSpec, StrategyRefused, TrainSettings  # noqa: F401
     from .store import Loaded, load, save  # noqa: F401

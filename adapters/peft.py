@@ -9,8 +9,10 @@ loads it) and strict loading come from here. To read adapters saved by plain PEF
 """
 from __future__ import annotations
 
+import functools
 import json
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -175,3 +177,209 @@ def _same(value: Any, default: Any) -> bool:
     if isinstance(default, (set, frozenset, tuple)) and isinstance(value, list):
         return set(value) == set(default) if isinstance(default, (set, frozenset)) else list(default) == value
     return value == default
+
+
+# ------------------------------------------------------------------------------- PEFT's methods, described
+
+# Fields of a prompt-learning config that PEFT fills in from the base model itself.
+PEFT_DERIVED = frozenset({"token_dim", "num_transformer_submodules", "num_attention_heads", "num_layers"})
+_ATOMS = {bool: "bool", int: "int", float: "float", str: "str", type(None): "None"}
+
+
+@dataclass(frozen=True)
+class PeftOption:
+    """One field of a PEFT config class, as `peft_methods` describes it."""
+
+    name: str
+    types: tuple[str, ...]  # of "bool", "int", "float", "str", "list[str]", "list[int]", "None", in PEFT's order
+    default: Any  # PEFT's default, as JSON (an Enum's value)
+    choices: tuple[str, ...] = ()  # the only strings allowed (a Literal or an Enum), when not any string is
+    help: str = ""  # PEFT's help text
+
+
+@dataclass(frozen=True)
+class PeftMethod:
+    """One method the installed PEFT registers (``peft.mapping.PEFT_TYPE_TO_CONFIG_MAPPING``), as PEFT declares it."""
+
+    peft_type: str  # "LOHA"
+    config_class: str  # its config class's name in ``peft`` ("LoHaConfig")
+    kind: str  # "layers" (a tuner that wraps layers), "prompt" (prompt learning) or "adaption-prompt"
+    options: tuple[PeftOption, ...]  # the config's fields but PEFT's bookkeeping and those of no simple type
+    tasks: tuple[str, ...]  # the tasks (of adapters.TASKS) whose PEFT task type its config accepts
+    bnb_layers: tuple[str, ...]  # "4bit", "8bit": the bitsandbytes layers PEFT has for it
+    merges: bool  # its layers implement ``merge``, so ``merge_and_unload`` folds them into the base
+    model_types: tuple[str, ...] | None  # the model types PEFT limits it to, where it lists them
+    unusable: str | None  # PEFT's error when its config cannot be built from its own defaults
+
+
+def peft_methods() -> tuple[PeftMethod, ...]:
+    """Every method the installed PEFT registers, with what PEFT declares about it, by PEFT type.
+
+    Read from PEFT's registry in a separate interpreter, once per version of PEFT, transformers and
+    bitsandbytes, and cached, so that listing strategies imports neither torch nor PEFT here.
+    """
+    import hashlib
+    import importlib.metadata
+
+    versions = []
+    for distribution in ("peft", "transformers", "bitsandbytes"):
+        try:
+            versions.append(importlib.metadata.version(distribution))
+        except importlib.metadata.PackageNotFoundError:
+            versions.append("-")
+    source = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]  # how this module describes them
+    return _cached_methods(f"{'-'.join(versions)}-{source}")
+
+
+@functools.cache
+def _cached_methods(key: str) -> tuple[PeftMethod, ...]:
+    import os
+
+    from .files import write_json
+
+    # adapters.models.cache_dir, which imports torch: this must not.
+    root = Path(os.environ.get("ADAPTERS_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+                / "adapters")
+    path = root / f"peft-methods-{key}.json"
+    try:
+        described = json.loads(path.read_text())
+    except (OSError, ValueError):
+        described = _describe_elsewhere()
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            write_json(path, described)
+        except OSError:  # a cache that cannot be written only means reading PEFT again next time
+            pass
+
+    def option(o: dict[str, Any]) -> PeftOption:
+        return PeftOption(o["name"], tuple(o["types"]), o["default"], tuple(o["choices"]), o["help"])
+
+    return tuple(PeftMethod(m["peft_type"], m["config_class"], m["kind"], tuple(map(option, m["options"])),
+                            tuple(m["tasks"]), tuple(m["bnb_layers"]), m["merges"],
+                            None if m["model_types"] is None else tuple(m["model_types"]), m["unusable"])
+                 for m in described)
+
+
+def _describe_elsewhere() -> list[dict[str, Any]]:
+    """`describe_peft` in a fresh interpreter, where importing PEFT (and torch) costs this one nothing."""
+    import subprocess
+    import sys
+
+    code = "import json, sys\nfrom adapters.peft import describe_peft\nsys.stdout.write(json.dumps(describe_peft()))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise AdaptersError(f"could not read the installed PEFT's methods: {last}. Check that `python -c "
+                            "'import peft'` works, or reinstall peft.")
+    return json.loads(done.stdout)
+
+
+def describe_peft() -> list[dict[str, Any]]:
+    """`peft_methods`, read from the PEFT imported here, as JSON: what the separate interpreter prints."""
+    import warnings
+
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # configs built from defaults warn about what a real use would set
+        return [_describe(str(t.value), config_class, PEFT_TYPE_TO_TUNER_MAPPING.get(t))
+                for t, config_class in sorted(PEFT_TYPE_TO_CONFIG_MAPPING.items(), key=lambda kv: str(kv[0].value))]
+
+
+def _describe(peft_type: str, config_class: type, tuner: type | None) -> dict[str, Any]:
+    import dataclasses
+    import sys
+
+    from peft.config import PeftConfig
+
+    built, errors = {}, []
+    for task, task_type in PEFT_TASK_TYPES.items():
+        try:
+            built[task] = config_class(task_type=task_type)
+        except Exception as exc:  # noqa: BLE001 - PEFT's own word on what it cannot be built for
+            errors.append(f"{type(exc).__name__}: {exc}")
+    sample = next(iter(built.values()), None)
+    kind = "layers" if sample is None or not (sample.is_prompt_learning or sample.is_adaption_prompt) else \
+        "prompt" if sample.is_prompt_learning else "adaption-prompt"
+    bookkeeping = {f.name for f in dataclasses.fields(PeftConfig)} | PEFT_DERIVED
+    options = [o for f in dataclasses.fields(config_class) if f.name not in bookkeeping
+               and (o := _option(f, config_class)) is not None]
+    listed = getattr(sys.modules[config_class.__module__], "TRANSFORMERS_MODEL_CONFIG", None)
+    return {"peft_type": peft_type, "config_class": config_class.__name__, "kind": kind, "options": options,
+            "tasks": list(built), "bnb_layers": _bnb_layers(tuner), "merges": _merges(tuner),
+            "model_types": sorted(listed) if isinstance(listed, dict) else None,
+            "unusable": None if built else errors[0]}
+
+
+def _option(f: Any, config_class: type) -> dict[str, Any] | None:
+    """A config field as a `PeftOption` (JSON), or None when its type or default is not one a user can write."""
+    import dataclasses
+    import enum
+    import types
+    import typing
+
+    hint = typing.get_type_hints(config_class)[f.name]
+    parts = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    atoms, choices = [], []
+    for part in parts:
+        if typing.get_origin(part) is typing.Literal:
+            atom, choices = "str", [*choices, *map(str, typing.get_args(part))]
+        elif isinstance(part, type) and issubclass(part, enum.Enum):
+            atom, choices = "str", [*choices, *(str(m.value) for m in part)]
+        elif typing.get_origin(part) is list and typing.get_args(part) in ((str,), (int,)):
+            atom = f"list[{typing.get_args(part)[0].__name__}]"
+        else:
+            atom = _ATOMS.get(part)
+        if atom is None:
+            return None  # a dict, a tuple, a nested config: nothing --set could write
+        if atom not in atoms:
+            atoms.append(atom)
+    if str in parts:
+        choices = []  # any string, beside the named ones
+    default = f.default if f.default is not dataclasses.MISSING else \
+        f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING
+    if isinstance(default, enum.Enum):
+        default = default.value
+    if default is dataclasses.MISSING or not _is_json(default):
+        return None
+    if default is None and "None" not in atoms:  # PEFT's `int = None`: unset until PEFT works it out
+        atoms.append("None")
+    return {"name": f.name, "types": atoms, "default": default, "choices": choices,
+            "help": " ".join(str(f.metadata.get("help", "")).split())}
+
+
+def _is_json(value: Any) -> bool:
+    if isinstance(value, list):
+        return all(_is_json(v) for v in value)
+    return value is None or isinstance(value, (bool, int, str)) or (isinstance(value, float) and value == value)
+
+
+def _bnb_layers(tuner: type | None) -> list[str]:
+    """Which bitsandbytes layers PEFT defines for the tuner (its ``bnb`` module defines them where bitsandbytes is)."""
+    import importlib
+    import importlib.util
+
+    if tuner is None:
+        return []
+    name = tuner.__module__.rsplit(".", 1)[0] + ".bnb"
+    if importlib.util.find_spec(name) is None:
+        return []
+    module = importlib.import_module(name)
+    defined = [n for n, v in vars(module).items() if isinstance(v, type) and v.__module__ == name]
+    return [bits for bits in ("4bit", "8bit") if any(bits in n for n in defined)]
+
+
+def _merges(tuner: type | None) -> bool:
+    """Whether a layer of the tuner implements ``merge`` (PEFT's base layer only raises)."""
+    import importlib
+    import importlib.util
+
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layer = getattr(tuner, "tuner_layer_cls", None)
+    name = tuner.__module__.rsplit(".", 1)[0] + ".layer" if tuner is not None else ""
+    if layer is None or importlib.util.find_spec(name) is None:
+        return False
+    module = importlib.import_module(name)
+    return any(isinstance(v, type) and issubclass(v, layer) and v.merge is not BaseTunerLayer.merge
+               for v in vars(module).values())

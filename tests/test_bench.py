@@ -138,7 +138,7 @@ def test_the_load_time_spread_and_what_the_rows_ran_with_are_recorded(report):
 
 def test_unknown_strategy_is_refused_before_any_work(tmp_path):
     with pytest.raises(adapters.UnknownStrategyError, match="Did you mean 'lora'"):
-        run_bench(BenchSettings.of(**TINY, strategies=["lora", "lroa"], output=str(tmp_path / "r.json")),
+        run_bench(BenchSettings.of(**TINY, strategies=["lora", "lorra"], output=str(tmp_path / "r.json")),
                   progress=False)
     assert not (tmp_path / "r.json").exists()
 

@@ -63,32 +63,32 @@ def test_entry_point_discovery_finds_it(installed):
     assert ["ia3", "adapters_ia3", "adapters-ia3"] in json.loads(done.stdout)
     plugins = {r["name"]: r for r in json.loads(_adapters("plugins", "--json", env=installed).stdout)}
     assert plugins["ia3"]["distribution"] == "adapters-ia3" and plugins["ia3"]["version"] == "0.1.0"
-    assert plugins["ia3"]["strategies"] == ["ia3"] and plugins["ia3"]["builtin"] is False
+    assert plugins["ia3"]["strategies"] == ["ia3-auto"] and plugins["ia3"]["builtin"] is False
 
 
 def test_strategies_lists_it_and_the_allow_and_block_lists_apply(installed):
     done = _adapters("strategies", "--json", env=installed)
     assert done.returncode == 0, done.stderr
     rows = {r["name"]: r for r in json.loads(done.stdout)}
-    assert rows["ia3"]["plugin"] == "ia3"
-    assert rows["ia3"]["supported_quantization"] == ["fp4", "int8", "nf4", "none"]
-    assert [o["name"] for o in rows["ia3"]["options"]] == ["target_modules", "feedforward_modules"]
+    assert rows["ia3-auto"]["plugin"] == "ia3"
+    assert rows["ia3-auto"]["supported_quantization"] == ["fp4", "int8", "nf4", "none"]
+    assert [o["name"] for o in rows["ia3-auto"]["options"]] == ["target_modules", "feedforward_modules"]
     assert {"lora", "prefix-tuning", "linear-probe", "full-finetune"} <= set(rows)
     for variable, value, listed in (("ADAPTERS_LOAD_PLUGINS", "adapters-ia3", True),
                                     ("ADAPTERS_LOAD_PLUGINS", "", False),
                                     ("ADAPTERS_DISABLE_PLUGINS", "adapters-ia3", False)):
         done = _adapters("strategies", "--json", env={**installed, variable: value})
         names = {r["name"] for r in json.loads(done.stdout)}
-        assert ("ia3" in names) is listed, (variable, value)
+        assert ("ia3-auto" in names) is listed, (variable, value)
 
 
 def test_train_runs_it_by_name_and_load_restores_it(installed, tmp_path):
     out = tmp_path / "ia3"
-    done = _adapters("train", *TINY, "--strategy", "ia3@nf4", "--max-steps", "2", "--batch-size", "2",
+    done = _adapters("train", *TINY, "--strategy", "ia3-auto@nf4", "--max-steps", "2", "--batch-size", "2",
                      "--eval-batches", "1", "--output", str(out), "--json", env=installed)
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout)
-    assert summary["strategy"] == "ia3" and summary["quantization"] == "nf4"
+    assert summary["strategy"] == "ia3-auto" and summary["quantization"] == "nf4"
     assert 0 < summary["trainable_parameters"] < summary["total_parameters"] // 100
     assert {"adapters.json", "adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in out.iterdir()}
     assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "IA3"
@@ -96,16 +96,16 @@ def test_train_runs_it_by_name_and_load_restores_it(installed, tmp_path):
             "print(r.strategy.name, r.base.quantization, type(r.model).__name__)")
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=installed, timeout=120)
     assert loaded.returncode == 0, loaded.stderr
-    assert loaded.stdout.split()[-3:-1] == ["ia3", "nf4"]
+    assert loaded.stdout.split()[-3:-1] == ["ia3-auto", "nf4"]
 
 
 def test_bench_runs_it_by_name(installed, tmp_path):
     out = tmp_path / "bench.json"
-    done = _adapters("bench", *TINY, "--strategies", "ia3", "--steps", "1", "--warmup", "0", "--output", str(out),
+    done = _adapters("bench", *TINY, "--strategies", "ia3-auto", "--steps", "1", "--warmup", "0", "--output", str(out),
                      env=installed)
     assert done.returncode == 0, done.stdout + done.stderr
     (result,) = json.loads(out.read_text())["results"]
-    assert result["strategy"] == "ia3" and result["status"] == "ok", result
+    assert result["strategy"] == "ia3-auto" and result["status"] == "ok", result
 
 
 def test_plan_all_includes_it_with_its_own_estimate(installed):
@@ -113,16 +113,16 @@ def test_plan_all_includes_it_with_its_own_estimate(installed):
                      env=installed)
     assert done.returncode == 0, done.stderr
     plans = {p["strategy"]: p for p in json.loads(done.stdout)["plans"]}
-    assert plans["ia3"]["status"] == plans["ia3@nf4"]["status"] == "ok"
+    assert plans["ia3-auto"]["status"] == plans["ia3-auto@nf4"]["status"] == "ok"
     # k_proj and v_proj scale their 512 outputs, down_proj its 8192 inputs, in each of 16 layers
-    assert plans["ia3"]["trainable_parameters"] == 16 * (512 + 512 + 8192)
-    assert plans["ia3"]["peak_bytes"] < plans["lora"]["peak_bytes"]
+    assert plans["ia3-auto"]["trainable_parameters"] == 16 * (512 + 512 + 8192)
+    assert plans["ia3-auto"]["peak_bytes"] < plans["lora"]["peak_bytes"]
 
 
 def test_check_passes_it(installed):
-    done = _adapters("check", "ia3", env=installed)
+    done = _adapters("check", "ia3-auto", env=installed)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.splitlines()[-1].startswith("ia3: PASSED")
+    assert done.stdout.splitlines()[-1].startswith("ia3-auto: PASSED")
     assert re.search(r"^memory-estimate .* pass .*measured", done.stdout, re.M)
     for task in ("causal-lm", "sequence-classification"):
         for quantization in ("none", "nf4", "fp4", "int8"):

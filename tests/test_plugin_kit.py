@@ -15,6 +15,7 @@ import time
 import types
 from pathlib import Path
 
+import adapters_peft_methods
 import pytest
 import torch
 from safetensors import safe_open
@@ -33,7 +34,9 @@ from cli_helpers import assert_user_error, run_in_process
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 DOCS = ROOT / "docs" / "plugins.md"
+# The built-ins of the README's matrix; PEFT's methods, built-ins too, are checked in tests/test_peft_methods.py.
 BUILTINS = ["full-finetune", "linear-probe", "lora", "prefix-tuning", "qlora"]
+REGISTERED = sorted(BUILTINS + [s.name for s in adapters_peft_methods.strategies()])
 ONE_CELL = {"tasks": ["causal-lm"], "quantizations": ["none"]}
 
 
@@ -226,7 +229,7 @@ def failed_checks(report) -> set[str]:
 
 @pytest.fixture(scope="module")
 def builtin_reports():
-    return {report.strategy: report for report in matrix.probe()}
+    return {report.strategy: report for report in matrix.probe(BUILTINS)}
 
 
 @pytest.mark.parametrize("name", BUILTINS)
@@ -254,10 +257,10 @@ def test_undeclared_cells_are_checked_for_refusal(builtin_reports):
 
 
 def test_readme_matrix_is_generated_and_current(builtin_reports):
-    fresh = matrix.to_markdown([builtin_reports[name] for name in adapters.get_registry().names()])
+    fresh = matrix.to_markdown([builtin_reports[name] for name in BUILTINS])
     block = matrix.readme_block(README.read_text())
     assert block == fresh, "the README's capability matrix is stale: run `ADAPTERS_LOAD_PLUGINS= adapters matrix " \
-                           "--readme README.md`"
+                           f"--strategies {','.join(BUILTINS)} --readme README.md`"
     assert "| `full-finetune` | causal-lm | yes | refused | refused | refused | yes |" in block
     assert "| `prefix-tuning` | causal-lm | yes | yes | yes | yes | refused |" in block
 
@@ -343,7 +346,7 @@ def test_check_json_and_user_errors(capsys):
     assert data["passed"] is True and data["strategy"] == "full-finetune" and data["plugin"] == "adapters_full"
     assert {(r["check"], r["quantization"], r["status"]) for r in data["results"]} >= {
         ("save-load", "none", "pass"), ("refused", "nf4", "pass")}
-    code, _, err = run_in_process(capsys, "check", "lroa")
+    code, _, err = run_in_process(capsys, "check", "lorra")
     assert code == 2 and "Did you mean 'lora'?" in err
     code, _, err = run_in_process(capsys, "check", "lora", "--quantization", "int4")
     assert code == 2 and "unknown quantization 'int4'" in err
@@ -628,7 +631,7 @@ def test_register_plugin_fixture_registers_for_one_test(register_plugin):
 
 def test_register_plugin_fixture_left_nothing_behind():
     assert adapters.get_plugin_manager().get_plugin("kit_fixture_plugin") is None
-    assert adapters.get_registry().names() == BUILTINS
+    assert adapters.get_registry().names() == REGISTERED
 
 
 def test_a_wrong_signature_hook_is_rejected_naming_the_plugin(register_plugin):
@@ -659,7 +662,7 @@ def test_a_plugin_raising_in_its_hook_is_skipped_with_a_warning(register_plugin,
     register_plugin(Raising(), name="kit_raising_plugin", strict=False)
     with pytest.warns(PluginWarning, match="kit_raising_plugin.*ValueError: registration exploded"):
         registry = adapters.get_registry()
-    assert registry.names() == BUILTINS  # what it registered before raising is dropped too
+    assert registry.names() == REGISTERED  # what it registered before raising is dropped too
     assert registry.failures[0].entry_point == "kit_raising_plugin"
     assert registry.failures[0].stage == "registration"
     rows = {r["name"]: r for r in adapters.host.manager.list_plugins()}
@@ -688,7 +691,7 @@ class Exiting:
 def test_a_plugin_calling_sys_exit_in_its_hook_is_skipped_and_fatal_when_strict(register_plugin, monkeypatch):
     register_plugin(Exiting(), name="kit_exiting_plugin", strict=False)
     with pytest.warns(PluginWarning, match=r"'kit_exiting_plugin'.*called sys.exit\(4\) in register_strategies"):
-        assert adapters.get_registry().names() == BUILTINS
+        assert adapters.get_registry().names() == REGISTERED
     monkeypatch.setenv("ADAPTERS_STRICT_PLUGINS", "1")
     with pytest.raises(adapters.AdaptersError, match=r"kit_exiting_plugin.*called sys.exit\(4\) in register_str"):
         adapters.get_registry()
@@ -701,7 +704,7 @@ def test_an_invalid_third_party_strategy_skips_its_plugin(register_plugin):
     register_plugin(plugin_for(Norms(), Invalid()), name="kit_invalid_plugin", strict=False)
     with pytest.warns(PluginWarning, match="kit_invalid_plugin.*lowercase words"):
         names = adapters.get_registry().names()
-    assert names == BUILTINS
+    assert names == REGISTERED
 
 
 @pytest.mark.filterwarnings("ignore::adapters.host.manager.PluginWarning")  # after the first
@@ -813,7 +816,7 @@ def test_a_plugin_raising_on_import_is_skipped_and_listed(site, monkeypatch):
     message = str(caught[0].message)
     for needle in ("'kit-broken'", "'adapters-kit-broken'", "RuntimeError: boom at import"):
         assert needle in message
-    assert names == sorted(BUILTINS + ["kit-good"])  # the rest still loads
+    assert names == sorted(REGISTERED + ["kit-good"])  # the rest still loads
     rows = {r["name"]: r for r in adapters.host.manager.list_plugins()}
     assert rows["kit-broken"]["distribution"] == "adapters-kit-broken"
     assert rows["kit-broken"]["error"] == "RuntimeError: boom at import" and rows["kit-broken"]["stage"] == "import"
@@ -841,7 +844,7 @@ def test_a_broken_distribution_is_skipped(site, monkeypatch, target, error):
     fake_distribution(site, "adapters-kit-broken-dist", "x = 1\n", entry_point="kit-broken-dist", target=target)
     monkeypatch.setenv("ADAPTERS_LOAD_PLUGINS", "adapters-kit-broken-dist")
     with pytest.warns(PluginWarning, match=f"'kit-broken-dist'.*'adapters-kit-broken-dist'.*{error}"):
-        assert adapters.get_registry().names() == BUILTINS
+        assert adapters.get_registry().names() == REGISTERED
 
 
 def test_a_misspelled_hook_in_an_entry_point_is_skipped_naming_it(site, monkeypatch):
@@ -877,7 +880,7 @@ def test_allow_and_block_lists(site, monkeypatch, allow, block, loaded):
         monkeypatch.setenv("ADAPTERS_LOAD_PLUGINS", allow)
     if block is not None:
         monkeypatch.setenv("ADAPTERS_DISABLE_PLUGINS", block)
-    names = set(adapters.get_registry().names()) - set(BUILTINS)
+    names = set(adapters.get_registry().names()) - set(REGISTERED)
     assert names == loaded
     pm = adapters.get_plugin_manager()
     assert {n for n in ("kit-good", "kit-other") if pm.get_plugin(n) is not None} == loaded
@@ -917,7 +920,7 @@ def test_a_plugin_calling_sys_exit_on_import_is_skipped_and_strict_makes_it_fata
     fake_distribution(site, "adapters-kit-exit", source, entry_point="kit-exit")
     monkeypatch.setenv("ADAPTERS_LOAD_PLUGINS", "adapters-kit-good,adapters-kit-exit")
     with pytest.warns(PluginWarning) as caught:
-        assert adapters.get_registry().names() == sorted(BUILTINS + ["kit-good"])  # the rest still loads
+        assert adapters.get_registry().names() == sorted(REGISTERED + ["kit-good"])  # the rest still loads
     assert str(caught[0].message) == \
         f"skipped plugin entry point 'kit-exit' from distribution 'adapters-kit-exit': {what}"
     rows = {r["name"]: r for r in adapters.host.manager.list_plugins()}

@@ -12,6 +12,7 @@ import sys
 import textwrap
 import types
 
+import adapters_peft_methods as peft_methods
 import pluggy
 import pytest
 import torch
@@ -163,7 +164,8 @@ def test_duplicate_within_one_plugin_is_rejected(register_plugin):
 def test_registry_is_clean_again_after_a_test_plugin_is_unregistered():
     # The register_plugin fixture of the tests above must not leak test strategies into later tests.
     names = adapters.get_registry().names()
-    assert names == ["full-finetune", "linear-probe", "lora", "prefix-tuning", "qlora"]
+    assert names == sorted(["full-finetune", "linear-probe", "lora", "prefix-tuning", "qlora",
+                            *(s.name for s in peft_methods.strategies())])
 
 
 # --------------------------------------------------------------------------------------------
@@ -172,11 +174,11 @@ def test_registry_is_clean_again_after_a_test_plugin_is_unregistered():
 
 def test_unknown_name_suggests_a_close_match_and_lists_all():
     with pytest.raises(adapters.UnknownStrategyError) as info:
-        adapters.get_strategy("lroa")
+        adapters.get_strategy("lorra")
     exc = info.value
     assert isinstance(exc, KeyError) and isinstance(exc, adapters.AdaptersError)
     message = str(exc)
-    assert message.startswith("unknown strategy 'lroa'")  # not wrapped in quotes like a plain KeyError
+    assert message.startswith("unknown strategy 'lorra'")  # not wrapped in quotes like a plain KeyError
     assert "Did you mean 'lora'?" in message
     for name in adapters.get_registry().names():
         assert name in message
@@ -187,7 +189,7 @@ def test_unknown_name_without_close_match_has_no_suggestion():
         adapters.get_registry().get("zzzzzzzz")
     message = str(info.value)
     assert "Did you mean" not in message
-    assert "Available: full-finetune, linear-probe, lora, prefix-tuning, qlora" in message
+    assert "Available: " + ", ".join(adapters.get_registry().names()) + "." in message
 
 
 def test_known_names_resolve_to_their_plugins():
@@ -478,7 +480,7 @@ def test_builtins_are_registered_by_module_name_through_pm_register(monkeypatch)
         assert pm.get_name(plugin) == name
 
 
-STRATEGY_BUILTINS = {"adapters_lora", "adapters_prefix", "adapters_probe", "adapters_full"}
+STRATEGY_BUILTINS = {"adapters_lora", "adapters_prefix", "adapters_probe", "adapters_full", "adapters_peft_methods"}
 
 
 def test_builtins_come_from_default_plugins():

@@ -43,7 +43,7 @@ from . import hookspecs
 from .formats import Formats, Readers, Renderers
 from .registry import Registry
 
-DEFAULT_PLUGINS = ("adapters_lora", "adapters_prefix", "adapters_probe", "adapters_full",
+DEFAULT_PLUGINS = ("adapters_lora", "adapters_prefix", "adapters_probe", "adapters_full", "adapters_peft_methods",
                    "adapters.reports.renderers", "adapters.data.formats")
 ENTRY_POINT_GROUP = "adapters"
 

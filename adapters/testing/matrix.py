@@ -5,6 +5,10 @@ Nothing here reads a declaration to decide a cell: a cell says ``yes`` only when
 when the strategy does not declare it and `adapters train` refuses it up front, and ``fails: ...``
 naming the failed checks otherwise. `adapters matrix` prints it as markdown or JSON; the README's
 table is this module's markdown, between the markers below.
+
+A strategy may say why: ``limits`` (what it refuses beyond what PEFT or its code declares: a task, a
+quantization, ``gradient-checkpointing``, ``merge``) and ``known_failures`` (checks that fail although
+it trains), each a dict from the name to a clause, are printed beside its options.
 """
 from __future__ import annotations
 
@@ -131,9 +135,20 @@ def to_markdown(reports: list[CheckReport], model: str = TINY_MODEL) -> str:
     for report in reports:
         options = " ".join(f"{k}={_option(v)}" for k, v in report.options.items())
         item = f"- `{report.strategy}`: {report.description}" + (
-            f"; options (defaults): `{options}`" if options else "; no options")
+            f"; options (defaults): `{options}`" if options else "; no options") + _reasons(report.strategy)
         lines += textwrap.wrap(item, 100, subsequent_indent="  ", break_on_hyphens=False, break_long_words=False)
     return "\n".join(lines) + "\n"
+
+
+def _reasons(name: str) -> str:
+    """What the strategy refuses and which checks fail for it, with why (its ``limits`` and ``known_failures``)."""
+    from ..host import get_registry
+
+    entry = get_registry().find(name)
+    strategy = entry.strategy if entry is not None else None
+    said = [(f"refuses {what}", why) for what, why in getattr(strategy, "limits", {}).items()]
+    said += [(f"fails {check}", why) for check, why in getattr(strategy, "known_failures", {}).items()]
+    return "".join(f"; {what}: {why}" for what, why in said)
 
 
 def _option(value: Any) -> str:

@@ -20,7 +20,8 @@ class IA3Options:
 
 
 class IA3(adapters.PeftStrategy):
-    name = "ia3"
+    # PEFT's IA3 with PEFT's own targets for the architecture; the built-in `ia3` targets every linear layer.
+    name = "ia3-auto"
     description = "PEFT IA3: learned vectors that rescale keys, values and feed-forward activations"
     config_class = IA3Options
     supported_quantization = frozenset(adapters.QUANTIZATIONS)
@@ -37,11 +38,11 @@ class IA3(adapters.PeftStrategy):
         kind = model.config.model_type
         if config.target_modules == "auto":
             if config.feedforward_modules != "auto":
-                raise adapters.AdaptersError("ia3: feedforward_modules needs target_modules too, e.g. "
+                raise adapters.AdaptersError("ia3-auto: feedforward_modules needs target_modules too, e.g. "
                                              "--set target_modules=k_proj,v_proj,down_proj")
             if kind not in AUTO_TARGETS:
                 raise adapters.AdaptersError(
-                    f"ia3 has no default target modules for {kind!r} models; name them, e.g. "
+                    f"ia3-auto has no default target modules for {kind!r} models; name them, e.g. "
                     "--set target_modules=k_proj,v_proj,down_proj --set feedforward_modules=down_proj")
             targets, feedforward = list(AUTO_TARGETS[kind]), list(AUTO_FEEDFORWARD.get(kind, []))
         else:
@@ -50,7 +51,7 @@ class IA3(adapters.PeftStrategy):
                 [n.strip() for n in config.feedforward_modules.split(",") if n.strip()]
         stray = sorted(set(feedforward) - set(targets))
         if stray:
-            raise adapters.AdaptersError(f"ia3: feedforward_modules {', '.join(stray)} are not among target_modules; "
+            raise adapters.AdaptersError(f"ia3-auto: feedforward_modules {', '.join(stray)} are not among target_modules; "
                                          "list them there too.")
         return IA3Config(task_type=adapters.peft_task_type(model), target_modules=targets,
                          feedforward_modules=feedforward)
