@@ -183,7 +183,7 @@ def options_class(method: adapters.PeftMethod, name: str) -> type:
         # None only where it is the default (unset until PEFT works it out): "none" is a string some options take.
         # One Union of them all, in this order, strings before lists: Optional of a Union could come back as an
         # equal Union from typing's cache, in PEFT's order, and --set would then read names as a list.
-        hint = Union[tuple(_ATOMS[a] for a in atoms) + ((type(None),) if default is None else ())]
+        hint = Union[tuple(_ATOMS[a] for a in atoms) + ((type(None),) if default is None else ())]  # noqa: UP007
         fields.append((option.name, hint, dataclasses.field(default_factory=lambda d=default: list(d))
                        if isinstance(default, list) else dataclasses.field(default=default)))
 
