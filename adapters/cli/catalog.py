@@ -8,15 +8,19 @@ from . import cli, echo_json
 
 
 @cli.command()
+@click.argument("names", nargs=-1, metavar="[NAME]...")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def strategies(as_json: bool) -> None:
-    """List the registered strategies, their plugins, quantizations, tasks and options."""
+def strategies(names: tuple[str, ...], as_json: bool) -> None:
+    """List the registered strategies: their quantizations, tasks and descriptions. With NAMEs, each one's plugin
+    and options, with their types and defaults (what `--set` takes)."""
     from ..contract import traits
     from ..host import get_registry
     from ..options import describe_options
 
+    registry = get_registry()
+    entries = [registry.entry(name) for name in names] if names else registry.entries()
     rows = []
-    for entry in get_registry().entries():
+    for entry in entries:
         s = entry.strategy
         rows.append({
             "name": s.name,
@@ -30,12 +34,26 @@ def strategies(as_json: bool) -> None:
         })
     if as_json:
         echo_json(rows)
-        return
-    click.echo(aligned_table(
-        [[r["name"], ",".join(r["supported_quantization"]), ",".join(r["supported_tasks"]),
-          " ".join(f"{o['name']}={o['default']}" for o in r["options"]) or "-", r["description"]] for r in rows],
-        ["name", "quantization", "tasks", "options (defaults)", "description"],
-    ))
+    elif names:
+        click.echo("\n\n".join(_strategy_details(r) for r in rows))
+    else:
+        click.echo(aligned_table(
+            [[r["name"], ",".join(r["supported_quantization"]), ",".join(r["supported_tasks"]), r["description"]]
+             for r in rows], ["name", "quantization", "tasks", "description"]))
+        click.echo(f"{len(rows)} strategies; `adapters strategies NAME` shows one's options.")
+
+
+def _strategy_details(row: dict) -> str:
+    """One strategy as `adapters strategies NAME` shows it: what it is, and its options."""
+    lines = [f"{row['name']}: {row['description']} (plugin {row['plugin']})",
+             f"quantization: {', '.join(row['supported_quantization'])} (default {row['default_quantization']}); "
+             f"tasks: {', '.join(row['supported_tasks'])}; gradient checkpointing: "
+             f"{'yes' if row['supports_gradient_checkpointing'] else 'no'}"]
+    if not row["options"]:
+        return "\n".join([*lines, "options: none"])
+    table = aligned_table([[o["name"], o["type"], str(o["default"])] for o in row["options"]],
+                          ["option", "type", "default"])
+    return "\n".join([*lines, table])
 
 
 @cli.command()

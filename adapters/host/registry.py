@@ -101,7 +101,7 @@ class Registry:
             return self._entries[name]
         except KeyError:
             pass
-        close = difflib.get_close_matches(name, self.names(), n=1)
+        close = [n for n in self.names() if _swapped(name, n)] or difflib.get_close_matches(name, self.names(), n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise UnknownStrategyError(
             f"unknown strategy {name!r}.{hint} Available: {', '.join(self.names())}. "
@@ -121,3 +121,10 @@ class Registry:
 
     def __contains__(self, name: str) -> bool:
         return name in self._entries
+
+
+def _swapped(typed: str, name: str) -> bool:
+    """Whether ``typed`` is ``name`` with two neighbouring letters swapped (``lroa`` for ``lora``): the commonest
+    typo, which difflib's ratio ranks below other names of the same letters."""
+    return len(typed) == len(name) and any(
+        typed[:i] + typed[i + 1] + typed[i] + typed[i + 2:] == name for i in range(len(typed) - 1))
