@@ -15,6 +15,13 @@ from pathlib import Path
 from typing import Any
 
 
+def cache_dir() -> Path:
+    """Where converted and generated checkpoints and other caches live: $ADAPTERS_CACHE_DIR or ~/.cache/adapters."""
+    root = os.environ.get("ADAPTERS_CACHE_DIR") or Path(
+        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    ) / "adapters"
+    return Path(root)
+
 def write_atomic(path: str | os.PathLike[str], data: str | bytes) -> Path:
     """Write ``data`` (text as UTF-8) to ``path`` through a temp file and ``os.replace``."""
     path = Path(path)

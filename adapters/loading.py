@@ -26,9 +26,9 @@ import torch
 from .checkpoint_files import weight_files
 from .contract import QUANTIZATIONS
 from .errors import AdaptersError, TokenizerFallback
+from .files import cache_dir
 from .models import (
     RANDOM_SHAPES,
-    cache_dir,
     check_model_task,
     classification_labels,
     quiet_transformers,

@@ -32,6 +32,7 @@ from .checkpoint_files import (
 )
 from .contract import TASKS
 from .errors import AdaptersError
+from .files import cache_dir
 
 # Published shapes (Llama configs). Memory and speed do not depend on the weights' values.
 RANDOM_SHAPES: dict[str, dict[str, Any]] = {
@@ -58,14 +59,6 @@ RANDOM_SHAPES: dict[str, dict[str, Any]] = {
 }
 
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def cache_dir() -> Path:
-    """Where converted and generated checkpoints live: $ADAPTERS_CACHE_DIR or ~/.cache/adapters."""
-    root = os.environ.get("ADAPTERS_CACHE_DIR") or Path(
-        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    ) / "adapters"
-    return Path(root)
 
 
 def _package_dir(package: str) -> Path | None:

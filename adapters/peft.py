@@ -233,13 +233,9 @@ def peft_methods() -> tuple[PeftMethod, ...]:
 
 @functools.cache
 def _cached_methods(key: str) -> tuple[PeftMethod, ...]:
-    import os
+    from .files import cache_dir, write_json
 
-    from .files import write_json
-
-    # adapters.models.cache_dir, which imports torch: this must not.
-    root = Path(os.environ.get("ADAPTERS_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-                / "adapters")
+    root = cache_dir()
     path = root / f"peft-methods-{key}.json"
     try:
         described = json.loads(path.read_text())
