@@ -67,8 +67,6 @@ KNOWN_FAILURES = {
                            "cannot continue from it"},
     "prompt-tuning": {"save-load": VIRTUAL_LOGITS},
     "shadow": {"train-step": "PEFT gives the last layer an update transform whose output no layer reads"},
-    "waveft": {"merge": "the merged weights reproduce the outputs within about 1.2e-4 of their scale, not 1e-4 "
-                        "(float32 rounding in PEFT's inverse wavelet transform)"},
 }
 
 _ATOM_ORDER = ("bool", "int", "float", "str", "list[int]", "list[str]")

@@ -73,3 +73,22 @@ def test_bench_of_a_packed_chat_run_measures_the_tokens_train_ran(tmp_path, smol
     measured = bench_case_in_process(settings.case(settings.strategies[0]), settings.measurement())
     assert isinstance(measured, OkResult), measured
     assert measured.tokens_per_step == round(trained.tokens / steps)
+
+
+@pytest.mark.parametrize("checkpointed", [True, False])
+def test_a_resume_resolves_its_run_once(tmp_path, monkeypatch, checkpointed):
+    """`adapters train --resume RUN`: the flags are read against what the run recorded (its checkpoint's record, or
+    its manifest), and the run is resolved once, whether it continues from a checkpoint or from a final save."""
+    import adapters.resuming
+    from adapters.resuming import resume_spec
+
+    out = tmp_path / "run"
+    spec = adapters.RunSpec(**TINY, max_steps=2, eval_batches=0, output=str(out),
+                            save_every=1 if checkpointed else None)
+    stop = (lambda step: step == 1) if checkpointed else None
+    assert adapters.train(spec, progress=False, stop=stop).status in ("interrupted", "completed")
+    calls = []
+    real = adapters.resuming.resolve
+    monkeypatch.setattr(adapters.resuming, "resolve", lambda *a, **k: calls.append(a) or real(*a, **k))
+    resumed = adapters.train(resume_spec(out, {}, {}), progress=False)
+    assert resumed.status == "completed" and len(calls) == 1
