@@ -8,7 +8,7 @@ the median of the per-round speedups (median step time without / with compile) t
 each case's fastest step (on a busy machine noise only adds time). The first compiled case of each strategy compiles
 with a cold inductor cache; later ones find its code cached on disk, as a second run on one machine does.
 
-On the CPU the device's default follows from it: ``adapters.engine.COMPILE_BY_DEFAULT["cpu"]`` is on only where
+On the CPU the device's default follows from it: ``adapters.rules.COMPILE_BY_DEFAULT["cpu"]`` is on only where
 every strategy measured here reaches the issue's goal, a speedup of at least 1.15.
 
 The committed result ran on a 2-core machine shared with other work, one thread per process:

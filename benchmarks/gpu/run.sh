@@ -2,7 +2,7 @@
 # The GPU check of issue 12 in two calls of under 6 minutes each on one H100/H200, every result under $OUT.
 # The first run on an H200 (benchmarks/results/h200-2026-11-30/) found one call too short for all of it: each
 # process makes the random model once and compiles, so the steps are split in two, ONLY naming each half:
-#   call 1: ONLY="tests side-by-side"            call 2: ONLY="inventory raw-stack bench compile ratios"
+#   call 1: ONLY="tests side-by-side"            call 2: ONLY="inventory inventory-qlora raw-stack bench compile ratios"
 # $OUT takes at most 8 files back: end the command with  tar czf $OUT/gpu.tar.gz -C $D .  where D is the
 # folder given to this script as OUT.
 #
@@ -28,7 +28,8 @@
 #   compile      adapters bench lora, qlora, full-finetune with compilation the other way round from the device's default: --compile
 #                where it is off by default, --no-compile where it is on (so both ways are measured)
 #                -> bench-compile.json or bench-no-compile.json
-#   inventory    inventory.py: what a step keeps for backward, tensor by tensor, at 2 and 4 layers -> inventory.json
+#   inventory    inventory.py: what a step keeps for backward, tensor by tensor, at 2 and 4 layers -> inventory.json;
+#                and QLoRA beside LoRA with the layers compiled, as CUDA runs them -> inventory-qlora-compiled.json
 #   ratios       ratios.py: adapters against the plain stack and the issue's goals -> ratios.json
 # ONLY="compile ratios" runs only the steps named (a second call, after one was cut short by its limit).
 set -uo pipefail
@@ -65,7 +66,7 @@ step() {
 { nvidia-smi || true; "$PY" -c "import torch, transformers, peft; print(torch.__version__, transformers.__version__, peft.__version__)"; } \
   > "$OUT/machine.txt" 2>&1
 
-if [[ $("$PY" -c "from adapters.engine import compile_by_default; print(compile_by_default('cuda'))") == True ]]; then
+if [[ $("$PY" -c "from adapters.rules import compiles; print(compiles(None, 'cuda'))") == True ]]; then
   OTHER=no-compile
 else
   OTHER=compile
@@ -78,6 +79,8 @@ step side-by-side 200 "$PY" benchmarks/side_by_side.py --model "$MODEL" "${SHAPE
   --output "$OUT/side-by-side.json"
 step inventory 45 "$PY" benchmarks/gpu/inventory.py --layers "${INVENTORY_LAYERS:-2,4}" --batch-size "$BATCH" \
   --seq-len "$SEQ" --output "$OUT/inventory.json"
+step inventory-qlora 60 "$PY" benchmarks/gpu/inventory.py --strategies qlora,lora --compile \
+  --layers "${INVENTORY_LAYERS:-2,4}" --batch-size "$BATCH" --seq-len "$SEQ" --output "$OUT/inventory-qlora-compiled.json"
 step raw-stack 90 "$PY" benchmarks/gpu/raw_stack.py --shape "$SHAPE" --batch "$BATCH" --seq "$SEQ" --steps "$STEPS" \
   --warmup "$WARMUP" --only "$RAW_ONLY" --out "$OUT"
 step bench 60 "$PY" -m adapters bench --model "$MODEL" --strategies prefix-tuning,linear-probe "${SHAPE_ARGS[@]}" \
