@@ -12,6 +12,8 @@ from adapters.bench.predict import predict
 from adapters.bench.settings import Measurement
 from adapters.bench.worker import run_case
 from adapters.plan import PlanSettings, make_plans
+from adapters.plan.processes import unit_elements
+from adapters.plan.skeleton import model_shape
 from adapters.runspec import RunSpec
 
 from cli_helpers import assert_user_error, run_in_process
@@ -26,6 +28,12 @@ def _plan(strategy: str, processes: int, sharding: str) -> dict:
     (plan,) = make_plans(PlanSettings.of(strategies=[strategy], device="cpu", processes=processes, sharding=sharding,
                                       **SHAPE))["plans"]
     return plan
+
+
+def _layer_bytes() -> int:
+    """One whole decoder layer of random:tiny in float32, as FSDP2 gathers it."""
+    layer, _root = unit_elements(model_shape(SHAPE["model"], device="cpu"))
+    return 4 * layer
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +60,14 @@ def test_the_plan_of_one_process_is_within_the_cpu_target_of_two_real_processes(
     plan = _plan(strategy, 2, sharding)
     prediction = result["prediction"]
     assert prediction["status"] == "ok" and prediction["peak_bytes"] == plan["peak_bytes"]  # bench's is the plan's
+    # Sharded, gloo's timing decides how many gathered layers overlap: a process's peak moves by up to two of them
+    # from run to run (three modes were seen under load), so the plan (their middle) is allowed one and a half
+    # layers beside the target. Not sharded, the peak is the same in every run.
+    band = 1.5 * _layer_bytes() if sharding == "fsdp" else 0
     for peak in peaks:
-        error = 100 * (plan["peak_bytes"] - peak) / peak
-        assert abs(error) <= CPU_TARGET_PCT, f"{strategy} {sharding}: planned {plan['peak_bytes']:,}, measured {peaks}"
+        error = abs(plan["peak_bytes"] - peak)
+        assert error <= CPU_TARGET_PCT / 100 * peak + band, \
+            f"{strategy} {sharding}: planned {plan['peak_bytes']:,}, measured {peaks}"
     # What each process keeps of the weights and AdamW's state is exact, sharded or not.
     measured = result["memory"]["components"]
     for component in ("base_weights_unquantized", "trainable_parameters", "optimizer_state"):

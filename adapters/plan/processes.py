@@ -38,7 +38,7 @@ def shard_share(shape: ModelShape, processes: int) -> float:
     return shape.weights_cache[key]
 
 
-def _unit_elements(shape: ModelShape) -> tuple[int, int]:
+def unit_elements(shape: ModelShape) -> tuple[int, int]:
     """(elements of the largest decoder layer, elements outside the layers): FSDP2's units, one per layer (the
     model's ``_no_split_modules``) and the root."""
     model = shape.meta_model
@@ -58,7 +58,7 @@ def distributed_phases(shape: ModelShape, run: RunShape, part: StrategyMemory,
             return phases
         return {name: {**held, "communication_buffers": part.trainable_bytes} for name, held in phases.items()}
     share = shard_share(shape, run.processes)
-    layer, root = _unit_elements(shape)
+    layer, root = unit_elements(shape)
     # What the strategy adds to the units (its own trainable modules): in the layers (LoRA's adapters), or in the
     # root (prefix tuning's virtual tokens, a probe's head).
     added = part.trainable_bytes - part.base_parameters_trained * run.master_bytes
