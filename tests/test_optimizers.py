@@ -80,3 +80,25 @@ def test_the_plan_of_an_8bit_run_is_within_the_cpu_target_of_its_measured_peak(k
     assert abs(error) <= CPU_TARGET_PCT, f"{kind}: predicted {prediction['peak_bytes']:,}, measured {measured['peak_bytes']:,}"
     assert prediction["components"]["optimizer_state"] == pytest.approx(
         measured["components"]["optimizer_state"], rel=0.05), "optimizer_state"
+
+
+def test_make_optimizer_takes_parameter_groups_each_with_its_own_lr():
+    from adapters import engine
+
+    a, b = torch.nn.Parameter(torch.ones(4)), torch.nn.Parameter(torch.ones(4))
+    for kind in rules.OPTIMIZERS:
+        optimizer = engine.make_optimizer([{"params": [a]}, {"params": [b], "lr": 0.5}], lr=0.1, device="cpu",
+                                          kind=kind)
+        assert [g["lr"] for g in optimizer.param_groups] == [0.1, 0.5], kind
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kind", ["adamw8bit", "paged_adamw8bit"])
+def test_an_8bit_adamw_trains_on_cuda_and_its_plan_counts_it(kind, tmp_path):
+    run = adapters.train(adapters.RunSpec(**{**SETTINGS, "save_every": None}, optimizer=kind,
+                                          output=str(tmp_path / "run")), progress=False)
+    assert run.status == "completed", run.reason
+    assert run.engine["optimizer"] == kind
+    losses = logged(tmp_path / "run", "loss")
+    assert losses[-1] < losses[0]
