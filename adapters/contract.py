@@ -201,12 +201,14 @@ class RunShape:
     compile: bool | None = None  # decoder layers under torch.compile; None: the device's default (adapters.rules)
     processes: int = 1  # the estimate is one process's of a run of this many, batch_size rows each
     sharding: str = "none"  # "none": each process holds the whole model (DDP); "fsdp": 1/processes of it (FSDP2)
+    optimizer: str = "adamw"  # adapters.rules.OPTIMIZERS: "adamw", or bitsandbytes' "adamw8bit", "paged_adamw8bit"
 
     @property
     def engine(self) -> Engine:
         """How this run computes (`adapters.rules`): compiled or not, MLP recompute, optimizer, loss path."""
         return engine(self.device, self.task, compile=self.compile, sharding=self.sharding,
-                      gradient_checkpointing=self.gradient_checkpointing, loss_chunk=self.loss_chunk)
+                      gradient_checkpointing=self.gradient_checkpointing, loss_chunk=self.loss_chunk,
+                      optimizer_kind=self.optimizer)
 
     @property
     def recomputes_mlp(self) -> bool:

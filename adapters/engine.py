@@ -43,13 +43,25 @@ class CompileFallback(UserWarning):
     """Compiling the decoder layers failed, and the run goes on without compiling them."""
 
 
-def make_optimizer(params: Iterable[torch.nn.Parameter], lr: float, weight_decay: float = 0.0,
-                   device: torch.device | str | None = None) -> torch.optim.AdamW:
-    """AdamW over ``params`` for ``device`` (default: where the first parameter is), in the form `rules.optimizer`
-    gives the device: fused or foreach. Neither synchronises with the host in ``step``."""
+def make_optimizer(params: Iterable[torch.nn.Parameter] | Iterable[dict], lr: float, weight_decay: float = 0.0,
+                   device: torch.device | str | None = None, kind: str | None = None) -> torch.optim.Optimizer:
+    """The optimizer ``kind`` (`rules.OPTIMIZERS`; default AdamW) over ``params`` for ``device`` (default: where the
+    first parameter is), in the form `rules.optimizer` gives: AdamW fused or foreach (neither synchronises with
+    the host in ``step``), or bitsandbytes' 8-bit AdamW, paged or not.
+
+    ``params`` may be parameter groups (dicts with "params" and, each its own, "lr" or "weight_decay"), as
+    torch's optimizers take them; ``lr`` and ``weight_decay`` are the defaults of groups that do not set them."""
     params = list(params)
-    device = torch.device(device) if device is not None else (params[0].device if params else torch.device("cpu"))
-    if rules.optimizer(device.type) == "adamw-fused":
+    first = next((p for item in params for p in (item["params"] if isinstance(item, dict) else [item])), None)
+    device = torch.device(device) if device is not None else (first.device if first is not None
+                                                              else torch.device("cpu"))
+    form = rules.optimizer(device.type, kind)
+    if form in ("adamw8bit", "paged_adamw8bit"):
+        import bitsandbytes as bnb
+
+        cls = bnb.optim.AdamW8bit if form == "adamw8bit" else bnb.optim.PagedAdamW8bit
+        return cls(params, lr=lr, weight_decay=weight_decay)
+    if form == "adamw-fused":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=True)
 

@@ -9,7 +9,8 @@ predicts one) all read these, so they cannot disagree about what a run does:
 - whether the decoder layers run under torch.compile (`compiles`), which is on by default where it was measured to
   pay (`COMPILE_BY_DEFAULT`), and never by default under sharding;
 - whether gated MLPs recompute their activation in backward (`recomputes_mlp`);
-- the optimizer (`optimizer`): AdamW, fused where torch has a fused kernel for the device.
+- the optimizer (`optimizer`): AdamW, fused where torch has a fused kernel for the device; or, where the run asks
+  for it (`OPTIMIZERS`), bitsandbytes' 8-bit AdamW, paged or not.
 
 `engine` puts them together for one run; its `Engine` is what plan, bench reports and train results record.
 Nothing here imports torch: plan and the CLI read the rules without it.
@@ -53,8 +54,20 @@ def recomputes_mlp(gradient_checkpointing: bool, compiled: bool) -> bool:
     return not gradient_checkpointing and not compiled
 
 
-def optimizer(device: str) -> str:
-    """The optimizer's form on ``device``: "adamw-fused" or "adamw-foreach" (neither synchronises with the host)."""
+# The optimizers a run may ask for (RunSpec.optimizer). adamw: torch's, float32 states (8 bytes a weight);
+# adamw8bit: bitsandbytes' blockwise 8-bit states (2 bytes a weight and a float32 absmax per block of 256);
+# paged_adamw8bit: the same with its states in paged (unified) memory on CUDA. bitsandbytes 0.50's 8-bit
+# optimizers run on the CPU too (measured: tests/test_optimizers.py), where paging has nothing to page to.
+OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
+DEFAULT_OPTIMIZER = "adamw"
+
+
+def optimizer(device: str, kind: str | None = None) -> str:
+    """The optimizer's form on ``device``: for AdamW "adamw-fused" or "adamw-foreach" (neither synchronises with the
+    host); for an 8-bit one (``kind``) its name, "adamw8bit" or "paged_adamw8bit"."""
+    kind = kind or DEFAULT_OPTIMIZER
+    if kind != "adamw":
+        return kind
     return "adamw-fused" if device in FUSED_ADAMW_DEVICES else "adamw-foreach"
 
 
@@ -88,8 +101,9 @@ class Engine:
 
 
 def engine(device: str, task: str, *, compile: bool | None = None, sharding: str = "none",
-           gradient_checkpointing: bool = False, loss_chunk: int | None = None) -> Engine:
+           gradient_checkpointing: bool = False, loss_chunk: int | None = None,
+           optimizer_kind: str | None = None) -> Engine:
     """Every rule for one run on ``device`` (a device type)."""
     compiled = compiles(compile, device, sharding)
-    return Engine(device, compiled, recomputes_mlp(gradient_checkpointing, compiled), optimizer(device),
+    return Engine(device, compiled, recomputes_mlp(gradient_checkpointing, compiled), optimizer(device, optimizer_kind),
                   loss_path(task, loss_chunk))

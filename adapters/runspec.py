@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from .contract import LR_SCHEDULERS, QUANTIZATIONS, TASKS, Strategy
 from .errors import AdaptersError
 from .options import read_toml, settings_values
+from .rules import OPTIMIZERS
 
 if TYPE_CHECKING:
     from .data import Dataset
@@ -83,6 +84,11 @@ class RunSpec:
                                          "0].")
     max_grad_norm: float | None = setting(None, commands=RUN, help="Clip gradients to this norm; 0 turns clipping "
                                           "off [default: the strategy's, 1.0].")
+    # The optimizer's share (issue 22): keep these together.
+    optimizer: str = setting("adamw", commands=WORKLOAD, choices=OPTIMIZERS,
+                             help="adamw: torch's AdamW, float32 states; adamw8bit: bitsandbytes' 8-bit AdamW "
+                             "(about a quarter of the states' memory); paged_adamw8bit: the same, its states paged "
+                             "to host memory under pressure on CUDA.")
     gradient_checkpointing: bool = setting(False, commands=WORKLOAD,
                                            help="Recompute activations in backward to save memory.")
     loss_chunk: int | None = setting(None, commands=WORKLOAD, metavar="TOKENS",

@@ -17,7 +17,7 @@ above 1 and a peak ratio below 1 favour adapters. With the machine, the versions
 
 Usage: python benchmarks/side_by_side.py [--model smollm2-135m] [--batch-size 4 --seq-len 512]
        [--steps 3 --warmup 1] [--rounds 1] [--cases lora,full-finetune,qlora] [--loss-chunk N]
-       [--compile/--no-compile] [--output FILE (default: benchmarks/results/side-by-side-cpu-<cores>core.json)]
+       [--compile/--no-compile] [--optimizer adamw|adamw8bit|paged_adamw8bit] [--output FILE (default: benchmarks/results/side-by-side-cpu-<cores>core.json)]
 """
 from __future__ import annotations
 
@@ -63,6 +63,8 @@ def run_adapters(strategy: str, args: argparse.Namespace) -> dict:
             command += ["--loss-chunk", str(args.loss_chunk)]
         if args.compile is not None:
             command.append("--compile" if args.compile else "--no-compile")
+        if args.optimizer is not None:
+            command += ["--optimizer", args.optimizer]
         out = subprocess.run(command, capture_output=True, text=True)
         if not report.exists():
             raise SystemExit(f"adapters bench --strategies {strategy} failed:\n{out.stderr[-3000:]}")
@@ -99,6 +101,8 @@ def main() -> None:
     ap.add_argument("--loss-chunk", type=int, default=None, help="passed to adapters bench")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                     help="passed to adapters bench (default: its own)")
+    ap.add_argument("--optimizer", default=None, help="passed to adapters bench: adamw, adamw8bit, "
+                    "paged_adamw8bit (default: its own); the plain stack keeps torch's AdamW")
     ap.add_argument("--output", default=None,
                     help="default: benchmarks/results/side-by-side-cpu-<cores>core.json, or -cuda.json on a GPU")
     args = ap.parse_args()
@@ -118,7 +122,8 @@ def main() -> None:
         "provenance": provenance(),
         "settings": {"model": args.model, "batch_size": args.batch_size, "seq_len": args.seq_len,
                      "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds, "seed": args.seed,
-                     "loss_chunk": args.loss_chunk, "compile": args.compile, "optimizer": "AdamW",
+                     "loss_chunk": args.loss_chunk, "compile": args.compile,
+                     "optimizer": {"adapters": args.optimizer or "adamw", "plain": "AdamW"},
                      "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
                      "peak_memory": "cuda max_memory_allocated" if device == "cuda"
                      else "CPU profiler live tensor bytes around one step after the timed ones"},

@@ -117,7 +117,7 @@ def fit(run: Run, limit: int, device: str | None = None) -> Fit:
         k = effective // m
         for gc in checkpointing:
             shape_of_run = RunShape(m, s.seq_len, run.task, run.quantization, gc, device, s.loss_chunk, s.compile,
-                                    processes=processes, sharding=s.sharding)
+                                    processes=processes, sharding=s.sharding, optimizer=s.optimizer)
             plan = estimate(shape, run.strategy, run.config, shape_of_run)
             if plan.status != "ok":
                 raise MemoryLimitTooSmall(

@@ -96,8 +96,7 @@ def peak(shape: ModelShape, run: RunShape, part: StrategyMemory) -> tuple[dict[s
     components = {k: 0 for k in COMPONENTS}
     components.update(base_weights(shape, run, part.base_parameters_trained))
     components["trainable_parameters"] = part.trainable_bytes
-    components["optimizer_state"] = (2 * part.trainable_bytes if part.optimizer_state_bytes is None
-                                     else part.optimizer_state_bytes)
+    components["optimizer_state"] = optimizer_state(run, part)
     if run.sharding == "fsdp":  # each process keeps its shard of them
         share = shard_share(shape, run.processes)
         components.update({k: math.ceil(v * share) for k, v in components.items() if k in STATIC_COMPONENTS})
@@ -132,10 +131,29 @@ def _phases(shape: ModelShape, run: RunShape, part: StrategyMemory) -> dict[str,
     return phases
 
 
+# bitsandbytes' 8-bit AdamW: per weight two one-byte states where AdamW has two float32 ones, plus a float32
+# absmax for each state per block of 256 weights.
+EIGHT_BIT_STATE_RATIO = (2 + 2 * 4 / 256) / 8
+
+
+def optimizer_state(run: RunShape, part: StrategyMemory) -> int:
+    """The optimizer's states: AdamW's two float32 moments (or the strategy's own count), or bitsandbytes' 8-bit
+    ones (`EIGHT_BIT_STATE_RATIO` of them)."""
+    adamw = 2 * part.trainable_bytes if part.optimizer_state_bytes is None else part.optimizer_state_bytes
+    if run.optimizer in ("adamw8bit", "paged_adamw8bit"):
+        return math.ceil(adamw * EIGHT_BIT_STATE_RATIO)
+    return adamw
+
+
 def _adamw_temporaries(run: RunShape, part: StrategyMemory) -> int:
     """AdamW's temporaries in the form `adapters.rules.optimizer` gives the device: fused updates each tensor in
-    place, with none; foreach makes one the size of every trainable tensor at once."""
-    return 0 if run.engine.optimizer == "adamw-fused" else part.trainable_bytes
+    place, with none; foreach makes one the size of every trainable tensor at once. bitsandbytes' 8-bit AdamW on
+    the CPU was measured holding about as much as foreach (SmolLM2 full fine-tuning: 566 MB of temporaries for
+    538 MB of weights, tests/test_optimizers.py); on CUDA its kernel updates in place (to be measured)."""
+    form = run.engine.optimizer
+    if form == "adamw-foreach" or (form in ("adamw8bit", "paged_adamw8bit") and run.device == "cpu"):
+        return part.trainable_bytes
+    return 0
 
 
 def estimate(shape: ModelShape, strategy: Strategy, config: Any, run: RunShape, spec: str | None = None) -> Plan:

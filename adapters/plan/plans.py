@@ -73,10 +73,12 @@ def make_plans(settings: PlanSettings) -> dict[str, Any]:
     plans = []
     for one in asked:
         run = RunShape(s.batch_size, s.seq_len, shape.task, one.quantization, s.gradient_checkpointing,
-                       settings.device, s.loss_chunk, s.compile, processes=settings.processes, sharding=s.sharding)
+                       settings.device, s.loss_chunk, s.compile, processes=settings.processes, sharding=s.sharding,
+                       optimizer=s.optimizer)
         plans.append(_plan(one, shape, run, budget))
     engine = rules.engine(settings.device, shape.task, compile=s.compile, sharding=s.sharding,
-                          gradient_checkpointing=s.gradient_checkpointing, loss_chunk=s.loss_chunk)
+                          gradient_checkpointing=s.gradient_checkpointing, loss_chunk=s.loss_chunk,
+                          optimizer_kind=s.optimizer)
     return {
         "model": s.model, "task": shape.task, "device": settings.device,
         "dtype": "bfloat16 (autocast)" if settings.device == "cuda" else "float32",

@@ -84,6 +84,7 @@ class Settings(Struct, kw_only=True):
     device: Literal["cpu", "cuda"]
     processes: Count = 1  # each case one torchrun of this many, batch_size rows each
     sharding: Literal["none", "fsdp"] = "none"
+    optimizer: Literal["adamw", "adamw8bit", "paged_adamw8bit"] = "adamw"
     quantization: str | None = None  # for every strategy that does not say NAME@QUANT
     data: str | None = None  # what the steps trained on (None: the built-in data for the task)
     packing: bool | None = None

@@ -99,9 +99,10 @@ class Session(Prepared):
         parameters = count_parameters(model)
         train_loader, eval_loader = _loaders(run, built)
         choice = rules.engine(accelerator.device.type, run.task, compile=s.compile, sharding=s.sharding,
-                              gradient_checkpointing=s.gradient_checkpointing, loss_chunk=s.loss_chunk)
+                              gradient_checkpointing=s.gradient_checkpointing, loss_chunk=s.loss_chunk,
+                              optimizer_kind=s.optimizer)
         optimizer = engine.make_optimizer([p for p in model.parameters() if p.requires_grad], run.learning_rate,
-                                          run.weight_decay, accelerator.device)
+                                          run.weight_decay, accelerator.device, kind=s.optimizer)
         compiled = {"on": choice.compiled, "layers": engine.compile_layers(model) if choice.compiled else 0,
                     "error": None}
         scheduler = _schedule(run, optimizer, accelerator.num_processes)
