@@ -58,3 +58,14 @@ def test_cuda_offload_matches_and_cuts_device_memory():
     held_plain = torch.cuda.memory_allocated() - base2
     y2.backward()
     assert held < held_plain
+
+
+def test_train_refuses_offload_on_cpu_before_loading(capsys, tmp_path):
+    import sys
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from cli_helpers import assert_user_error, run_in_process
+
+    code, out, err = run_in_process(capsys, "train", "--model", "random:tiny", "--max-steps", "1",
+                                    "--output", str(tmp_path / "out"), "--offload-activations")
+    assert_user_error(code, out, err, "--offload-activations", "--gradient-checkpointing")
+    assert not (tmp_path / "out").exists()
