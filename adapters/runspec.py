@@ -91,6 +91,9 @@ class RunSpec:
                              "to host memory under pressure on CUDA.")
     gradient_checkpointing: bool = setting(False, commands=WORKLOAD,
                                            help="Recompute activations in backward to save memory.")
+    offload_activations: bool = setting(False, commands=WORKLOAD,
+                                        help="CUDA: move saved activations to host memory during the forward "
+                                        "(overlapped on a side stream) and back for backward; refused elsewhere.")
     loss_chunk: int | None = setting(None, commands=WORKLOAD, metavar="TOKENS",
                                      help="Causal LM: compute the loss in chunks of this many tokens, never the whole "
                                      "batch's logits; 0: the model's own loss [default: a measured chunk size].")

@@ -97,6 +97,7 @@ class Settings(Struct, kw_only=True):
     max_grad_norm: float | None = None
     loss_chunk: int | None = None
     compile: bool | None = None
+    offload_activations: bool | None = None
     options: dict[str, Any] = {}  # strategy options, for every strategy of the suite
     run: str | None = None  # `adapters bench --run RUN`: the run whose settings these are
 

@@ -29,7 +29,8 @@ from .prepared import Prepared
 
 def optimizer_step(model, batches: list[dict[str, torch.Tensor]], optimizer, accelerator, scheduler=None,
                    max_grad_norm: float = 0.0, micro_batch: int | None = None,
-                   loss_chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                   loss_chunk: int | None = None,
+                   offload: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One optimizer step over ``batches`` (the micro-batches it accumulates): forward and backward of
     each, in pieces of at most ``micro_batch`` rows; then clipping, the optimizer and the scheduler.
 
@@ -50,8 +51,8 @@ def optimizer_step(model, batches: list[dict[str, torch.Tensor]], optimizer, acc
     for i, piece in enumerate(pieces):
         share = _rows(piece) / rows
         with contextlib.nullcontext() if i == len(pieces) - 1 else accelerator.no_sync(model):
-            with accelerator.autocast():  # the model's forward has its own; the loss's head chunks need it too
-                loss = losses.loss(model, piece, loss_chunk)
+            with accelerator.autocast(), _offloading(offload, accelerator.device):  # autocast: the loss's head
+                loss = losses.loss(model, piece, loss_chunk)  # chunks need it (the model's forward has its own)
             accelerator.backward(loss * share)
         total += loss.detach().float() * share
     grad_norm = accelerator.clip_grad_norm_(optimized(optimizer), max_grad_norm) if max_grad_norm > 0 else None
@@ -60,6 +61,13 @@ def optimizer_step(model, batches: list[dict[str, torch.Tensor]], optimizer, acc
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return total, grad_norm
+
+
+def _offloading(offload: bool, device: torch.device):
+    """Saved activations to host memory during the forward (``--offload-activations``), else nothing."""
+    from .offload import offloaded_activations
+
+    return offloaded_activations(device) if offload else contextlib.nullcontext()
 
 
 def split_batch(batch: dict[str, torch.Tensor], rows: int | None) -> list[dict[str, torch.Tensor]]:
@@ -113,7 +121,7 @@ class Stepper:
             try:
                 return optimizer_step(session.model, batches, session.optimizer, session.accelerator,
                                       session.scheduler, session.run.max_grad_norm, self.micro_batch,
-                                      session.run.spec.loss_chunk)
+                                      session.run.spec.loss_chunk, session.run.spec.offload_activations)
             except RuntimeError as exc:  # torch.OutOfMemoryError is one
                 if session.compiled["layers"] and engine.is_compile_error(exc):
                     session.compiled.update(on=False, layers=0, error=engine.fall_back(session.model, exc))

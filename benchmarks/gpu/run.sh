@@ -87,6 +87,8 @@ step bench 60 "$PY" -m adapters bench --model "$MODEL" --strategies prefix-tunin
   --output "$OUT/bench-default.json" --overwrite
 step compile 100 "$PY" -m adapters bench --model "$MODEL" --strategies "$STRATEGIES" "--$OTHER" "${SHAPE_ARGS[@]}" \
   --output "$OUT/bench-$OTHER.json" --overwrite
+step offload 60 "$PY" -m adapters bench --model "$MODEL" --strategies lora --offload-activations "${SHAPE_ARGS[@]}" \
+  --output "$OUT/bench-offload-activations.json" --overwrite
 step ratios 10 "$PY" benchmarks/gpu/ratios.py "$OUT" --shape "$SHAPE"
 
 echo "results in $OUT"
