@@ -89,6 +89,8 @@ step compile 100 "$PY" -m adapters bench --model "$MODEL" --strategies "$STRATEG
   --output "$OUT/bench-$OTHER.json" --overwrite
 step offload 60 "$PY" -m adapters bench --model "$MODEL" --strategies lora --offload-activations "${SHAPE_ARGS[@]}" \
   --output "$OUT/bench-offload-activations.json" --overwrite
+step optimizer-8bit 60 "$PY" -m adapters bench --model "$MODEL" --strategies full-finetune --optimizer paged_adamw8bit \
+  "${SHAPE_ARGS[@]}" --output "$OUT/bench-paged-adamw8bit.json" --overwrite
 step ratios 10 "$PY" benchmarks/gpu/ratios.py "$OUT" --shape "$SHAPE"
 
 echo "results in $OUT"
