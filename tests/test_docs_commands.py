@@ -44,6 +44,9 @@ PARSE_ONLY: list[tuple[str, list[str]]] = [
     ("the PEFT methods by name: tests/test_peft_methods.py lists them, trains loha, prompt-tuning and "
      "adaption-prompt, and runs the kit over every method",
      [r"^adapters strategies loha\b", r"--strategy (loha|boft)\b", r"^adapters check vera\b"]),
+    ("CUDA only: tests/test_activations.py runs the offload hooks on the CPU and checks the CPU refusal; its "
+     "`gpu`-marked test and benchmarks/gpu/run.sh run it on a device",
+     [r"--offload-activations\b"]),
     ("minutes of training or benchmarking the real SmolLM2 on 2 CPU cores (the same commands run at small sizes in "
      "tests/test_runs.py, test_instructions.py, test_merge.py, test_generate.py, test_evaluation.py, test_fit.py, "
      "test_bench.py and test_api.py)",
