@@ -56,7 +56,7 @@ def make_optimizer(params: Iterable[torch.nn.Parameter] | Iterable[dict], lr: fl
     device = torch.device(device) if device is not None else (first.device if first is not None
                                                               else torch.device("cpu"))
     form = rules.optimizer(device.type, kind)
-    if form in ("adamw8bit", "paged_adamw8bit"):
+    if form in rules.EIGHT_BIT_OPTIMIZERS:
         import bitsandbytes as bnb
 
         cls = bnb.optim.AdamW8bit if form == "adamw8bit" else bnb.optim.PagedAdamW8bit

@@ -58,7 +58,8 @@ def recomputes_mlp(gradient_checkpointing: bool, compiled: bool) -> bool:
 # adamw8bit: bitsandbytes' blockwise 8-bit states (2 bytes a weight and a float32 absmax per block of 256);
 # paged_adamw8bit: the same with its states in paged (unified) memory on CUDA. bitsandbytes 0.50's 8-bit
 # optimizers run on the CPU too (measured: tests/test_optimizers.py), where paging has nothing to page to.
-OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
+EIGHT_BIT_OPTIMIZERS = ("adamw8bit", "paged_adamw8bit")
+OPTIMIZERS = ("adamw", *EIGHT_BIT_OPTIMIZERS)
 DEFAULT_OPTIMIZER = "adamw"
 
 

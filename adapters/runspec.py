@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from .contract import LR_SCHEDULERS, QUANTIZATIONS, TASKS, Strategy
 from .errors import AdaptersError
 from .options import read_toml, settings_values
-from .rules import OPTIMIZERS
+from .rules import DEFAULT_OPTIMIZER, OPTIMIZERS
 
 if TYPE_CHECKING:
     from .data import Dataset
@@ -85,7 +85,7 @@ class RunSpec:
     max_grad_norm: float | None = setting(None, commands=RUN, help="Clip gradients to this norm; 0 turns clipping "
                                           "off [default: the strategy's, 1.0].")
     # The optimizer's share (issue 22): keep these together.
-    optimizer: str = setting("adamw", commands=WORKLOAD, choices=OPTIMIZERS,
+    optimizer: str = setting(DEFAULT_OPTIMIZER, commands=WORKLOAD, choices=OPTIMIZERS,
                              help="adamw: torch's AdamW, float32 states; adamw8bit: bitsandbytes' 8-bit AdamW "
                              "(about a quarter of the states' memory); paged_adamw8bit: the same, its states paged "
                              "to host memory under pressure on CUDA.")

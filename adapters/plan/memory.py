@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..contract import GRADIENT_FLOWS, EstimatesMemory, ModelShape, RunShape, Strategy, StrategyMemory
+from .. import rules
 from ..errors import AdaptersError
 from ..text import MiB
 from .activations import layer_activations, loss, outside_layers, transients
@@ -140,7 +141,7 @@ def optimizer_state(run: RunShape, part: StrategyMemory) -> int:
     """The optimizer's states: AdamW's two float32 moments (or the strategy's own count), or bitsandbytes' 8-bit
     ones (`EIGHT_BIT_STATE_RATIO` of them)."""
     adamw = 2 * part.trainable_bytes if part.optimizer_state_bytes is None else part.optimizer_state_bytes
-    if run.optimizer in ("adamw8bit", "paged_adamw8bit"):
+    if run.optimizer in rules.EIGHT_BIT_OPTIMIZERS:
         return math.ceil(adamw * EIGHT_BIT_STATE_RATIO)
     return adamw
 
@@ -151,7 +152,7 @@ def _adamw_temporaries(run: RunShape, part: StrategyMemory) -> int:
     the CPU was measured holding about as much as foreach (SmolLM2 full fine-tuning: 566 MB of temporaries for
     538 MB of weights, tests/test_optimizers.py); on CUDA its kernel updates in place (to be measured)."""
     form = run.engine.optimizer
-    if form == "adamw-foreach" or (form in ("adamw8bit", "paged_adamw8bit") and run.device == "cpu"):
+    if form == "adamw-foreach" or (form in rules.EIGHT_BIT_OPTIMIZERS and run.device == "cpu"):
         return part.trainable_bytes
     return 0
 

@@ -5,7 +5,8 @@ On CUDA the copies run on a side stream into pinned host memory, so they overlap
 of torchtune's ``OffloadActivations``). On the CPU the activations already live in host memory: offloading there
 is meaningless, and `refusal` gives the reason the run is refused before anything loads.
 
-Not yet wired into the Session, the CLI or the planner (see docs/changelog.md, Unreleased).
+The Session refuses it off CUDA and runs each forward of a step under these hooks; the planner does not model it
+yet (CHANGELOG.md, Unreleased).
 """
 from __future__ import annotations
 

@@ -24,6 +24,7 @@ import torch
 from .. import engine
 from .. import loss as losses
 from ..errors import OutOfMemoryBackoff, TrainingFailed
+from .offload import offloaded_activations
 from .prepared import Prepared
 
 
@@ -65,8 +66,6 @@ def optimizer_step(model, batches: list[dict[str, torch.Tensor]], optimizer, acc
 
 def _offloading(offload: bool, device: torch.device):
     """Saved activations to host memory during the forward (``--offload-activations``), else nothing."""
-    from .offload import offloaded_activations
-
     return offloaded_activations(device) if offload else contextlib.nullcontext()
 
 
