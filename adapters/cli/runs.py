@@ -1,7 +1,8 @@
-"""Commands that run models: train, bench, plan. Their run settings are `RunSpec`'s, generated
+"""Commands that run models: train, bench, plan, recommend. Their run settings are `RunSpec`'s, generated
 (`adapters.cli.settings`); each command adds only its own."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import click
@@ -156,3 +157,44 @@ def plan(ctx: click.Context, strategies: str, device: str, budget: str | None, p
     if result["device"] == "cuda":
         click.echo("Peaks are tensor memory, as torch.cuda.max_memory_allocated reports it; the CUDA context "
                    "and the allocator's cache need about 1 GiB more.")
+
+
+@cli.command()
+@click.option("--candidates", default=None, metavar="NAMES",
+              help="Comma-separated strategies, NAME@QUANT allowed [default: the built-ins, installed plugins' "
+              "strategies, and PEFT's ia3 and loha].")
+@spec_options("bench")
+@click.option("--budget-minutes", type=float, default=10.0, show_default=True,
+              help="Wall time for the whole call; a run still going at the end is stopped, keeping what was measured.")
+@click.option("--budget-tokens", type=int, default=None,
+              help="Tokens each candidate trains in its learning run [default: as many as the time budget allows].")
+@click.option("--output", default=None, metavar="DIR",
+              help="A new directory for the reports [default: recommend-<model>-<time>].")
+@click.option("--json", "as_json", is_flag=True, help="Print the recommendation as JSON.")
+@click.pass_context
+def recommend(ctx: click.Context, candidates: str | None, budget_minutes: float, budget_tokens: int | None,
+              output: str | None, as_json: bool, **_: Any) -> None:
+    """Which strategy for this model, data, memory and time: plan every candidate (those that do not fit are
+    excluded without running), measure the rest for speed and for held-out loss after the same tokens, and
+    recommend one by compare's noise rules, saying why each other lost.
+
+    --memory-limit defaults to the device's memory. Interrupted (Ctrl-C), it keeps what it measured in its
+    output directory and exits 130."""
+    from ..recommend import RecommendSettings
+    from ..recommend import recommend as run_recommend
+    from ..recommend.render import text, train_command
+
+    names = [s.strip() for s in candidates.split(",") if s.strip()] if candidates is not None else None
+    settings = RecommendSettings.of(**given(ctx, "bench"), candidates=names, budget_minutes=budget_minutes,
+                                    budget_tokens=budget_tokens, output=output)
+    result = run_recommend(settings, progress=lambda line: click.echo(line, err=True))
+    if as_json:
+        echo_json(result)
+    else:
+        click.echo(text(result))
+        command = train_command(result)
+        if command:
+            click.echo(f"Train it: {command}")
+        click.echo(f"Reports in {Path(result['files']['result']).parent}/ (report.html, speed.json, learning.json)")
+    if result.get("interrupted"):
+        ctx.exit(130)

@@ -52,6 +52,10 @@ class MemoryLimitTooSmall(StrategyRefused):
     """Nothing fits under --memory-limit, not even a micro-batch of 1 with gradient checkpointing."""
 
 
+class Unpredictable(MemoryLimitTooSmall):
+    """The planner cannot predict this strategy on this model (no ``estimate_memory``, or it declined), so no fit."""
+
+
 @dataclass
 class Candidate:
     """One way to run the effective batch, as the fit predicts it."""
@@ -120,7 +124,7 @@ def fit(run: Run, limit: int, device: str | None = None) -> Fit:
                                     processes=processes, sharding=s.sharding, optimizer=s.optimizer)
             plan = estimate(shape, run.strategy, run.config, shape_of_run)
             if plan.status != "ok":
-                raise MemoryLimitTooSmall(
+                raise Unpredictable(
                     f"--memory-limit: the planner cannot predict {run.strategy.name} on {s.model} ({plan.message}), "
                     "so it cannot fit the run. Drop --memory-limit and set --batch-size and "
                     "--gradient-checkpointing yourself.", run.strategy, run.quantization)

@@ -136,8 +136,9 @@ def _head(title: str) -> list[str]:
 
 
 def render_html(reports: Sequence[Report | Mapping[str, Any]], *, sources: Sequence[str] | None = None,
-                labels: Sequence[str] | None = None) -> str:
-    """One self-contained HTML page: charts as inline SVG, the comparison of two reports, then each report."""
+                labels: Sequence[str] | None = None, preface: Sequence[str] = ()) -> str:
+    """One self-contained HTML page: charts as inline SVG, the comparison of two reports, then each report.
+    ``preface``: HTML put first, before the list of reports (`adapters recommend` puts its recommendation there)."""
     from .charts import charts, color
 
     if not reports:
@@ -146,7 +147,7 @@ def render_html(reports: Sequence[Report | Mapping[str, Any]], *, sources: Seque
     names = run_labels(typed, sources, labels)
     title = TITLE + (f": {description(typed[0])}" if len(typed) == 1
                                            else f" ({len(typed)} reports)")
-    parts = _head(title) + ['<ul class="reports">']
+    parts = _head(title) + list(preface) + ['<ul class="reports">']
     for i, (report, label) in enumerate(zip(typed, names)):
         source = sources[i] if sources else None
         shade = color(i) if len(typed) > 1 else "#1a202c"
