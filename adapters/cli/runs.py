@@ -167,7 +167,7 @@ def plan(ctx: click.Context, strategies: str, device: str, budget: str | None, p
 @click.option("--budget-minutes", type=float, default=10.0, show_default=True,
               help="Wall time for the whole call; a run still going at the end is stopped, keeping what was measured.")
 @click.option("--budget-tokens", type=int, default=None,
-              help="Tokens each candidate trains in its learning run [default: as many as the time budget allows].")
+              help="Tokens each candidate trains before its held-out loss is measured [default: 16 steps' worth].")
 @click.option("--output", default=None, metavar="DIR",
               help="A new directory for the reports [default: recommend-<model>-<time>].")
 @click.option("--json", "as_json", is_flag=True, help="Print the recommendation as JSON.")
@@ -175,8 +175,9 @@ def plan(ctx: click.Context, strategies: str, device: str, budget: str | None, p
 def recommend(ctx: click.Context, candidates: str | None, budget_minutes: float, budget_tokens: int | None,
               output: str | None, as_json: bool, **_: Any) -> None:
     """Which strategy for this model, data, memory and time: plan every candidate (those that do not fit are
-    excluded without running), measure the rest for speed and for held-out loss after the same tokens, and
-    recommend one by compare's noise rules, saying why each other lost.
+    excluded without running), bench the rest for speed, memory and held-out loss after the same tokens, and
+    recommend one by compare's noise rules, saying why each other lost. Candidates the time budget cannot
+    measure are listed as not measured.
 
     --memory-limit defaults to the device's memory. Interrupted (Ctrl-C), it keeps what it measured in its
     output directory and exits 130."""
@@ -195,6 +196,6 @@ def recommend(ctx: click.Context, candidates: str | None, budget_minutes: float,
         command = train_command(result)
         if command:
             click.echo(f"Train it: {command}")
-        click.echo(f"Reports in {Path(result['files']['result']).parent}/ (report.html, speed.json, learning.json)")
+        click.echo(f"Reports in {Path(result['files']['result']).parent}/ (report.html, bench.json, recommend.json)")
     if result.get("interrupted"):
         ctx.exit(130)

@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import html
 import io
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from ..files import write_atomic, write_json
 from ..text import aligned_table, format_bytes
 
-FILES = {"speed": "speed.json", "learning": "learning.json", "result": "recommend.json", "html": "report.html"}
+FILES = {"bench": "bench.json", "result": "recommend.json", "html": "report.html"}
 
 
 def merged(reports: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
@@ -136,19 +136,17 @@ def page(result: dict[str, Any], reports: list[dict[str, Any]], labels: list[str
     return render_html(reports, labels=labels, preface=preface)
 
 
-def write_outputs(output: Path, result: dict[str, Any], speed: list[dict], learning: list[dict]) -> None:
-    """The output directory: both bench reports, the recommendation as JSON, and the HTML report; each file
-    written whole (temp + rename)."""
+def write_outputs(output: Path, result: dict[str, Any], reports: list[dict],
+                  finish: Callable[[], None] = lambda: None) -> None:
+    """The output directory: the bench report of every run, the HTML report and the recommendation as JSON, each
+    file written whole (temp + rename); ``finish`` completes ``result`` (its seconds) just before it is written."""
     output.mkdir(parents=True, exist_ok=True)
-    reports, labels = [], []
-    for name, runs in (("speed", speed), ("learning", learning)):
-        report = merged(runs)
-        if report is not None:
-            report["settings"]["output"] = str(output / FILES[name])
-            write_json(output / FILES[name], report)
-            reports.append(report)
-            labels.append(f"{name} runs")
-    result["files"] = {k: str(output / v) for k, v in FILES.items() if k in ("result", "html") or
-                       (output / v).exists()}
+    report = merged(reports)
+    if report is not None:
+        report["settings"]["output"] = str(output / FILES["bench"])
+        write_json(output / FILES["bench"], report)
+    result["files"] = {k: str(output / v) for k, v in FILES.items() if k != "bench" or report is not None}
+    shown = page(result, [report] if report else [], ["candidates"])
+    finish()
+    write_atomic(output / FILES["html"], shown)
     write_json(output / FILES["result"], result)
-    write_atomic(output / FILES["html"], page(result, reports, labels))

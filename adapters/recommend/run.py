@@ -5,22 +5,19 @@ The pipeline, each step one that `plan`, `bench` and `compare` already have; rec
 1. **Plan.** Every candidate is resolved and fitted into the memory limit (`--memory-limit`, else the device's
    memory) by the planner, as `adapters train --memory-limit` fits a run (`adapters.plan.fit`). One that does not
    fit is *excluded*, with the planner's reason, and never run; one whose strategy cannot do the run (a
-   quantization, the task) is *refused*.
-2. **Speed.** Each candidate that fits is benchmarked by `adapters bench` in a fresh process: a warm-up step, then
-   two repeats of one timed step, for tokens/s with its step-time range and the measured peak. No speed run
-   starts after `SPEED_SHARE` of the budget has gone.
-3. **Learning.** Each is benchmarked again with ``--quality-steps N``: held-out loss before and after N steps on
-   the user's data. N is the same for every candidate (the loss after the same tokens), the largest that the
-   rest of the budget allows, from the speed runs' step times and start-up costs (`learning_steps`); or given
-   as tokens (``budget_tokens``). Candidates the budget cannot fit at `MIN_LEARNING_STEPS` are dropped, the
-   slowest first, and say so.
-4. **Rank** (`adapters.recommend.ranking`): compare's noise rules, the Pareto front, the recommendation and why
+   quantization, the task) is *refused*. One the planner cannot predict is run, and its measured peak checked.
+2. **Measure.** Each candidate that fits is benchmarked by `adapters bench`, in a fresh process: a warm-up step and
+   two timed ones (tokens/s with its step-time range, the measured peak), then held-out loss before and after
+   the same N training steps on the user's data (``--quality-steps N``): `DEFAULT_LEARNING_STEPS`, or
+   ``budget_tokens`` worth. The same N for every candidate, whatever the time left: the losses compare, and two
+   calls measure the same thing.
+3. **Rank** (`adapters.recommend.ranking`): compare's noise rules, the Pareto front, the recommendation and why
    every other candidate lost.
 
-The budget is a deadline: a run still going at it is stopped (as Ctrl-C stops bench, keeping what was measured)
-and the candidates not measured say so. Everything measured is kept in the output directory: the two bench
-reports (``speed.json``, ``learning.json``: `adapters compare` and `adapters report` read them),
-``recommend.json`` and ``report.html``.
+The budget is a deadline, less a few seconds kept for writing (`reserve`). A candidate is not started when the
+longest run so far would not end before it; a run still going at it is stopped (as Ctrl-C stops bench, keeping
+what was measured). Either way the candidate says so. Everything is kept in the output directory: the bench
+report (``bench.json``: `adapters compare` and `adapters report` read it), ``recommend.json`` and ``report.html``.
 """
 from __future__ import annotations
 
@@ -43,17 +40,12 @@ from ..text import format_bytes, parse_size
 BUILTIN_PLUGINS = ("adapters_lora", "adapters_prefix", "adapters_probe", "adapters_full")
 # PEFT's methods tried by default beside the built-ins: the most used after LoRA and prefix tuning.
 POPULAR_PEFT = ("ia3", "loha")
-# Per candidate, in its speed run: a warm-up step, then two repeats of one timed step, whose two times give the
-# range that compare's noise rule reads.
-SPEED_STEPS = {"warmup": 1, "steps": 1, "repeats": 2}
-SPEED_SHARE = 0.4  # no speed run starts after this share of the budget
-MIN_LEARNING_STEPS = 3
-MARGIN = 0.85  # the share of the time left that the learning runs are planned to take
-# A learning run starts the process and loads the model twice (bench's timed step, then the quality run's own
-# train), evaluates the held-out split before and after (eval_batches forward passes each, a third of a step
-# each), and runs one timed step and N training steps.
-EXTRA_STARTUP = 1.3
-FORWARD_SHARE = 1 / 3
+# Each candidate's bench run: a warm-up step, then two repeats of one timed step, whose two times give the range
+# that compare's noise rule reads; then the learning run.
+TIMED = {"warmup": 1, "steps": 1, "repeats": 2}
+# The learning run's steps by default: enough for the held-out loss of a short run to tell strategies apart at a
+# learning rate of their own (on the chat file of docs/recommend.md they differ by 5 to 15% after 16 steps).
+DEFAULT_LEARNING_STEPS = 16
 
 
 @dataclass
@@ -63,7 +55,7 @@ class RecommendSettings:
     spec: RunSpec = field(default_factory=RunSpec)
     candidates: list[str] | None = None  # None: `default_candidates`
     budget_minutes: float = 10.0
-    budget_tokens: int | None = None  # the learning runs' tokens; None: as many as the budget allows
+    budget_tokens: int | None = None  # the learning run's tokens; None: DEFAULT_LEARNING_STEPS' worth
     output: str | None = None  # a new directory [default: recommend-<model>-<time>]
 
     @classmethod
@@ -82,7 +74,7 @@ class Candidate:
     batch_size: int | None = None  # as fitted into the memory limit
     gradient_accumulation_steps: int | None = None
     gradient_checkpointing: bool | None = None
-    peak_bytes: int | None = None  # measured, in the speed run
+    peak_bytes: int | None = None  # measured
     tokens_per_s: float | None = None
     tokens_per_s_range: list[float] | None = None  # from the slowest and the fastest timed step
     loss_before: float | None = None  # held-out, in the learning run
@@ -95,13 +87,14 @@ class BudgetSpent(KeyboardInterrupt):
 
 
 def default_candidates() -> list[str]:
-    """The built-in strategies (and their aliases, e.g. qlora), every third-party plugin's, and `POPULAR_PEFT`."""
+    """The built-in strategies, then their aliases (qlora), every third-party plugin's strategies, `POPULAR_PEFT`."""
     from ..host import get_registry
     from ..host.manager import DEFAULT_PLUGINS
 
     registry = get_registry()
     entries = registry.entries()
-    own = [e.strategy.name for p in BUILTIN_PLUGINS for e in entries if e.plugin == p]
+    own = [e.strategy.name for p in BUILTIN_PLUGINS for e in entries if e.plugin == p and e.alias_of is None]
+    own += [e.strategy.name for p in BUILTIN_PLUGINS for e in entries if e.plugin == p and e.alias_of is not None]
     third = [e.strategy.name for e in entries if e.plugin not in DEFAULT_PLUGINS]
     return [*own, *third, *(n for n in POPULAR_PEFT if n in registry)]
 
@@ -130,43 +123,49 @@ def recommend(settings: RecommendSettings, progress: Callable[[str], None] | Non
     candidates = [Candidate(n) for n in names]
     specs = {c.name: _plan(c, spec) for c in candidates}  # 1. plan; a typo in any name is an error before any run
     planned = [c for c in candidates if c.status == "planned"]
-    say(f"planned {len(candidates)} candidates: {len(planned)} fit {format_bytes(limit)} ({limit_source})")
+    steps = learning_steps(settings)
+    say(f"planned {len(candidates)} candidates: {len(planned)} fit {format_bytes(limit)} ({limit_source}); "
+        f"each is measured with {steps} learning steps")
     runs = _Runs(specs, limit)
-    steps, interrupted = 0, False
-    with _deadline(started + budget_s) as runs.stopped:
+    interrupted = False
+    deadline = started + budget_s - reserve(budget_s)  # the reports are written after it
+    with _deadline(deadline) as runs.stopped:
         try:
-            for c in planned:  # 2. speed
-                if time.monotonic() - started > SPEED_SHARE * budget_s:
-                    c.status, c.reason = "not measured", (f"the budget's share for speed runs ({SPEED_SHARE:.0%}) "
-                                                          "was spent before its turn")
+            for c in planned:  # 2. measure
+                longest = max(runs.seconds, default=0.0)
+                if time.monotonic() + longest > deadline:
+                    c.status, c.reason = "not measured", (f"the budget would run out during its run (the longest "
+                                                          f"so far took {longest:.0f} s)")
                     continue
-                say(f"speed: {c.name}")
-                runs.bench(c, "speed", {**SPEED_STEPS, "quality_steps": 0})
-            measured = [c for c in planned if c.status == "planned"]
-            steps = learning_steps(settings, spec, measured, runs.speed, started + budget_s - time.monotonic())
-            for c in (c for c in measured if c.status == "planned"):  # 3. learning
-                say(f"learning: {c.name}, {steps} steps")
-                runs.bench(c, "learning", {"warmup": 0, "steps": 1, "repeats": 1, "quality_steps": steps})
+                say(f"measuring {c.name}")
+                runs.bench(c, {**TIMED, "quality_steps": steps})
         except BudgetSpent:
             pass
         except KeyboardInterrupt:
             interrupted = True
     for c in planned:
-        if c.status == "planned" and not (c.name in runs.speed and c.name in runs.learning):
+        if c.status == "planned" and c.name not in runs.results:
             c.status, c.reason = "not measured", ("interrupted before its turn" if interrupted
                                                   else "the budget ran out before its turn")
-    from .ranking import Measured, rank  # 4. rank
+    from .ranking import Measured, rank  # 3. rank
 
-    ok = [Measured(c.name, runs.speed[c.name][0], runs.learning[c.name][0]) for c in planned
-          if c.status == "planned"]
+    ok = [Measured(c.name, runs.results[c.name], runs.results[c.name]) for c in planned if c.status == "planned"]
     ranking = rank(ok) if ok else None
-    result = _result(settings, spec, limit, limit_source, candidates, ranking, runs, steps,
-                     time.monotonic() - started, budget_s)
+    result = _result(settings, spec, limit, limit_source, candidates, ranking, runs, steps)
     result["interrupted"] = interrupted
     from .render import write_outputs
 
-    write_outputs(output, result, runs.reports["speed"], runs.reports["learning"])
+    def took() -> None:
+        result["seconds"] = round(time.monotonic() - started, 1)
+        result["within_budget"] = result["seconds"] <= budget_s
+
+    write_outputs(output, result, runs.reports, took)
     return result
+
+
+def reserve(budget_s: float) -> float:
+    """The seconds kept at the end of the budget for ranking and writing the reports (the charts take a few)."""
+    return max(8.0, 0.03 * budget_s)
 
 
 def _plan(c: Candidate, spec: RunSpec) -> RunSpec | None:
@@ -243,16 +242,16 @@ def _deadline(at: float) -> Iterator[list[bool]]:
 
 
 class _Runs:
-    """The bench runs of the candidates: every report (failed ones too), and each ok result with its seconds."""
+    """The bench runs of the candidates: every report (failed ones too), each ok result, and the seconds each took."""
 
     def __init__(self, specs: dict[str, RunSpec | None], limit: int) -> None:
         self.specs, self.limit = specs, limit
         self.stopped = [False]
-        self.reports: dict[str, list[dict]] = {"speed": [], "learning": []}
-        self.speed: dict[str, tuple[Any, float]] = {}
-        self.learning: dict[str, tuple[Any, float]] = {}
+        self.reports: list[dict] = []
+        self.results: dict[str, Any] = {}
+        self.seconds: list[float] = []
 
-    def bench(self, c: Candidate, kind: str, how: dict[str, int]) -> None:
+    def bench(self, c: Candidate, how: dict[str, int]) -> None:
         """One bench run of ``c`` (in a fresh process, as `adapters bench` runs it); ``c`` marked when it gave no
         result. The budget's deadline or Ctrl-C during it is raised again once bench has kept what it measured."""
         from ..bench import BenchSettings, run_bench
@@ -260,7 +259,8 @@ class _Runs:
 
         began = time.monotonic()
         report = run_bench(BenchSettings(spec=self.specs[c.name], strategies=[c.name], **how), progress=False)
-        self.reports[kind].append(report)
+        self.reports.append(report)
+        self.seconds.append(time.monotonic() - began)
         result = as_report(report).results[0]
         if report.get("interrupted"):
             c.status, c.reason = "not measured", ("the budget ran out during its run" if self.stopped[0]
@@ -268,56 +268,34 @@ class _Runs:
             raise BudgetSpent if self.stopped[0] else KeyboardInterrupt
         if not result.ok:
             c.status, c.reason = ("refused" if result.status == "refused" else "failed"), result.message
-        elif how["quality_steps"] and (result.quality is None or result.quality.status != "ok"):
+        elif result.quality is None or result.quality.status != "ok":
             c.status, c.reason = "failed", f"its learning run failed: {result.quality and result.quality.message}"
         elif c.planned_peak_bytes is None and result.memory.peak_bytes > self.limit:
             c.status, c.reason = "excluded", (f"the planner cannot predict it, and its measured peak, "
                                               f"{format_bytes(result.memory.peak_bytes)}, is over the memory limit "
                                               f"({format_bytes(self.limit)})")
         else:
-            getattr(self, kind)[c.name] = (result, time.monotonic() - began)
+            self.results[c.name] = result
 
 
-def learning_steps(settings: RecommendSettings, spec: RunSpec, measured: list[Candidate],
-                   speed: dict[str, tuple[Any, float]], left_s: float) -> int:
-    """The learning runs' training steps, the same for every candidate: from ``budget_tokens``, or the most the time
-    left allows; candidates that the time cannot fit at `MIN_LEARNING_STEPS` are marked, the slowest first."""
-    if not measured:
-        return 0
-    if settings.budget_tokens is not None:
-        per_step = speed[measured[0].name][0].tokens_per_step
-        return max(1, math.ceil(settings.budget_tokens / per_step))
-    costs = {}
-    for c in measured:
-        result, took = speed[c.name]
-        step = result.step_s.median
-        timed = SPEED_STEPS["warmup"] + SPEED_STEPS["steps"] * SPEED_STEPS["repeats"]
-        startup = max(took - timed * step, 0.0)
-        fixed = EXTRA_STARTUP * startup + (1 + 2 * spec.eval_batches * FORWARD_SHARE) * step
-        costs[c.name] = (fixed, step)
-    kept = list(measured)
-    while kept:
-        fixed = sum(costs[c.name][0] for c in kept)
-        per_step = sum(costs[c.name][1] for c in kept)
-        steps = math.floor((MARGIN * left_s - fixed) / per_step)
-        if steps >= MIN_LEARNING_STEPS:
-            return steps
-        slowest = max(kept, key=lambda c: costs[c.name][1])
-        slowest.status, slowest.reason = "not measured", (
-            f"the budget left no time for its learning run at {MIN_LEARNING_STEPS} steps (its steps are the slowest)")
-        kept.remove(slowest)
-    return 0
+def learning_steps(settings: RecommendSettings) -> int:
+    """The learning run's training steps, the same for every candidate: ``budget_tokens`` worth (a step trains
+    batch x accumulation x seq_len tokens, packed rows being full), else `DEFAULT_LEARNING_STEPS`."""
+    if settings.budget_tokens is None:
+        return DEFAULT_LEARNING_STEPS
+    s = settings.spec
+    return max(1, math.ceil(settings.budget_tokens / (s.batch_size * s.gradient_accumulation_steps * s.seq_len)))
 
 
 def _result(settings: RecommendSettings, spec: RunSpec, limit: int, limit_source: str, candidates: list[Candidate],
-            ranking: Any, runs: _Runs, steps: int, took: float, budget_s: float) -> dict[str, Any]:
+            ranking: Any, runs: _Runs, steps: int) -> dict[str, Any]:
     """The recommendation as JSON data: every candidate in ranked order, the settings and the budget."""
     if ranking is not None:
         place = {m.name: i for i, m in enumerate(ranking.order)}
         for c in candidates:
             if c.name not in place:
                 continue
-            s, q = runs.speed[c.name][0], runs.learning[c.name][0]
+            s = q = runs.results[c.name]
             low, high = s.step_s.min, s.step_s.max
             c.peak_bytes, c.tokens_per_s = s.memory.peak_bytes, s.tokens_per_s
             c.tokens_per_s_range = [s.tokens_per_step / high, s.tokens_per_step / low]
@@ -327,15 +305,14 @@ def _result(settings: RecommendSettings, spec: RunSpec, limit: int, limit_source
             c.reason = ranking.why if c.name == ranking.recommended else ranking.lost[c.name]
         order = {"recommended": 0, "measured": 1, "failed": 2, "not measured": 3, "excluded": 4, "refused": 5}
         candidates = sorted(candidates, key=lambda c: (order.get(c.status, 9), place.get(c.name, 0)))
-    tokens_per_step = next((r.tokens_per_step for r, _ in runs.speed.values()), None)
+    tokens_per_step = next((r.tokens_per_step for r in runs.results.values()), None)
     from ..reports.compare import noise_rule
 
     return {
         "model": spec.model, "data": str(spec.data) if spec.data is not None else None,
         "task": spec.task, "batch_size": spec.batch_size, "seq_len": spec.seq_len,
         "memory_limit_bytes": limit, "memory_limit_source": limit_source,
-        "budget_minutes": settings.budget_minutes, "seconds": round(took, 1),
-        "within_budget": took <= budget_s,
+        "budget_minutes": settings.budget_minutes, "seconds": None, "within_budget": None,  # set when written
         "learning_steps": steps, "learning_tokens": steps * tokens_per_step if tokens_per_step else None,
         "recommended": ranking.recommended if ranking else None,
         "within_noise": ranking.within_noise if ranking else [],
