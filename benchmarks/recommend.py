@@ -5,7 +5,8 @@ On the embedded SmolLM2 with the chat file of docs/data.md (78 conversations fro
 trains every candidate it measured fully (``adapters train``, FULL_STEPS steps, the same batch, the strategy's
 own learning rate) and records:
 
-- each recommend call's wall time, its recommendation (or the candidates within noise), the excluded ones;
+- each recommend call's wall time and its whole result (the recommendation, or the candidates within noise, and
+  every candidate's plan, measurements and reason);
 - each full run's wall time and held-out loss after it;
 - recommend's time as a share of the full runs' total, and whether the lowest held-out loss after the full runs
   is the recommended candidate's (or one within noise of it, by the 1% rule).
@@ -71,15 +72,13 @@ def main() -> None:
                                     "--output", f"{tmp}/recommend-{i}")
             calls.append({"seconds": round(took, 1), "within_budget": took <= 60 * args.budget_minutes,
                           "recommended": result["recommended"], "within_noise": result["within_noise"],
-                          "learning_steps": result["learning_steps"], "why": result["why"],
-                          "candidates": [{k: c[k] for k in ("name", "status", "planned_peak_bytes", "peak_bytes",
-                                                           "tokens_per_s", "loss_after", "reason")}
-                                         for c in result["candidates"]]})
+                          "result": {k: v for k, v in result.items() if k != "files"}})
             print(f"recommend call {i + 1}: {took:.0f} s, {result['recommended']}", file=sys.stderr)
-        measured = [c["name"] for c in calls[0]["candidates"] if c["status"] in ("recommended", "measured")]
+        first = calls[0]["result"]["candidates"]
+        measured = [c["name"] for c in first if c["status"] in ("recommended", "measured")]
         full = []
         for name in measured:
-            c = next(c for c in calls[0]["candidates"] if c["name"] == name)
+            c = next(c for c in first if c["name"] == name)
             summary, took = adapters("train", "--model", MODEL, "--data", str(data), "--strategy", name,
                                      "--max-steps", str(args.full_steps), "--memory-limit", args.memory_limit,
                                      "--output", f"{tmp}/full-{name}")
@@ -87,7 +86,7 @@ def main() -> None:
                          "tokens": summary["tokens"], "recommend_loss_after": c["loss_after"]})
             print(f"full run {name}: {took:.0f} s, loss {summary['heldout_after']['loss']:.4f}", file=sys.stderr)
     best = min(full, key=lambda r: r["heldout_after"]) if full else None
-    picked = [calls[0]["recommended"], *calls[0]["within_noise"]]
+    picked = [calls[0]["recommended"], *calls[0]["within_noise"]]  # the docs' example is the first call
     agrees = best is not None and (best["name"] in picked or any(
         r["name"] in picked and r["heldout_after"] <= best["heldout_after"] * 1.01 for r in full))
     total_full = sum(r["seconds"] for r in full)
