@@ -47,6 +47,10 @@ PARSE_ONLY: list[tuple[str, list[str]]] = [
     ("CUDA only: tests/test_activations.py runs the offload hooks on the CPU and checks the CPU refusal; its "
      "`gpu`-marked test and benchmarks/gpu/run.sh run it on a device",
      [r"--offload-activations\b"]),
+    ("ten minutes of `adapters recommend` on the real SmolLM2: tests/test_recommend.py runs recommend on random:tiny "
+     "(exclusion without a run, the budget, the ranking, a second call agreeing), and benchmarks/recommend.py runs "
+     "this very call",
+     [r"^adapters recommend --model smollm2-135m\b"]),
     ("minutes of training or benchmarking the real SmolLM2 on 2 CPU cores (the same commands run at small sizes in "
      "tests/test_runs.py, test_instructions.py, test_merge.py, test_generate.py, test_evaluation.py, test_fit.py, "
      "test_bench.py and test_api.py)",

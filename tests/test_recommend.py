@@ -141,3 +141,33 @@ def test_user_errors_come_before_any_work(capsys, tmp_path):
         assert time.monotonic() - began < 20  # nothing was measured
     assert (taken / "keep.txt").read_text() == "mine" and sorted(p.name for p in taken.iterdir()) == ["keep.txt"]
     assert not any(Path.cwd().glob("recommend-random-tiny-*"))
+
+
+def test_ctrl_c_keeps_what_was_measured(tmp_path):
+    """A real SIGINT to a recommend process while it measures its second candidate: exit 130, and the first
+    candidate's measurements, the recommendation from them and the report are all written."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "stopped"
+    proc = subprocess.Popen([sys.executable, "-m", "adapters", "recommend", "--model", "random:tiny", "--seq-len", "32",
+                             "--batch-size", "2", "--candidates", "lora,linear-probe", "--budget-tokens", "64",
+                             "--output", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "ADAPTERS_LOAD_PLUGINS": ""})
+    for line in proc.stderr:
+        if line.startswith("measuring linear-probe"):
+            time.sleep(1)
+            proc.send_signal(signal.SIGINT)
+            break
+    stdout, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stdout
+    result = json.loads((out / "recommend.json").read_text())
+    assert result["interrupted"] and result["recommended"] == "lora"
+    assert by_name(result)["linear-probe"]["status"] == "not measured"
+    assert "interrupted" in by_name(result)["linear-probe"]["reason"]
+    assert [r["strategy"] for r in json.loads((out / "bench.json").read_text())["results"]] == ["lora",
+                                                                                               "linear-probe"]
+    assert (out / "report.html").exists() and "Recommended: lora" in stdout

@@ -270,6 +270,8 @@ class _Runs:
             c.status, c.reason = ("refused" if result.status == "refused" else "failed"), result.message
         elif result.quality is None or result.quality.status != "ok":
             c.status, c.reason = "failed", f"its learning run failed: {result.quality and result.quality.message}"
+        elif (result.quality.after or {}).get("loss") is None:
+            c.status, c.reason = "failed", "its held-out loss after the learning run is not finite"
         elif c.planned_peak_bytes is None and result.memory.peak_bytes > self.limit:
             c.status, c.reason = "excluded", (f"the planner cannot predict it, and its measured peak, "
                                               f"{format_bytes(result.memory.peak_bytes)}, is over the memory limit "
