@@ -202,6 +202,7 @@ class RunShape:
     processes: int = 1  # the estimate is one process's of a run of this many, batch_size rows each
     sharding: str = "none"  # "none": each process holds the whole model (DDP); "fsdp": 1/processes of it (FSDP2)
     optimizer: str = "adamw"  # adapters.rules.OPTIMIZERS: "adamw", or bitsandbytes' "adamw8bit", "paged_adamw8bit"
+    offload_activations: bool = False  # saved activations in host memory during the step (CUDA only)
 
     @property
     def engine(self) -> Engine:

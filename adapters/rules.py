@@ -108,3 +108,12 @@ def engine(device: str, task: str, *, compile: bool | None = None, sharding: str
     compiled = compiles(compile, device, sharding)
     return Engine(device, compiled, recomputes_mlp(gradient_checkpointing, compiled), optimizer(device, optimizer_kind),
                   loss_path(task, loss_chunk))
+
+
+def offload_refusal(device: str) -> str | None:
+    """Why ``--offload-activations`` cannot run on ``device`` (a device type), or None where it can."""
+    if device == "cuda":
+        return None
+    return (f"--offload-activations moves saved activations from the accelerator to host memory; on {device!r} "
+            "they are in host memory already, so it would save nothing. Drop --offload-activations, or use "
+            "--gradient-checkpointing to cut activation memory on this device.")

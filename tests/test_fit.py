@@ -107,7 +107,8 @@ def test_fitting_a_fitted_spec_chooses_the_same():
     again = resolve(first.spec, data=False)
     assert again.spec == first.spec
     assert {k: v for k, v in again.fit.items() if k != "asked"} == {k: v for k, v in first.fit.items() if k != "asked"}
-    assert first.fit["asked"] == {"batch_size": 8, "gradient_accumulation_steps": 1, "gradient_checkpointing": False}
+    assert first.fit["asked"] == {"batch_size": 8, "gradient_accumulation_steps": 1, "gradient_checkpointing": False,
+                                 "offload_activations": False}
 
 
 def test_checkpointing_as_asked_or_as_the_strategy_allows():
@@ -241,3 +242,38 @@ def test_under_a_launcher_each_process_fits_its_own_part(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "1")
     with pytest.raises(MemoryLimitTooSmall):  # one process alone fits no way of this run under it
         fit(resolve(spec, data=False), limit, device="cpu")
+
+
+def test_on_a_gpu_the_fit_offloads_before_it_checkpoints_and_does_both_when_neither_fits_alone():
+    """On CUDA the fit also weighs saved activations offloaded to host memory (adapters.training.offload): predicted
+    cheaper than checkpointing, so chosen first when the batch does not fit as it is; both when only both fit.
+    The plan of an offloaded run keeps one layer's saved activations on the device (random:llama-1b, 4 x 1024)."""
+    from adapters.plan import PlanSettings, make_plans
+    from adapters.plan.fit import OFFLOAD_COST
+
+    spec = RunSpec(model="random:llama-1b", strategy="lora", batch_size=4, seq_len=1024)
+    run = resolve(spec, data=False)
+    peaks = {(c.batch_size, c.gradient_checkpointing, c.offload_activations): c.predicted_peak_bytes
+             for c in fit(run, 2**50, device="cuda").candidates}
+    plain, offloaded, checkpointed, both = (peaks[(4, gc, off)] for gc, off in
+                                            ((False, False), (False, True), (True, False), (True, True)))
+    assert both < offloaded < plain and both < checkpointed < plain
+    chosen = fit(run, int((offloaded + plain) / 2 / (1 - HEADROOM)), device="cuda").chosen
+    assert (chosen.batch_size, chosen.gradient_checkpointing, chosen.offload_activations) == (4, False, True)
+    chosen = fit(run, int((both + min(offloaded, checkpointed)) / 2 / (1 - HEADROOM)), device="cuda").chosen
+    assert chosen.offload_activations and (chosen.gradient_checkpointing or chosen.batch_size < 4)
+    assert OFFLOAD_COST < 1 / 3  # cheaper than recomputing each layer's forward
+    assert fit(run, 2**50, device="cpu").candidates and not any(
+        c.offload_activations for c in fit(run, 2**50, device="cpu").candidates)  # the CPU never offloads
+    plans = {p["strategy"]: p for p in make_plans(PlanSettings.of(model="random:llama-1b", batch_size=4,
+                                                                  seq_len=1024, offload_activations=True))["plans"]}
+    assert plans["lora"]["peak_bytes"] == offloaded
+
+
+def test_offload_is_planned_on_cuda_only(capsys):
+    code, out, err = run_in_process(capsys, "plan", "--model", "random:tiny", "--device", "cpu",
+                                    "--offload-activations")
+    assert_user_error(code, out, err, "--device cpu", "--offload-activations")
+    code, out, _ = run_in_process(capsys, "plan", "--model", "random:tiny", "--device", "cuda",
+                                  "--offload-activations", "--json")
+    assert code in (0, None) and json.loads(out)["offload_activations"] is True

@@ -152,6 +152,7 @@ def plan(ctx: click.Context, strategies: str, device: str, budget: str | None, p
     click.echo(f"{result['model']} ({result['task']}) on {result['device']}, {result['dtype']}: "
                f"batch {result['batch_size']} x seq {result['seq_len']}"
                + (", gradient checkpointing" if result["gradient_checkpointing"] else "")
+               + (", activations offloaded to host memory" if result["offload_activations"] else "")
                + (f"; one of {result['processes']} processes ({parallel})" if result["processes"] > 1 else ""))
     click.echo(aligned_table(rows, headers))
     if result["device"] == "cuda":

@@ -6,8 +6,10 @@ is fastest among those predicted to fit:
 
 - **Candidates**: every micro-batch m that divides E, so that each optimizer step still sees E rows, in k = E / m
   micro-batches of equal size (a micro-batch that does not divide E would need an uneven last piece); each
-  without and with gradient checkpointing. Only with it when the run asks for ``--gradient-checkpointing`` (the
-  fit then chooses the micro-batch alone); only without it when the strategy cannot checkpoint.
+  without and with gradient checkpointing, and on CUDA without and with saved activations offloaded to host
+  memory (`adapters.training.offload`). Only with checkpointing when the run asks for ``--gradient-checkpointing``
+  (the fit then chooses the micro-batch and the offload), only without it when the strategy cannot checkpoint;
+  only with offload when the run asks for ``--offload-activations``.
 - **Predicted peak**: the plan's peak for a micro-batch of m rows (`adapters.plan.estimate`, for the device the
   run goes to: "cuda" in bf16, "cpu" in fp32). With k > 1, the gradients of the earlier micro-batches stay alive
   through the later ones, and each new gradient is added into them (one more gradient tensor at a time): the
@@ -17,9 +19,12 @@ is fastest among those predicted to fit:
   MICRO_STEP_TOKENS[device])``. Checkpointing runs each layer's forward twice in backward: about a third more
   compute. Each micro-step has a fixed cost beside its tokens (launching its kernels, reading every weight once),
   counted as that many tokens' worth: a rule of thumb, not a measurement, which makes larger micro-batches
-  somewhat faster per row on a GPU. A CPU is compute-bound from a few tokens on, so there it is 0.
-- **Choice**: the lowest predicted time among the candidates that fit; at equal time, no checkpointing, then the
-  larger micro-batch. So on the CPU: no checkpointing with the largest micro-batch that fits, if any fits.
+  somewhat faster per row on a GPU. A CPU is compute-bound from a few tokens on, so there it is 0. Offloading
+  costs ``OFFLOAD_COST`` more: its copies overlap the compute on a side stream, but share the memory bus (a rule
+  of thumb too, until benchmarks/gpu/run.sh measures it), so it is predicted faster than checkpointing.
+- **Choice**: the lowest predicted time among the candidates that fit; at equal time, no checkpointing, then no
+  offload, then the larger micro-batch. So on the CPU: no checkpointing with the largest micro-batch that fits,
+  if any fits; on a GPU, offload before checkpointing, and both when neither alone fits.
 
 Nothing fitting even at a micro-batch of 1 with checkpointing is `MemoryLimitTooSmall` (a `StrategyRefused`:
 train stops with it before any weight loads, bench records a refused row), naming the smallest limit that fits.
@@ -46,6 +51,7 @@ HEADROOM = 0.10
 # A micro-step's fixed cost, as that many tokens of compute (see the module's docstring).
 MICRO_STEP_TOKENS = {"cpu": 0, "cuda": 1024}
 CHECKPOINTING_COST = 1 / 3  # the extra compute of recomputing each layer's forward in backward
+OFFLOAD_COST = 0.1  # offloaded activations' copies, overlapped with the compute (see the module's docstring)
 
 
 class MemoryLimitTooSmall(StrategyRefused):
@@ -63,6 +69,7 @@ class Candidate:
     batch_size: int  # the micro-batch
     gradient_accumulation_steps: int
     gradient_checkpointing: bool
+    offload_activations: bool
     predicted_peak_bytes: int
     predicted_time: float  # token-equivalents per optimizer step (see the module's docstring)
     fits: bool
@@ -88,7 +95,8 @@ class Fit:
         """``spec`` with the chosen micro-batch, accumulation and checkpointing."""
         c = self.chosen
         return dataclasses.replace(spec, batch_size=c.batch_size, gradient_checkpointing=c.gradient_checkpointing,
-                                   gradient_accumulation_steps=c.gradient_accumulation_steps)
+                                   gradient_accumulation_steps=c.gradient_accumulation_steps,
+                                   offload_activations=c.offload_activations)
 
 
 def device_for_run() -> str:
@@ -116,12 +124,14 @@ def fit(run: Run, limit: int, device: str | None = None) -> Fit:
     usable = int(limit * (1 - HEADROOM))
     can_checkpoint = traits(run.strategy).supports_gradient_checkpointing
     checkpointing = [True] if s.gradient_checkpointing else [False, True] if can_checkpoint else [False]
+    offloading = [True] if s.offload_activations else [False, True] if device == "cuda" else [False]
     candidates = []
     for m in (d for d in range(effective, 0, -1) if effective % d == 0):
         k = effective // m
-        for gc in checkpointing:
+        for gc, off in ((gc, off) for gc in checkpointing for off in offloading):
             shape_of_run = RunShape(m, s.seq_len, run.task, run.quantization, gc, device, s.loss_chunk, s.compile,
-                                    processes=processes, sharding=s.sharding, optimizer=s.optimizer)
+                                    processes=processes, sharding=s.sharding, optimizer=s.optimizer,
+                                    offload_activations=off)
             plan = estimate(shape, run.strategy, run.config, shape_of_run)
             if plan.status != "ok":
                 raise Unpredictable(
@@ -129,10 +139,11 @@ def fit(run: Run, limit: int, device: str | None = None) -> Fit:
                     "so it cannot fit the run. Drop --memory-limit and set --batch-size and "
                     "--gradient-checkpointing yourself.", run.strategy, run.quantization)
             peak = plan.peak_bytes if k == 1 else _accumulating_peak(plan, shape, run, shape_of_run)
-            time = k * ((1 + CHECKPOINTING_COST * gc) * m * s.seq_len + MICRO_STEP_TOKENS[device])
-            candidates.append(Candidate(m, k, gc, peak, round(time, 1), peak <= usable))
+            cost = 1 + CHECKPOINTING_COST * gc + OFFLOAD_COST * off
+            time = k * (cost * m * s.seq_len + MICRO_STEP_TOKENS[device])
+            candidates.append(Candidate(m, k, gc, off, peak, round(time, 1), peak <= usable))
     asked = {"batch_size": s.batch_size, "gradient_accumulation_steps": s.gradient_accumulation_steps,
-             "gradient_checkpointing": s.gradient_checkpointing}
+             "gradient_checkpointing": s.gradient_checkpointing, "offload_activations": s.offload_activations}
     fitting = [c for c in candidates if c.fits]
     if not fitting:
         raise MemoryLimitTooSmall(_too_small(run, limit, candidates, device), run.strategy, run.quantization)
@@ -141,9 +152,10 @@ def fit(run: Run, limit: int, device: str | None = None) -> Fit:
                candidates)
 
 
-def _rank(c: Candidate) -> tuple[float, bool, int]:
-    """The order of preference: the lowest predicted time, then no checkpointing, then the larger micro-batch."""
-    return c.predicted_time, c.gradient_checkpointing, -c.batch_size
+def _rank(c: Candidate) -> tuple[float, bool, bool, int]:
+    """The order of preference: the lowest predicted time, then no checkpointing, then no offload, then the larger
+    micro-batch."""
+    return c.predicted_time, c.gradient_checkpointing, c.offload_activations, -c.batch_size
 
 
 def _accumulating_peak(plan: Plan, shape: ModelShape, run: Run, shape_of_run: RunShape) -> int:
@@ -169,18 +181,22 @@ def fit_spec(run: Run, limit: int) -> Run:
     return dataclasses.replace(run, spec=chosen.apply(run.spec), fit=chosen.to_dict())
 
 
+def _ways(c: Candidate) -> str:
+    """Checkpointing and offload, in words."""
+    return (f"{'with' if c.gradient_checkpointing else 'without'} gradient checkpointing"
+            + (", activations offloaded" if c.offload_activations else ""))
+
+
 def _reason(chosen: Candidate, candidates: list[Candidate], usable: int) -> str:
     """Why ``chosen``, in a sentence: what it is, its predicted peak, and a faster way that does not fit."""
-    what = (f"micro-batch {chosen.batch_size} x {chosen.gradient_accumulation_steps} accumulation "
-            f"{'with' if chosen.gradient_checkpointing else 'without'} gradient checkpointing, predicted to peak at "
-            f"{format_bytes(chosen.predicted_peak_bytes)} of the {format_bytes(usable)} usable")
+    what = (f"micro-batch {chosen.batch_size} x {chosen.gradient_accumulation_steps} accumulation {_ways(chosen)}, "
+            f"predicted to peak at {format_bytes(chosen.predicted_peak_bytes)} of the {format_bytes(usable)} usable")
     before = [c for c in candidates if _rank(c) < _rank(chosen)]
     if not before:
         return f"{what}: the fastest way predicted, and it fits"
     best = min(before, key=_rank)
     return (f"{what}; the ways ranked before it (faster, or as fast with a larger micro-batch) do not fit, e.g. "
-            f"micro-batch {best.batch_size}"
-            f"{' with checkpointing' if best.gradient_checkpointing else ''} at "
+            f"micro-batch {best.batch_size} {_ways(best)} at "
             f"{format_bytes(best.predicted_peak_bytes)}")
 
 
@@ -190,7 +206,8 @@ def _too_small(run: Run, limit: int, candidates: list[Candidate], device: str) -
     least = min(candidates, key=lambda c: c.predicted_peak_bytes)
     needed = math.ceil(least.predicted_peak_bytes / (1 - HEADROOM) / 2**20)
     how = (f"micro-batch {least.batch_size} x {least.gradient_accumulation_steps}"
-           f"{' and gradient checkpointing' if least.gradient_checkpointing else ''}")
+           f"{' and gradient checkpointing' if least.gradient_checkpointing else ''}"
+           f"{' and activations offloaded' if least.offload_activations else ''}")
     predicted = format_bytes(least.predicted_peak_bytes)
     return (f"--memory-limit {s.memory_limit or format_bytes(limit)} is too small for {run.strategy.name} on "
             f"{s.model} at --seq-len {s.seq_len} ({device}): its least predicted peak is {predicted}, with {how}. "

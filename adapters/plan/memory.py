@@ -6,6 +6,10 @@
 - a layer's backward (with its recomputation under gradient checkpointing), and for full
   fine-tuning the end of backward, when every gradient exists;
 - the optimizer step: every gradient plus AdamW's temporaries (none for fused AdamW).
+
+With ``offload_activations`` (`adapters.training.offload`, CUDA) the activations saved across layers live in host
+memory: the device holds one layer's of them, the one whose copies are in flight in the forward, or that is
+back for its backward. Host memory is not planned.
 """
 from __future__ import annotations
 
@@ -116,6 +120,8 @@ def _phases(shape: ModelShape, run: RunShape, part: StrategyMemory) -> dict[str,
     kept = shape.num_layers * (run.tokens * shape.hidden_size * run.compute_bytes if checkpointed else layer)
     if flow == "inputs" and not checkpointed and shape.family == "llama":  # the embeddings' output needs
         kept -= run.tokens * (shape.hidden_size + 1) * 4  # no gradient: layer 0's first norm keeps nothing
+    if run.offload_activations:  # in host memory, but for the layer whose copies are in flight, or back for backward
+        kept = min(kept, run.tokens * shape.hidden_size * run.compute_bytes if checkpointed else layer)
     forward, working = transients(shape, run)
     phases: dict[str, dict[str, int]] = {
         "forward": {"activations": kept + forward},

@@ -67,6 +67,8 @@ def make_plans(settings: PlanSettings) -> dict[str, Any]:
     budget = parse_size(settings.budget) if settings.budget else None
     check_at_least(1, processes=settings.processes, batch_size=s.batch_size, seq_len=s.seq_len)
     check_sharding(s.sharding, "none", s.compile)  # the name; a quantized base is a refused row (`_asked`)
+    if s.offload_activations and (reason := rules.offload_refusal(settings.device)):
+        raise AdaptersError(f"--device {settings.device}: {reason}")
     registry = get_registry()
     asked = _asked(settings, registry)  # every name and option checked before any model is built
     shape = model_shape(s.model, s.task, settings.device)
@@ -74,7 +76,7 @@ def make_plans(settings: PlanSettings) -> dict[str, Any]:
     for one in asked:
         run = RunShape(s.batch_size, s.seq_len, shape.task, one.quantization, s.gradient_checkpointing,
                        settings.device, s.loss_chunk, s.compile, processes=settings.processes, sharding=s.sharding,
-                       optimizer=s.optimizer)
+                       optimizer=s.optimizer, offload_activations=s.offload_activations)
         plans.append(_plan(one, shape, run, budget))
     engine = rules.engine(settings.device, shape.task, compile=s.compile, sharding=s.sharding,
                           gradient_checkpointing=s.gradient_checkpointing, loss_chunk=s.loss_chunk,
@@ -83,7 +85,8 @@ def make_plans(settings: PlanSettings) -> dict[str, Any]:
         "model": s.model, "task": shape.task, "device": settings.device,
         "dtype": "bfloat16 (autocast)" if settings.device == "cuda" else "float32",
         "batch_size": s.batch_size, "seq_len": s.seq_len,
-        "gradient_checkpointing": s.gradient_checkpointing, "loss": engine.loss_path,
+        "gradient_checkpointing": s.gradient_checkpointing, "offload_activations": s.offload_activations,
+        "loss": engine.loss_path,
         "processes": settings.processes, "sharding": s.sharding,
         "budget_bytes": budget, "engine": engine.to_dict(),
         "plans": [p.to_dict() for p in plans], "seconds": round(time.perf_counter() - started, 3),

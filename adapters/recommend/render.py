@@ -69,6 +69,8 @@ def train_command(result: dict[str, Any]) -> str | None:
         parts.append(f"--gradient-accumulation-steps {c['gradient_accumulation_steps']}")
     if c["gradient_checkpointing"]:
         parts.append("--gradient-checkpointing")
+    if c["offload_activations"]:
+        parts.append("--offload-activations")
     return " ".join(parts)
 
 

@@ -74,6 +74,7 @@ class Candidate:
     batch_size: int | None = None  # as fitted into the memory limit
     gradient_accumulation_steps: int | None = None
     gradient_checkpointing: bool | None = None
+    offload_activations: bool | None = None
     peak_bytes: int | None = None  # measured
     tokens_per_s: float | None = None
     tokens_per_s_range: list[float] | None = None  # from the slowest and the fastest timed step
@@ -186,8 +187,9 @@ def _plan(c: Candidate, spec: RunSpec) -> RunSpec | None:
         return None
     chosen = run.fit["chosen"]
     c.planned_peak_bytes = chosen["predicted_peak_bytes"]
-    c.batch_size, c.gradient_accumulation_steps, c.gradient_checkpointing = (
-        chosen["batch_size"], chosen["gradient_accumulation_steps"], chosen["gradient_checkpointing"])
+    c.batch_size, c.gradient_accumulation_steps, c.gradient_checkpointing, c.offload_activations = (
+        chosen["batch_size"], chosen["gradient_accumulation_steps"], chosen["gradient_checkpointing"],
+        chosen["offload_activations"])
     return mine
 
 

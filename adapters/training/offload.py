@@ -3,10 +3,11 @@ during the forward and brought back when backward needs them, through ``torch.au
 
 On CUDA the copies run on a side stream into pinned host memory, so they overlap the forward's compute (the scheme
 of torchtune's ``OffloadActivations``). On the CPU the activations already live in host memory: offloading there
-is meaningless, and `refusal` gives the reason the run is refused before anything loads.
+is meaningless, and `adapters.rules.offload_refusal` gives the reason the run is refused before anything loads.
 
-The Session refuses it off CUDA and runs each forward of a step under these hooks; the planner does not model it
-yet (CHANGELOG.md, Unreleased).
+The Session refuses it off CUDA and runs each forward of a step under these hooks; the planner models it
+(`adapters.plan.memory`), and ``--memory-limit`` chooses it when it is predicted fastest among the ways that fit
+(`adapters.plan.fit`).
 """
 from __future__ import annotations
 
@@ -17,15 +18,6 @@ import torch
 
 #: Saved tensors smaller than this stay on the device: copying them costs more in launches than it saves.
 MIN_OFFLOAD_BYTES = 1024
-
-
-def refusal(device: str) -> str | None:
-    """Why ``--offload-activations`` cannot run on ``device`` (a device type), or None where it can."""
-    if device == "cuda":
-        return None
-    return (f"--offload-activations moves saved activations from the accelerator to host memory; on {device!r} "
-            "they are in host memory already, so it would save nothing. Drop --offload-activations, or use "
-            "--gradient-checkpointing to cut activation memory on this device.")
 
 
 def _nbytes(t: torch.Tensor) -> int:

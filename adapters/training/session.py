@@ -30,7 +30,6 @@ from ..nn import ParameterCount, count_parameters
 from ..runspec import Run
 from .evaluate import evaluate
 from .health import Health
-from . import offload
 from .model import Built, build
 from .prepared import Prepared
 from .sharded import ShardedState
@@ -95,7 +94,7 @@ class Session(Prepared):
         if run.spec.sharding == "none" and accelerator.distributed_type == "FSDP":  # `accelerate launch --use_fsdp`
             run = dataclasses.replace(run, spec=dataclasses.replace(run.spec, sharding="fsdp"))
         s = run.spec
-        if s.offload_activations and (reason := offload.refusal(accelerator.device.type)):
+        if s.offload_activations and (reason := rules.offload_refusal(accelerator.device.type)):
             raise AdaptersError(reason)  # before loading
         built = build(run, accelerator.device, checkpoint=checkpoint, saved=saved)
         model = built.model
