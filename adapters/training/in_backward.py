@@ -11,16 +11,23 @@ processes).
 `InBackward` is the one optimizer the session sees: the learning-rate schedule sets the learning rates of its
 parameter groups (those of the per-weight optimizers, the same dicts), ``step`` and ``zero_grad`` have nothing
 left to do after backward, and its state dict is that of one optimizer over every weight (a state and a parameter
-group per weight, in order), so checkpoints save and restore it as they do AdamW's.
+group per weight, in order). A checkpoint holds it as a sharded run's holds AdamW's (`save`, `load`): the tensors in
+``optimizer.safetensors`` by weight name, the rest in ``optimizer.json``; Accelerate, which would pickle it, never
+sees it.
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from .. import engine
+from ..checkpoints import OPTIMIZER_STATE, OPTIMIZER_TENSORS, STATE_SEPARATOR
+from ..files import write_json
+from ..tensorfiles import read_safetensors
 
 
 class InBackward(torch.optim.Optimizer):
@@ -82,3 +89,35 @@ class InBackward(torch.optim.Optimizer):
         for i, optimizer in enumerate(self.optimizers.values()):
             state = {0: state_dict["state"][i]} if i in state_dict["state"] else {}
             optimizer.load_state_dict({"state": state, "param_groups": [{**groups[i], "params": [0]}]})
+
+    def save(self, directory: Path, names: dict[torch.nn.Parameter, str]) -> None:
+        """Write every weight's optimizer state into ``directory`` (``names``: each weight's name): tensors in
+        ``optimizer.safetensors`` as "NAME::STATE", the rest (counts, each weight's parameter group) as JSON."""
+        from safetensors.torch import save_file
+
+        tensors, scalars, groups, seen = {}, {}, {}, set()
+        for p, optimizer in self.optimizers.items():
+            one, name = optimizer.state_dict(), names[p]
+            state = one["state"].get(0, {})
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor):
+                    value = value.detach().cpu().contiguous()
+                    shared = value.untyped_storage().data_ptr() in seen  # bitsandbytes shares its quantile maps
+                    seen.add(value.untyped_storage().data_ptr())
+                    tensors[f"{name}{STATE_SEPARATOR}{key}"] = value.clone() if shared else value
+            scalars[name] = {k: v for k, v in state.items() if not isinstance(v, torch.Tensor)}
+            groups[name] = {k: v for k, v in one["param_groups"][0].items() if k != "params"}
+        save_file(tensors, directory / OPTIMIZER_TENSORS)
+        write_json(directory / OPTIMIZER_STATE, {"param_groups": groups, "scalars": scalars})
+
+    def load(self, directory: Path, names: dict[torch.nn.Parameter, str]) -> None:
+        """Restore what `save` wrote into ``directory``, each weight's state into its own optimizer."""
+        saved = json.loads((directory / OPTIMIZER_STATE).read_text())
+        states: dict[str, dict[str, Any]] = {name: dict(values) for name, values in saved["scalars"].items()}
+        for key, tensor in read_safetensors(directory / OPTIMIZER_TENSORS).items():
+            name, _, what = key.rpartition(STATE_SEPARATOR)
+            states.setdefault(name, {})[what] = tensor
+        for p, optimizer in self.optimizers.items():
+            state = states.get(names[p])
+            optimizer.load_state_dict({"state": {0: state} if state else {},
+                                       "param_groups": [{**saved["param_groups"][names[p]], "params": [0]}]})

@@ -110,7 +110,10 @@ class Session(Prepared):
         compiled = {"on": choice.compiled, "layers": engine.compile_layers(model) if choice.compiled else 0,
                     "error": None}
         scheduler = _schedule(run, optimizer, accelerator.num_processes)
-        model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
+        if s.optimizer_in_backward:  # its state is written as safetensors (`LocalState`), never by Accelerate
+            model, train_loader, scheduler = accelerator.prepare(model, train_loader, scheduler)
+        else:
+            model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
         if eval_loader is not None:
             eval_loader = accelerator.prepare(eval_loader)
         # Checkpoints hold the trainable weights in the strategy's format, not the frozen base.

@@ -8,8 +8,8 @@ back-off is recorded (`Stepper.backoffs`, an ``"oom_backoff"`` event in ``metric
 ``training``), and checkpoints record the micro-batch, so a resumed run goes on with the micro-batch that fitted.
 When even a micro-batch of 1 does not fit, the run has failed; so has a run with the optimizer in backward
 (`adapters.training.in_backward`), whose weights were partly updated when memory ran out. With several processes
-one cannot back off alone: the others are already in the step's collectives (FSDP's gathers, DDP's all-reduce), so the run stops with the
-reason instead.
+one cannot back off alone: the others are already in the step's collectives (FSDP's gathers, DDP's all-reduce), so
+the run stops with the reason instead.
 """
 from __future__ import annotations
 
