@@ -140,12 +140,13 @@ def _phases(shape: ModelShape, run: RunShape, part: StrategyMemory) -> dict[str,
         phases["optimizer step"] = {"gradients": part.trainable_bytes,
                                     "optimizer_step": _adamw_temporaries(run, part.trainable_bytes)}
         return phases
-    # In backward each weight steps as soon as its gradient is whole, and the gradient goes: backward holds one at a
-    # time, at most the largest (a tied embedding's, begun by the output head in the loss's backward, lives until the
-    # embedding's own backward ends it), with that one tensor's update.
+    # In backward each weight steps as soon as its gradient is whole, and the gradient goes: the layers' backward
+    # holds one at a time, at most the largest (a tied embedding's, begun by the output head at the end of the loss's
+    # backward, lives until the embedding's own backward ends it), with that one tensor's update. The loss's own
+    # peak comes before the head's gradient (measured: SmolLM2 full fine-tuning, benchmarks/optimizer_options.py).
     largest = part.largest_trainable_tensor_bytes
     one = {"gradients": largest, "optimizer_step": _adamw_temporaries(run, largest)}
-    for name in phases.keys() - {"forward"}:
+    for name in phases.keys() & {"layer backward", "end of backward"}:
         phases[name] = {**phases[name], **one}
     return phases
 
