@@ -73,7 +73,7 @@ def test_the_plan_halves_the_weights_gradients_and_states(device):
     fp32, none = plan(), plan(master_weights="none")
     for component in ("trainable_parameters", "optimizer_state"):
         assert none["components"][component] * 2 == fp32["components"][component], component
-    assert none["peak_bytes"] < fp32["peak_bytes"] * 0.6
+    assert none["peak_bytes"] < fp32["peak_bytes"] * 2 / 3
     both = plan(master_weights="none", optimizer_in_backward=True)
     assert both["components"]["gradients"] < none["components"]["gradients"] / 4  # one tensor's, in bf16
     assert both["peak_bytes"] <= none["peak_bytes"]
