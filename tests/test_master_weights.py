@@ -75,5 +75,4 @@ def test_the_plan_halves_the_weights_gradients_and_states(device):
         assert none["components"][component] * 2 == fp32["components"][component], component
     assert none["peak_bytes"] < fp32["peak_bytes"] * 2 / 3
     both = plan(master_weights="none", optimizer_in_backward=True)
-    assert both["components"]["gradients"] < none["components"]["gradients"] / 4  # one tensor's, in bf16
     assert both["peak_bytes"] <= none["peak_bytes"]
