@@ -76,3 +76,16 @@ def test_the_plan_halves_the_weights_gradients_and_states(device):
     assert none["peak_bytes"] < fp32["peak_bytes"] * 2 / 3
     both = plan(master_weights="none", optimizer_in_backward=True)
     assert both["peak_bytes"] <= none["peak_bytes"]
+
+
+def test_the_plan_is_within_the_cpu_target_of_the_measured_peak(tmp_path):
+    from test_plan import CPU_TARGET_PCT, bench
+
+    report = bench(model="smollm2-135m", strategies=["full-finetune"], batch_size=2, seq_len=64,
+                   master_weights="none", output=str(tmp_path / "report.json"))
+    (result,) = report["results"]
+    assert result["status"] == "ok", result.get("message")
+    assert report["settings"]["dtype"] == "bfloat16"
+    error = result["prediction"]["error_pct"]["total"]
+    assert abs(error) <= CPU_TARGET_PCT, f"predicted {result['prediction']['peak_bytes']:,}, measured " \
+                                         f"{result['memory']['peak_bytes']:,}"

@@ -109,3 +109,16 @@ def test_the_plan_drops_the_whole_models_gradients():
     assert hooked["components"]["gradients"] < plain["components"]["trainable_parameters"] / 4
     assert hooked["components"]["optimizer_state"] == plain["components"]["optimizer_state"]
     assert hooked["peak_bytes"] < plain["peak_bytes"]
+
+
+def test_the_plan_is_within_the_cpu_target_of_the_measured_peak(tmp_path):
+    from test_plan import CPU_TARGET_PCT, bench
+
+    report = bench(model="smollm2-135m", strategies=["full-finetune"], batch_size=2, seq_len=64,
+                   optimizer_in_backward=True, output=str(tmp_path / "report.json"))
+    (result,) = report["results"]
+    assert result["status"] == "ok", result.get("message")
+    assert report["settings"]["optimizer_in_backward"] is True
+    error = result["prediction"]["error_pct"]["total"]
+    assert abs(error) <= CPU_TARGET_PCT, f"predicted {result['prediction']['peak_bytes']:,}, measured " \
+                                         f"{result['memory']['peak_bytes']:,}"
