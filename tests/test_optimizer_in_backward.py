@@ -122,3 +122,15 @@ def test_the_plan_is_within_the_cpu_target_of_the_measured_peak(tmp_path):
     error = result["prediction"]["error_pct"]["total"]
     assert abs(error) <= CPU_TARGET_PCT, f"predicted {result['prediction']['peak_bytes']:,}, measured " \
                                          f"{result['memory']['peak_bytes']:,}"
+
+
+def test_a_checkpoint_written_before_these_settings_resumes_at_their_defaults(tmp_path):
+    cut = tmp_path / "cut"
+    adapters.train(adapters.RunSpec(**SETTINGS, save_every=1, output=str(cut)), progress=False, stop=lambda s: s == 1)
+    state = cut / "checkpoints" / "step-1" / "state.json"
+    written = json.loads(state.read_text())
+    for name in ("optimizer_in_backward", "master_weights"):
+        del written["spec"][name]
+    state.write_text(json.dumps(written))
+    resumed = adapters.train(resume_spec(cut, {}, {}), progress=False)
+    assert resumed.status == "completed", resumed.reason
