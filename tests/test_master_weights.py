@@ -89,3 +89,14 @@ def test_the_plan_is_within_the_cpu_target_of_the_measured_peak(tmp_path):
     error = result["prediction"]["error_pct"]["total"]
     assert abs(error) <= CPU_TARGET_PCT, f"predicted {result['prediction']['peak_bytes']:,}, measured " \
                                          f"{result['memory']['peak_bytes']:,}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_bf16_without_masters_trains_and_saves_bf16(tmp_path):
+    result = adapters.train(adapters.RunSpec(**SETTINGS, master_weights="none", output=str(tmp_path / "run")),
+                            progress=False)
+    assert result.status == "completed", result.reason
+    assert result.precision["trainable_dtype"] == ["bfloat16"] and result.precision["master_weights"] == []
+    losses = logged(tmp_path / "run", "loss")
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]

@@ -134,3 +134,16 @@ def test_a_checkpoint_written_before_these_settings_resumes_at_their_defaults(tm
     state.write_text(json.dumps(written))
     resumed = adapters.train(resume_spec(cut, {}, {}), progress=False)
     assert resumed.status == "completed", resumed.reason
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kind", ["adamw", "paged_adamw8bit"])
+def test_on_cuda_in_backward_is_the_plain_step_with_compiled_layers_and_bf16_autocast(kind, tmp_path):
+    plain = train(tmp_path / "plain", optimizer=kind)
+    hooked = train(tmp_path / "hooked", optimizer=kind, optimizer_in_backward=True)
+    assert hooked.engine["compiled"] == plain.engine["compiled"]
+    assert plain.losses == hooked.losses
+    a, b = final_weights(tmp_path / "plain"), final_weights(tmp_path / "hooked")
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
