@@ -37,8 +37,6 @@ class InBackward(torch.optim.Optimizer):
                  device: torch.device | str | None = None, kind: str | None = None) -> None:
         # Not Optimizer.__init__: the parameter groups are the per-weight optimizers' own (`param_groups`).
         self.defaults = {"lr": lr, "weight_decay": weight_decay}
-        self._optimizer_step_pre_hooks: dict = {}
-        self._optimizer_step_post_hooks: dict = {}
         groups = [item if isinstance(item, dict) else {"params": [item]} for item in params]
         self.optimizers: dict[torch.nn.Parameter, torch.optim.Optimizer] = {}
         for group in groups:
