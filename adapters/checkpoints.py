@@ -5,7 +5,8 @@
 - ``model/``: the trainable weights as a complete adapters save (the strategy's own format, with a
   manifest), so a checkpoint also loads with ``adapters.load``;
 - the optimizer, scheduler and random-number states, written by Accelerate's ``save_state``
-  (the frozen base is not: it is loaded again from the model's name);
+  (the frozen base is not: it is loaded again from the model's name); an optimizer Accelerate does not hold (a
+  sharded run's, one per weight in backward) as ``optimizer.safetensors`` and ``optimizer.json``;
 - ``state.json``: the step, the position in the data, the run's settings (``spec``) and what resolving them
   decided (``run``: quantization, task, optimization, the strategy's options).
 
@@ -31,6 +32,11 @@ from .files import write_json
 CHECKPOINTS = "checkpoints"
 STATE = "state.json"
 MODEL = "model"
+# An optimizer's state where Accelerate does not write it (sharded runs, the optimizer in backward): its tensors by
+# weight name ("NAME::STATE", e.g. "model.norm.weight::exp_avg"), and the rest as JSON.
+OPTIMIZER_TENSORS = "optimizer.safetensors"
+OPTIMIZER_STATE = "optimizer.json"
+STATE_SEPARATOR = "::"
 _STEP = re.compile(r"step-(\d+)")
 
 

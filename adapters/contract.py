@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from .rules import Engine, engine
+from .rules import Engine, base_dtype, engine, weights_dtype
 
 if TYPE_CHECKING:
     import torch
@@ -187,6 +187,9 @@ def declared_trainable(strategy: Strategy, model: torch.nn.Module, config: Any) 
 # ------------------------------------------------------------------------------- shape types
 
 
+_BYTES = {"float32": 4, "bfloat16": 2}
+
+
 @dataclass(frozen=True)
 class RunShape:
     """The run a memory estimate is for: what the batch looks like and where it runs."""
@@ -203,6 +206,8 @@ class RunShape:
     sharding: str = "none"  # "none": each process holds the whole model (DDP); "fsdp": 1/processes of it (FSDP2)
     optimizer: str = "adamw"  # adapters.rules.OPTIMIZERS: "adamw", or bitsandbytes' "adamw8bit", "paged_adamw8bit"
     offload_activations: bool = False  # saved activations in host memory during the step (CUDA only)
+    optimizer_in_backward: bool = False  # each weight stepped in backward: at most one gradient alive at a time
+    master_weights: str = "fp32"  # adapters.rules.MASTER_WEIGHTS: "fp32" masters of what trains, or "none" (bf16)
 
     @property
     def engine(self) -> Engine:
@@ -223,14 +228,16 @@ class RunShape:
 
     @property
     def compute_bytes(self) -> int:
-        """Bytes per element of weights and activations in the compute dtype (bf16 on CUDA, fp32 on CPU)."""
-        return 2 if self.device == "cuda" else 4
+        """Bytes per element of weights and activations in the compute dtype (bf16 on CUDA, fp32 on CPU; bf16
+        everywhere with ``master_weights="none"``): `adapters.rules.base_dtype`."""
+        return _BYTES[base_dtype(self.device, self.master_weights)]
 
     @property
     def master_bytes(self) -> int:
         """Bytes per element of a base weight the strategy trains: float32 on every device, since the
-        core keeps float32 master weights of trainable weights that a bf16 base loaded in bf16."""
-        return 4
+        core keeps float32 master weights of trainable weights that a bf16 base loaded in bf16; bf16 with
+        ``master_weights="none"`` (`adapters.rules.weights_dtype`)."""
+        return _BYTES[weights_dtype(self.device, self.master_weights)]
 
     @property
     def dropout_mask_bytes(self) -> int:

@@ -12,6 +12,7 @@ import math
 import os
 from typing import TYPE_CHECKING, Any
 
+from . import rules
 from .contract import LR_SCHEDULERS, RefusesModels, Strategy, traits
 from .errors import AdaptersError
 from .options import build_config
@@ -60,6 +61,7 @@ def resolve(spec: RunSpec, *, data: bool = True) -> Run:
     hf_config = model_config(spec.model)
     check_supported(strategy, quantization, task, spec.gradient_checkpointing, registry, hf_config)
     optimization = _optimization(spec, strategy)
+    _check_in_backward(spec, optimization["max_grad_norm"])
     _check_run_outputs(spec)
     dataset = datasets.load_dataset(spec.data, task) if data else None
     if dataset is not None:
@@ -156,12 +158,25 @@ def _optimization(spec: RunSpec, strategy: Strategy) -> dict[str, Any]:
         if not 0 <= ratio < 1:  # also false for NaN
             raise AdaptersError(f"--warmup-ratio {ratio}: must be at least 0 and below 1, e.g. 0.05.")
         warmup = math.ceil(ratio * spec.max_steps)
+    # In backward, no gradient norm exists to clip to: the strategy's default clipping gives way, a given one is
+    # refused (`_check_in_backward`).
+    clip = 0.0 if spec.optimizer_in_backward else declared.default_max_grad_norm
     values = {"weight_decay": declared.default_weight_decay if spec.weight_decay is None else spec.weight_decay,
-              "max_grad_norm": declared.default_max_grad_norm if spec.max_grad_norm is None else spec.max_grad_norm}
+              "max_grad_norm": clip if spec.max_grad_norm is None else spec.max_grad_norm}
     for name, value in values.items():
         if not (math.isfinite(value) and value >= 0):
             raise AdaptersError(f"--{name.replace('_', '-')} {value}: must be 0 or more.")
     return {"learning_rate": lr, "lr_scheduler": scheduler, "warmup_steps": warmup, **values}
+
+
+def _check_in_backward(spec: RunSpec, max_grad_norm: float) -> None:
+    """--optimizer-in-backward only where it gives the plain step's update (`adapters.rules.in_backward_refusal`)."""
+    from .distributed import launched_processes
+
+    if spec.optimizer_in_backward and (reason := rules.in_backward_refusal(
+            gradient_accumulation_steps=spec.gradient_accumulation_steps, max_grad_norm=max_grad_norm,
+            sharding=spec.sharding, processes=launched_processes())):
+        raise AdaptersError(reason)
 
 
 def _check_run_outputs(spec: RunSpec) -> None:

@@ -76,7 +76,9 @@ def start(spec: RunSpec) -> Start:
         if chosen is None:  # a checkpoint written before the run's choices were recorded: resolve them again
             chosen = resolve(dataclasses.replace(RunSpec(**recorded), output=None, resume=False, save_every=None),
                              data=False).chosen()
-        _refuse_contradictions(_computed(recorded, chosen), _computed(dataclasses.asdict(run.spec), run.chosen()),
+        # A setting added since the checkpoint was written is at its default there (RunSpec's).
+        _refuse_contradictions(_computed(dataclasses.asdict(RunSpec(**recorded)), chosen),
+                               _computed(dataclasses.asdict(run.spec), run.chosen()),
                                checkpoint / STATE, "resumed")
         return Start(run, checkpoint=checkpoint, position=position)
     if not has_final_save(spec.output):

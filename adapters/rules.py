@@ -10,7 +10,11 @@ predicts one) all read these, so they cannot disagree about what a run does:
   pay (`COMPILE_BY_DEFAULT`), and never by default under sharding;
 - whether gated MLPs recompute their activation in backward (`recomputes_mlp`);
 - the optimizer (`optimizer`): AdamW, fused where torch has a fused kernel for the device; or, where the run asks
-  for it (`OPTIMIZERS`), bitsandbytes' 8-bit AdamW, paged or not.
+  for it (`OPTIMIZERS`), bitsandbytes' 8-bit AdamW, paged or not;
+- the optimizer in backward (`in_backward_refusal`): where stepping each weight as soon as its gradient is whole
+  cannot give the update of the plain step, and is refused;
+- the weights' dtypes (`base_dtype`, `weights_dtype`): float32 master weights of what trains (``--master-weights
+  fp32``), or everything in bf16 (``none``).
 
 `engine` puts them together for one run; its `Engine` is what plan, bench reports and train results record.
 Nothing here imports torch: plan and the CLI read the rules without it.
@@ -70,6 +74,49 @@ def optimizer(device: str, kind: str | None = None) -> str:
     if kind != "adamw":
         return kind
     return "adamw-fused" if device in FUSED_ADAMW_DEVICES else "adamw-foreach"
+
+
+# The optimizer in backward (--optimizer-in-backward): one optimizer per trainable weight, stepped (and its gradient
+# freed) from the weight's post-accumulate-grad hook, as torchtune does; whole-model gradients never exist at once.
+def in_backward_refusal(*, gradient_accumulation_steps: int = 1, max_grad_norm: float = 0.0, sharding: str = "none",
+                        processes: int = 1) -> str | None:
+    """Why ``--optimizer-in-backward`` cannot give the plain step's update for this run, with one fix; None where it
+    can. Each weight is stepped as soon as its gradient is whole, so nothing may need every gradient first."""
+    if gradient_accumulation_steps > 1:
+        return (f"--optimizer-in-backward steps each weight during backward, so it cannot accumulate "
+                f"--gradient-accumulation-steps {gradient_accumulation_steps} micro-batches first. Use "
+                "--gradient-accumulation-steps 1 (a larger --batch-size, or --gradient-checkpointing to fit one), or "
+                "drop --optimizer-in-backward.")
+    if max_grad_norm > 0:
+        return (f"--optimizer-in-backward steps each weight before the other gradients exist, so it cannot clip them "
+                f"to their total norm (--max-grad-norm {max_grad_norm:g}). Pass --max-grad-norm 0, or drop "
+                "--optimizer-in-backward.")
+    if sharding != "none":
+        return (f"--optimizer-in-backward cannot run under --sharding {sharding}: FSDP reduces and shards the "
+                "gradients after the hooks would have stepped. Use --sharding none, or drop --optimizer-in-backward.")
+    if processes > 1:
+        return (f"--optimizer-in-backward cannot run in {processes} processes: data parallelism averages the gradients "
+                "across them after the hooks would have stepped. Run one process, or drop --optimizer-in-backward.")
+    return None
+
+
+# --master-weights: fp32 keeps float32 master copies of what trains (the mixed-precision recipe, see
+# adapters.training.model); none trains in bf16 throughout, base and trained weights alike, with AdamW's moments and
+# the gradients in bf16 too: half the bytes of each, for updates that round at bf16's resolution.
+MASTER_WEIGHTS = ("fp32", "none")
+DEFAULT_MASTER_WEIGHTS = "fp32"
+
+
+def base_dtype(device: str, master_weights: str = DEFAULT_MASTER_WEIGHTS) -> str:
+    """The dtype the base loads in on ``device`` (a device type): bf16 on CUDA; float32 on the CPU, where bf16
+    kernels are slow, unless the run trains in bf16 throughout (``master_weights="none"``)."""
+    return "bfloat16" if device == "cuda" or master_weights == "none" else "float32"
+
+
+def weights_dtype(device: str, master_weights: str = DEFAULT_MASTER_WEIGHTS) -> str:
+    """The dtype the trained weights are kept in (and so their gradients and AdamW's moments): float32 master
+    weights, or with ``master_weights="none"`` the base's dtype, bf16."""
+    return "float32" if master_weights == "fp32" else base_dtype(device, master_weights)
 
 
 def loss_chunk(asked: int | None) -> int:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from .contract import LR_SCHEDULERS, QUANTIZATIONS, TASKS, Strategy
 from .errors import AdaptersError
 from .options import read_toml, settings_values
-from .rules import DEFAULT_OPTIMIZER, OPTIMIZERS
+from .rules import DEFAULT_MASTER_WEIGHTS, DEFAULT_OPTIMIZER, MASTER_WEIGHTS, OPTIMIZERS
 
 if TYPE_CHECKING:
     from .data import Dataset
@@ -89,6 +89,14 @@ class RunSpec:
                              help="adamw: torch's AdamW, float32 states; adamw8bit: bitsandbytes' 8-bit AdamW "
                              "(about a quarter of the states' memory); paged_adamw8bit: the same, its states paged "
                              "to host memory under pressure on CUDA.")
+    optimizer_in_backward: bool = setting(False, commands=WORKLOAD,
+                                          help="Step each weight during backward, as soon as its gradient is whole, "
+                                          "and free that gradient: the whole model's gradients never exist at once. "
+                                          "Exact; refused with gradient accumulation, clipping or several processes.")
+    master_weights: str = setting(DEFAULT_MASTER_WEIGHTS, commands=WORKLOAD, choices=MASTER_WEIGHTS,
+                                  help="fp32: keep float32 master copies of the weights that train; none: train in "
+                                  "bf16 throughout (base, trained weights, gradients and AdamW's moments), half "
+                                  "their memory, updates rounded at bf16's resolution.")
     gradient_checkpointing: bool = setting(False, commands=WORKLOAD,
                                            help="Recompute activations in backward to save memory.")
     offload_activations: bool = setting(False, commands=WORKLOAD,

@@ -13,6 +13,7 @@ from typing import Any
 
 import msgspec
 
+from .. import rules
 from ..errors import AdaptersError
 from ..files import write_json
 from ..reports.model import (
@@ -225,6 +226,6 @@ def _report(settings: BenchSettings, outcome: _Outcome) -> Report:
         schema_version=SCHEMA_VERSION,
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         provenance=msgspec.convert({**provenance(), "seed": s.seed}, Provenance),
-        settings=Settings(**settings.to_dict(), dtype="bfloat16" if device == "cuda" else "float32", device=device,
+        settings=Settings(**settings.to_dict(), dtype=rules.base_dtype(device, s.master_weights), device=device,
                           effective_batch_size=s.batch_size * s.gradient_accumulation_steps * settings.processes),
         results=outcome.results, capacity=outcome.capacity, interrupted=bool(outcome.interrupted))

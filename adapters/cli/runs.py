@@ -153,6 +153,8 @@ def plan(ctx: click.Context, strategies: str, device: str, budget: str | None, p
                f"batch {result['batch_size']} x seq {result['seq_len']}"
                + (", gradient checkpointing" if result["gradient_checkpointing"] else "")
                + (", activations offloaded to host memory" if result["offload_activations"] else "")
+               + (", optimizer in backward" if result["optimizer_in_backward"] else "")
+               + (", no float32 master weights" if result["master_weights"] == "none" else "")
                + (f"; one of {result['processes']} processes ({parallel})" if result["processes"] > 1 else ""))
     click.echo(aligned_table(rows, headers))
     if result["device"] == "cuda":

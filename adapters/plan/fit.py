@@ -126,12 +126,15 @@ def fit(run: Run, limit: int, device: str | None = None) -> Fit:
     checkpointing = [True] if s.gradient_checkpointing else [False, True] if can_checkpoint else [False]
     offloading = [True] if s.offload_activations else [False, True] if device == "cuda" else [False]
     candidates = []
-    for m in (d for d in range(effective, 0, -1) if effective % d == 0):
+    # In backward, each weight steps as its gradient is whole: one micro-batch a step (rules.in_backward_refusal).
+    smallest = effective if s.optimizer_in_backward else 1
+    for m in (d for d in range(effective, smallest - 1, -1) if effective % d == 0):
         k = effective // m
         for gc, off in ((gc, off) for gc in checkpointing for off in offloading):
             shape_of_run = RunShape(m, s.seq_len, run.task, run.quantization, gc, device, s.loss_chunk, s.compile,
                                     processes=processes, sharding=s.sharding, optimizer=s.optimizer,
-                                    offload_activations=off)
+                                    offload_activations=off, optimizer_in_backward=s.optimizer_in_backward,
+                                    master_weights=s.master_weights)
             plan = estimate(shape, run.strategy, run.config, shape_of_run)
             if plan.status != "ok":
                 raise Unpredictable(

@@ -5,7 +5,9 @@
   and its two gradient buffers, or with the chunked loss (`adapters.loss`) one chunk's of them;
 - a layer's backward (with its recomputation under gradient checkpointing), and for full
   fine-tuning the end of backward, when every gradient exists;
-- the optimizer step: every gradient plus AdamW's temporaries (none for fused AdamW).
+- the optimizer step: every gradient plus AdamW's temporaries (none for fused AdamW). With the optimizer in
+  backward there is no such step: each weight is updated as its gradient is whole, so every backward phase holds
+  one gradient (at most the largest) and its update's temporaries instead.
 
 With ``offload_activations`` (`adapters.training.offload`, CUDA) the activations saved across layers live in host
 memory: the device holds one layer's of them, the one whose copies are in flight in the forward, or that is
@@ -134,7 +136,18 @@ def _phases(shape: ModelShape, run: RunShape, part: StrategyMemory) -> dict[str,
         if flow == "weights":  # the first layer's backward, with every other gradient already made
             first = (kept if checkpointed else 0) + layer + working
             phases["end of backward"] = {"gradients": part.trainable_bytes, "activations": first}
-    phases["optimizer step"] = {"gradients": part.trainable_bytes, "optimizer_step": _adamw_temporaries(run, part)}
+    if not run.optimizer_in_backward:
+        phases["optimizer step"] = {"gradients": part.trainable_bytes,
+                                    "optimizer_step": _adamw_temporaries(run, part.trainable_bytes)}
+        return phases
+    # In backward each weight steps as soon as its gradient is whole, and the gradient goes: the layers' backward
+    # holds one at a time, at most the largest (a tied embedding's, begun by the output head at the end of the loss's
+    # backward, lives until the embedding's own backward ends it), with that one tensor's update. The loss's own
+    # peak comes before the head's gradient (measured: SmolLM2 full fine-tuning, benchmarks/optimizer_options.py).
+    largest = part.largest_trainable_tensor_bytes
+    one = {"gradients": largest, "optimizer_step": _adamw_temporaries(run, largest)}
+    for name in phases.keys() & {"layer backward", "end of backward"}:
+        phases[name] = {**phases[name], **one}
     return phases
 
 
@@ -152,14 +165,15 @@ def optimizer_state(run: RunShape, part: StrategyMemory) -> int:
     return adamw
 
 
-def _adamw_temporaries(run: RunShape, part: StrategyMemory) -> int:
+def _adamw_temporaries(run: RunShape, updated: int) -> int:
     """AdamW's temporaries in the form `adapters.rules.optimizer` gives the device: fused updates each tensor in
     place, with none; foreach makes one the size of every trainable tensor at once. bitsandbytes' 8-bit AdamW on
     the CPU was measured holding about as much as foreach (SmolLM2 full fine-tuning: 566 MB of temporaries for
-    538 MB of weights, tests/test_optimizers.py); on CUDA its kernel updates in place (to be measured)."""
+    538 MB of weights, tests/test_optimizers.py); on CUDA its kernel updates in place (to be measured). ``updated``:
+    the bytes of the weights one update takes at once (all of them; in backward, one tensor)."""
     form = run.engine.optimizer
     if form == "adamw-foreach" or (form in rules.EIGHT_BIT_OPTIMIZERS and run.device == "cpu"):
-        return part.trainable_bytes
+        return updated
     return 0
 
 

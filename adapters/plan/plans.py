@@ -69,6 +69,9 @@ def make_plans(settings: PlanSettings) -> dict[str, Any]:
     check_sharding(s.sharding, "none", s.compile)  # the name; a quantized base is a refused row (`_asked`)
     if s.offload_activations and (reason := rules.offload_refusal(settings.device)):
         raise AdaptersError(f"--device {settings.device}: {reason}")
+    if s.optimizer_in_backward and (reason := rules.in_backward_refusal(sharding=s.sharding,
+                                                                       processes=settings.processes)):
+        raise AdaptersError(reason)
     registry = get_registry()
     asked = _asked(settings, registry)  # every name and option checked before any model is built
     shape = model_shape(s.model, s.task, settings.device)
@@ -76,16 +79,19 @@ def make_plans(settings: PlanSettings) -> dict[str, Any]:
     for one in asked:
         run = RunShape(s.batch_size, s.seq_len, shape.task, one.quantization, s.gradient_checkpointing,
                        settings.device, s.loss_chunk, s.compile, processes=settings.processes, sharding=s.sharding,
-                       optimizer=s.optimizer, offload_activations=s.offload_activations)
+                       optimizer=s.optimizer, offload_activations=s.offload_activations,
+                       optimizer_in_backward=s.optimizer_in_backward, master_weights=s.master_weights)
         plans.append(_plan(one, shape, run, budget))
     engine = rules.engine(settings.device, shape.task, compile=s.compile, sharding=s.sharding,
                           gradient_checkpointing=s.gradient_checkpointing, loss_chunk=s.loss_chunk,
                           optimizer_kind=s.optimizer)
     return {
         "model": s.model, "task": shape.task, "device": settings.device,
-        "dtype": "bfloat16 (autocast)" if settings.device == "cuda" else "float32",
+        "dtype": rules.base_dtype(settings.device, s.master_weights) + (" (autocast)" if settings.device == "cuda"
+                                                                         else ""),
         "batch_size": s.batch_size, "seq_len": s.seq_len,
         "gradient_checkpointing": s.gradient_checkpointing, "offload_activations": s.offload_activations,
+        "optimizer_in_backward": s.optimizer_in_backward, "master_weights": s.master_weights,
         "loss": engine.loss_path,
         "processes": settings.processes, "sharding": s.sharding,
         "budget_bytes": budget, "engine": engine.to_dict(),

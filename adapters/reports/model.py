@@ -98,6 +98,8 @@ class Settings(Struct, kw_only=True):
     loss_chunk: int | None = None
     compile: bool | None = None
     offload_activations: bool | None = None
+    optimizer_in_backward: bool | None = None
+    master_weights: Literal["fp32", "none"] | None = None
     options: dict[str, Any] = {}  # strategy options, for every strategy of the suite
     run: str | None = None  # `adapters bench --run RUN`: the run whose settings these are
 

@@ -12,6 +12,10 @@ already (PEFT keeps them so), so nothing changes for them. A completed run round
 back to the dtype the strategy gave them (`restore_dtypes`) before its final evaluation and save, so
 the result is what ``adapters.load`` gives back; checkpoints keep them in float32, so a resumed run
 continues from them exactly. On the CPU the base is float32 and nothing changes.
+
+``--master-weights none`` trains in bf16 throughout instead (`adapters.rules.base_dtype` and `weights_dtype`):
+the base loads in bf16 on every device, and what trains is kept in bf16 (`keep_trainable`), its gradients and
+AdamW's moments with it: half the bytes of each, for updates that round at bf16's resolution.
 """
 from __future__ import annotations
 
@@ -67,7 +71,7 @@ def build(run: Run, device: torch.device, *, checkpoint: Path | None = None, sav
     directory = saved if saved is not None else checkpoint / MODEL
     other_base = check_base(directory, read_manifest(directory), base, run.spec.allow_other_base)
     model = restore(run.strategy, base.model, directory, run.config)
-    dtypes = keep_float32_trainable(model)
+    dtypes = keep_trainable(model, rules.weights_dtype(torch.device(device).type, run.spec.master_weights))
     if count_parameters(model).trainable == 0:  # e.g. PEFT's prefix with projection, saved for inference
         raise AdaptersError(f"{directory}: strategy {run.strategy.name!r} restores these weights for inference only "
                             "(nothing is trainable once loaded), so they cannot be trained further. Start a new run "
@@ -85,7 +89,8 @@ def load_base(run: Run, device: torch.device) -> BaseModel:
     s = run.spec
     set_seed(s.seed)
     labels = run.dataset.labels if run.dataset is not None else None
-    base = load_base_model(s.model, run.quantization, run.task, labels or None, device)
+    dtype = getattr(torch, rules.base_dtype(torch.device(device).type, s.master_weights))
+    base = load_base_model(s.model, run.quantization, run.task, labels or None, device, dtype)
     # Training never decodes: without this, every forward also fills a key/value cache that holds
     # each layer's keys and values (all of them when nothing else keeps them: a probe, a padded batch).
     base.model.config.use_cache = False
@@ -98,14 +103,14 @@ def load_base(run: Run, device: torch.device) -> BaseModel:
 
 
 def apply_strategy(run: Run, base: BaseModel) -> tuple[torch.nn.Module, dict[str, torch.dtype]]:
-    """Apply ``run``'s strategy to ``base`` and keep what it trains as float32 master weights.
+    """Apply ``run``'s strategy to ``base`` and keep what it trains in its dtype (`keep_trainable`).
 
     Returns the model and the dtypes the strategy gave the weights that became float32 (`keep_float32_trainable`).
     """
     model = run.strategy.apply(base.model, run.config)
     if count_parameters(model).trainable == 0:
         raise AdaptersError(f"strategy {run.strategy.name!r}: apply left no parameter trainable; check its options.")
-    return model, keep_float32_trainable(model)
+    return model, keep_trainable(model, rules.weights_dtype(base.model.device.type, run.spec.master_weights))
 
 
 def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
@@ -125,6 +130,17 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
     with contextlib.suppress(AttributeError):
         model.disable_input_require_grads()
     model.enable_input_require_grads()
+
+
+def keep_trainable(model: torch.nn.Module, dtype: str) -> dict[str, torch.dtype]:
+    """What trains kept in ``dtype`` (`adapters.rules.weights_dtype`): "float32", as master weights
+    (`keep_float32_trainable`, whose dtypes it returns); else in that dtype, the base's (nothing to restore: {})."""
+    if dtype == "float32":
+        return keep_float32_trainable(model)
+    for p in model.parameters():
+        if p.requires_grad and p.is_floating_point():
+            p.data = p.data.to(getattr(torch, dtype))
+    return {}
 
 
 def keep_float32_trainable(model: torch.nn.Module) -> dict[str, torch.dtype]:

@@ -4,9 +4,9 @@
 precision on a GPU; FSDP under ``--sharding fsdp`` or ``accelerate launch --use_fsdp``); the base and the strategy
 on it, or restored from saved weights (`adapters.training.model.build`); the tokenized rows of the data and
 their loaders, packing included; the decoder compiled where `adapters.rules` says; AdamW in its form for the
-device; the learning-rate schedule; all of it prepared by Accelerate. `adapters.train` loops over its steps,
-``adapters bench`` times them and measures their memory, and the kit checks a strategy through them: what bench
-measures is what train runs.
+device (or one per weight, stepped in backward: `adapters.training.in_backward`); the learning-rate schedule; all
+of it prepared by Accelerate. `adapters.train` loops over its steps, ``adapters bench`` times them and measures
+their memory, and the kit checks a strategy through them: what bench measures is what train runs.
 
 Its parts: `Stepper` takes the optimizer steps (with the out-of-memory back-off), `State` (local or sharded)
 writes and reads checkpoints and gives the whole model back, `Health` checks that everything stays finite.
@@ -30,6 +30,7 @@ from ..nn import ParameterCount, count_parameters
 from ..runspec import Run
 from .evaluate import evaluate
 from .health import Health
+from .in_backward import InBackward
 from .model import Built, build
 from .prepared import Prepared
 from .sharded import ShardedState
@@ -103,12 +104,16 @@ class Session(Prepared):
         choice = rules.engine(accelerator.device.type, run.task, compile=s.compile, sharding=s.sharding,
                               gradient_checkpointing=s.gradient_checkpointing, loss_chunk=s.loss_chunk,
                               optimizer_kind=s.optimizer)
-        optimizer = engine.make_optimizer([p for p in model.parameters() if p.requires_grad], run.learning_rate,
-                                          run.weight_decay, accelerator.device, kind=s.optimizer)
+        make_optimizer = InBackward if s.optimizer_in_backward else engine.make_optimizer
+        optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], run.learning_rate,
+                                   run.weight_decay, accelerator.device, kind=s.optimizer)
         compiled = {"on": choice.compiled, "layers": engine.compile_layers(model) if choice.compiled else 0,
                     "error": None}
         scheduler = _schedule(run, optimizer, accelerator.num_processes)
-        model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
+        if s.optimizer_in_backward:  # its state is written as safetensors (`LocalState`), never by Accelerate
+            model, train_loader, scheduler = accelerator.prepare(model, train_loader, scheduler)
+        else:
+            model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
         if eval_loader is not None:
             eval_loader = accelerator.prepare(eval_loader)
         # Checkpoints hold the trainable weights in the strategy's format, not the frozen base.

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from .. import checkpoints
+from ..checkpoints import OPTIMIZER_STATE, OPTIMIZER_TENSORS, STATE_SEPARATOR
 from ..errors import AdaptersError
 from ..files import write_json
 from ..loading import BaseModel
@@ -30,9 +31,6 @@ from ..tensorfiles import read_safetensors
 from .model import apply_strategy, keep_float32_trainable, load_base, restore_dtypes
 from .state import State
 
-OPTIMIZER_TENSORS = "optimizer.safetensors"
-OPTIMIZER_STATE = "optimizer.json"
-_SEPARATOR = "::"  # between a parameter's name and the name of one of its states: "model.norm.weight::exp_avg"
 
 
 class ShardedState(State):
@@ -118,7 +116,7 @@ def _save_optimizer_state(directory: Path, state: dict[str, Any], scheduler: Any
     rest as JSON."""
     from safetensors.torch import save_file
 
-    tensors = {f"{name}{_SEPARATOR}{key}": value.detach().cpu().contiguous()
+    tensors = {f"{name}{STATE_SEPARATOR}{key}": value.detach().cpu().contiguous()
                for name, values in state["state"].items() for key, value in values.items()
                if isinstance(value, torch.Tensor)}
     others = {name: {k: v for k, v in values.items() if not isinstance(v, torch.Tensor)}
@@ -137,7 +135,7 @@ def _load_optimizer_state(directory: Path, model: torch.nn.Module, optimizer: to
     saved = json.loads((directory / OPTIMIZER_STATE).read_text())
     state: dict[str, dict[str, Any]] = {name: dict(values) for name, values in saved["scalars"].items()}
     for key, tensor in read_safetensors(directory / OPTIMIZER_TENSORS).items():
-        name, _, what = key.rpartition(_SEPARATOR)
+        name, _, what = key.rpartition(STATE_SEPARATOR)
         state.setdefault(name, {})[what] = tensor
     set_optimizer_state_dict(model, optimizer, {"state": state, "param_groups": saved["param_groups"]},
                              options=StateDictOptions(full_state_dict=True))

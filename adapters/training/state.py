@@ -18,6 +18,7 @@ from ..host import distribution_of
 from ..loading import BaseModel
 from ..store import save
 from .health import non_finite
+from .in_backward import InBackward
 from .model import restore_dtypes
 from .prepared import Prepared
 
@@ -77,12 +78,22 @@ class LocalState(State):
         if accelerator.is_main_process:
             written = checkpoints.write(
                 output, position, settings, lambda d: self.save_weights(self.unwrapped(), self.session.base, d),
-                lambda d: accelerator.save_state(str(d)), keep)
+                self._save_state, keep)
         accelerator.wait_for_everyone()
         return written
 
+    def _save_state(self, directory: Path) -> None:
+        self.session.accelerator.save_state(str(directory))  # the schedule and random states; AdamW's, held by it
+        if isinstance(self.session.optimizer, InBackward):  # one per weight, which Accelerate does not hold
+            self.session.optimizer.save(directory, self._names())
+
     def load_checkpoint(self, checkpoint: Path) -> None:
         self.session.accelerator.load_state(str(checkpoint))
+        if isinstance(self.session.optimizer, InBackward):
+            self.session.optimizer.load(checkpoint, self._names())
+
+    def _names(self) -> dict[torch.nn.Parameter, str]:
+        return {p: name for name, p in self.unwrapped().named_parameters()}
 
     def finish(self) -> None:
         restore_dtypes(self.unwrapped(), self.session.built.dtypes)

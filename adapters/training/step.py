@@ -6,9 +6,10 @@ keeps the effective batch and the data: the loader still draws batches of ``batc
 the step splits each into pieces, so every optimizer step sees the same examples as without the back-off. Each
 back-off is recorded (`Stepper.backoffs`, an ``"oom_backoff"`` event in ``metrics.jsonl``, the manifest's
 ``training``), and checkpoints record the micro-batch, so a resumed run goes on with the micro-batch that fitted.
-When even a micro-batch of 1 does not fit, the run has failed. With several processes one cannot back off alone:
-the others are already in the step's collectives (FSDP's gathers, DDP's all-reduce), so the run stops with the
-reason instead.
+When even a micro-batch of 1 does not fit, the run has failed; so has a run with the optimizer in backward
+(`adapters.training.in_backward`), whose weights were partly updated when memory ran out. With several processes
+one cannot back off alone: the others are already in the step's collectives (FSDP's gathers, DDP's all-reduce), so
+the run stops with the reason instead.
 """
 from __future__ import annotations
 
@@ -150,6 +151,13 @@ class Stepper:
     def _back_off(self, number: int, error: str) -> bool:
         """Halve the micro-batch and record it; False (the run has failed) when it is already 1."""
         s = self.session.run.spec
+        if s.optimizer_in_backward:  # some weights were stepped already: the step cannot be taken again in pieces
+            self.failure = (f"out of memory at step {number} with --optimizer-in-backward ({error}), which updates "
+                            "weights during backward, so the step cannot be retried with a smaller micro-batch; "
+                            "stopped there and kept the last good checkpoint. Lower --batch-size or --seq-len, or "
+                            "add --gradient-checkpointing.")
+            self.events(number, "out_of_memory", batch_size=self.micro_batch, status="failed", error=error)
+            return False
         if self.micro_batch == 1:
             self.failure = (f"out of memory at step {number} even with a micro-batch of 1 ({error}); stopped there and "
                             "kept the last good checkpoint. Lower --seq-len, add --gradient-checkpointing, or choose "

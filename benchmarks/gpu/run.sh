@@ -30,6 +30,9 @@
 #                -> bench-compile.json or bench-no-compile.json
 #   inventory    inventory.py: what a step keeps for backward, tensor by tensor, at 2 and 4 layers -> inventory.json;
 #                and QLoRA beside LoRA with the layers compiled, as CUDA runs them -> inventory-qlora-compiled.json
+#   optimizer-options  optimizer_options.py: full fine-tuning with AdamW, the optimizer in backward, bf16 without
+#                master weights, both, adamw8bit and paged_adamw8bit: peak, plan error, tokens/s, held-out loss
+#                -> optimizer-options.json
 #   ratios       ratios.py: adapters against the plain stack and the goals -> ratios.json
 # ONLY="compile ratios" runs only the steps named (a second call, after one was cut short by its limit).
 set -uo pipefail
@@ -91,6 +94,9 @@ step offload 60 "$PY" -m adapters bench --model "$MODEL" --strategies lora --off
   --output "$OUT/bench-offload-activations.json" --overwrite
 step optimizer-8bit 60 "$PY" -m adapters bench --model "$MODEL" --strategies full-finetune --optimizer paged_adamw8bit \
   "${SHAPE_ARGS[@]}" --output "$OUT/bench-paged-adamw8bit.json" --overwrite
+step optimizer-options 150 "$PY" benchmarks/optimizer_options.py --model "$MODEL" --batch-size "$BATCH" --seq-len "$SEQ" \
+  --steps "$STEPS" --bench-steps "$STEPS" --options adamw,in-backward,bf16,bf16+in-backward,adamw8bit,paged_adamw8bit \
+  --output "$OUT/optimizer-options.json"
 step ratios 10 "$PY" benchmarks/gpu/ratios.py "$OUT" --shape "$SHAPE"
 
 echo "results in $OUT"
