@@ -17,6 +17,7 @@ import math
 import re
 import shutil
 import tempfile
+import warnings
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,7 +89,7 @@ class Lora(adapters.PeftStrategy):
         """PEFT's LoraConfig. Loading a run whose initialisation rewrote the base, it is that of the saved plain LoRA
         of twice the rank (PEFT's conversion, `save`). ``init`` overrides the option's initialisation: CorDA's
         needs what `apply_with_data` computes first, so plain ``apply`` gives it LoRA's default."""
-        from peft import EvaConfig, LoftQConfig, LoraConfig
+        from peft import CordaConfig, EvaConfig, LoftQConfig, LoraConfig
 
         targets = adapters.match_targets(model, config.target_modules)
         # GPT-2 style Conv1D layers store their weight transposed.
@@ -99,6 +100,8 @@ class Lora(adapters.PeftStrategy):
         if init is None:
             init = True if loading or config.init == "corda" else peft_init(config.init)
         extra = {"eva_config": EvaConfig(rho=1.0)} if init == "eva" else {}  # rho 1: every layer keeps rank r
+        if init == "corda":
+            extra = {"corda_config": CordaConfig()}
         if init == "loftq":
             extra = {"loftq_config": LoftQConfig(loftq_bits=4)}
         return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=config.dropout, target_modules=targets,
@@ -124,16 +127,19 @@ class Lora(adapters.PeftStrategy):
             return module(**{k: v for k, v in batch.items() if k != "labels"})
 
         if config.init == "eva":
-            applied = self.apply(model, config)
+            with warnings.catch_warnings():  # PEFT's advice on low_cpu_mem_usage, which adapters does not pass
+                warnings.filterwarnings("ignore", message=".*eva initialization.*", category=UserWarning)
+                applied = self.apply(model, config)
             initialize_lora_eva_weights(applied, batches, forward_fn=forward, gather_distributed_inputs=False,
                                         show_progress_bar=False)
             return applied
         peft_config = self.peft_config(model, config, init="corda")
 
         @torch.no_grad()
-        def run_model():
+        def run_model():  # a row at a time: PEFT's hooks take each layer's input as one [tokens, width] matrix
             for batch in batches:
-                forward(model, batch)
+                for row in range(len(batch["input_ids"])):
+                    forward(model, {k: v[row:row + 1] for k, v in batch.items()})
 
         preprocess_corda(model, peft_config, run_model=run_model)
         return _keep_initial(self.apply_config(model, peft_config), config)
