@@ -89,7 +89,8 @@ class Lora(adapters.PeftStrategy):
         """PEFT's LoraConfig. Loading a run whose initialisation rewrote the base, it is that of the saved plain LoRA
         of twice the rank (PEFT's conversion, `save`). ``init`` overrides the option's initialisation: CorDA's
         needs what `apply_with_data` computes first, so plain ``apply`` gives it LoRA's default."""
-        from peft import CordaConfig, EvaConfig, LoftQConfig, LoraConfig
+        from peft import EvaConfig, LoftQConfig, LoraConfig
+        from peft.tuners.lora.config import CordaConfig
 
         targets = adapters.match_targets(model, config.target_modules)
         # GPT-2 style Conv1D layers store their weight transposed.

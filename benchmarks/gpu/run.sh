@@ -30,6 +30,8 @@
 #                -> bench-compile.json or bench-no-compile.json
 #   inventory    inventory.py: what a step keeps for backward, tensor by tensor, at 2 and 4 layers -> inventory.json;
 #                and QLoRA beside LoRA with the layers compiled, as CUDA runs them -> inventory-qlora-compiled.json
+#   lora-variants adapters bench lora with each variant: DoRA, rsLoRA, PiSSA, LoRA+ and LoftQ (CUDA only)
+#                -> bench-lora-*.json
 #   ratios       ratios.py: adapters against the plain stack and the issue's goals -> ratios.json
 # ONLY="compile ratios" runs only the steps named (a second call, after one was cut short by its limit).
 set -uo pipefail
@@ -91,6 +93,12 @@ step offload 60 "$PY" -m adapters bench --model "$MODEL" --strategies lora --off
   --output "$OUT/bench-offload-activations.json" --overwrite
 step optimizer-8bit 60 "$PY" -m adapters bench --model "$MODEL" --strategies full-finetune --optimizer paged_adamw8bit \
   "${SHAPE_ARGS[@]}" --output "$OUT/bench-paged-adamw8bit.json" --overwrite
+# LoRA's variants (the lora strategy's options): one bench each, the plan beside it; LoftQ needs CUDA (not in DRY).
+LORA_VARIANTS=("use_dora=true" "use_rslora=true" "init=pissa_niter_4" "lora_plus_ratio=16")
+[[ "${DRY:-0}" == 1 ]] || LORA_VARIANTS+=("init=loftq")
+step lora-variants 120 env PY="$PY" MODEL="$MODEL" SHAPE_ARGS="${SHAPE_ARGS[*]}" bash -c 'for v in "$@"; do
+  "$PY" -m adapters bench --model "$MODEL" --strategies lora --set "$v" $SHAPE_ARGS \
+    --output "$OUT/bench-lora-${v//[=_]/-}.json" --overwrite || exit; done' _ "${LORA_VARIANTS[@]}"
 step ratios 10 "$PY" benchmarks/gpu/ratios.py "$OUT" --shape "$SHAPE"
 
 echo "results in $OUT"
