@@ -24,7 +24,7 @@ from pathlib import Path
 
 import adapters
 
-INITS = ("default", "gaussian", "pissa", "pissa_niter_N", "olora", "eva", "corda", "loftq")
+INITS = ("default", "gaussian", "pissa", "olora", "eva", "corda", "loftq")  # and pissa_niter_N, N iterations
 # Initialisations that rewrite the base's weights (a residual, a quantized copy) to start from another point.
 CHANGES_BASE = ("pissa", "olora", "corda", "loftq")
 DATA_BATCHES = 4  # training batches EVA and CorDA initialise from
@@ -55,8 +55,8 @@ class LoraOptions:
         if not 0.0 <= self.dropout < 1.0:  # also false for NaN
             raise ValueError(f"dropout must be in [0, 1), not {self.dropout}")
         if self.init not in INITS and not re.fullmatch(r"pissa_niter_[1-9][0-9]*", self.init):
-            raise ValueError(f"init must be one of {', '.join(INITS)} (N a count of iterations, e.g. pissa_niter_4), "
-                             f"not {self.init!r}; e.g. --set init=pissa")
+            raise ValueError(f"init must be one of {', '.join(INITS)} or pissa_niter_N (N iterations, e.g. "
+                             f"pissa_niter_4), not {self.init!r}; e.g. --set init=pissa")
         if not (math.isfinite(self.lora_plus_ratio) and self.lora_plus_ratio > 0):
             raise ValueError(f"lora_plus_ratio must be a positive number (1: plain LoRA), not {self.lora_plus_ratio}; "
                              "e.g. --set lora_plus_ratio=16")
@@ -100,11 +100,9 @@ class Lora(adapters.PeftStrategy):
             r, alpha = 2 * r, alpha * math.sqrt(2) if config.use_rslora else 2 * alpha
         if init is None:
             init = True if loading or config.init == "corda" else peft_init(config.init)
-        extra = {"eva_config": EvaConfig(rho=1.0)} if init == "eva" else {}  # rho 1: every layer keeps rank r
-        if init == "corda":
-            extra = {"corda_config": CordaConfig()}
-        if init == "loftq":
-            extra = {"loftq_config": LoftQConfig(loftq_bits=4)}
+        extra = {"eva": {"eva_config": EvaConfig(rho=1.0)},  # rho 1: every layer keeps rank r
+                 "corda": {"corda_config": CordaConfig()},
+                 "loftq": {"loftq_config": LoftQConfig(loftq_bits=4)}}.get(init, {})
         return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=config.dropout, target_modules=targets,
                           fan_in_fan_out=transposed, task_type=adapters.peft_task_type(model),
                           use_dora=config.use_dora, use_rslora=config.use_rslora, init_lora_weights=init, **extra)
@@ -176,8 +174,10 @@ class Lora(adapters.PeftStrategy):
         initial A side by side, B and minus the initial B, which on the original base gives the trained model."""
         initial = getattr(model, INITIAL, None)
         if initial is None:
-            return adapters.save_peft(model, directory)
-        model.save_pretrained(directory, safe_serialization=True, path_initial_model_for_weight_conversion=initial)
+            adapters.save_peft(model, directory)
+        else:
+            model.save_pretrained(directory, safe_serialization=True,
+                                  path_initial_model_for_weight_conversion=initial)
 
     def expected_trainable_parameters(self, model, config: LoraOptions) -> int:
         targets = adapters.match_targets(model, config.target_modules)
