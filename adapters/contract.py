@@ -6,9 +6,11 @@ A strategy is any object with the six members of `Strategy`. Everything else is 
   a strategy that does not subclass it gets those defaults too, through `traits`;
 - one small Protocol per optional capability: `SavesOwnFormat` (its own files, e.g. PEFT's),
   `DeclaresTrainable` (how many parameters ``apply`` will leave trainable), `EstimatesMemory`
-  (its part of a step's memory, for ``adapters plan``) and `RefusesModels` (the model families it
-  cannot apply to, told from their config). The core checks for a capability with
-  ``isinstance(strategy, SavesOwnFormat)``;
+  (its part of a step's memory, for ``adapters plan``), `RefusesModels` (the model families it
+  cannot apply to, told from their config), `RefusesRuns` (the runs its options cannot train: a device,
+  a quantization), `GroupsParameters` (optimizer parameter groups of their own, e.g. another learning
+  rate) and `InitialisesFromData` (initial weights computed from the run's training batches). The core
+  checks for a capability with ``isinstance(strategy, SavesOwnFormat)``;
 - the shape types an estimate works with: `ModelShape`, `LinearShape`, `RunShape`, and the
   `StrategyMemory` it returns.
 
@@ -147,6 +149,52 @@ class RefusesModels(Protocol):
 
 
 @runtime_checkable
+class RefusesRuns(Protocol):
+    """A strategy whose options rule out some runs: a device, a quantization, sharding (e.g. an
+    initialisation that only a CUDA library can compute).
+
+    ``run`` is the `RunShape` of the run about to start (its ``device`` the one it will train on) or
+    being planned. Return why not, as one sentence naming the option at fault and one fix, or None when
+    the run can go ahead. train stops before the base loads (`adapters.StrategyRefused`), and plan and
+    bench show a refused row.
+    """
+
+    def refuses_run(self, config: Any, run: RunShape) -> str | None: ...
+
+
+@runtime_checkable
+class GroupsParameters(Protocol):
+    """A strategy that gives the optimizer parameter groups of its own (e.g. a higher learning rate
+    for some weights, as LoRA+ gives LoRA's B matrices).
+
+    ``model`` is what ``apply`` (or ``apply_with_data``) returned; ``learning_rate`` the run's. Return
+    torch's parameter groups (dicts with ``"params"`` and, each its own, ``"lr"`` or
+    ``"weight_decay"``) that together hold every trainable parameter exactly once; the run's schedule
+    scales each group's rate alike. Without it every trainable parameter is in one group.
+    """
+
+    def parameter_groups(self, model: torch.nn.Module, config: Any,
+                         learning_rate: float) -> list[dict[str, Any]]: ...
+
+
+@runtime_checkable
+class InitialisesFromData(Protocol):
+    """A strategy whose initial weights are computed from the run's own training data (EVA, CorDA).
+
+    ``data_batches`` says how many of the run's training batches it needs with ``config`` (0: none,
+    and ``apply`` is used as usual). When it needs some, a training session calls ``apply_with_data``
+    instead of ``apply``, with that many batches (dicts of tensors, as the training step gets them,
+    on the model's device); it returns the model to train, as ``apply`` does. ``apply`` alone must
+    still give the same structure (plans and checks use it on a weightless model).
+    """
+
+    def data_batches(self, config: Any) -> int: ...
+
+    def apply_with_data(self, model: torch.nn.Module, config: Any,
+                        batches: list[dict[str, torch.Tensor]]) -> torch.nn.Module: ...
+
+
+@runtime_checkable
 class Merges(Protocol):
     """A strategy whose trained weights fold into the base, for ``adapters merge``.
 
@@ -175,6 +223,11 @@ class ImportsPeft(Protocol):
     peft_types: frozenset[str]
 
     def options_from_peft(self, peft_config: dict[str, Any]) -> Any: ...
+
+
+def run_refusal(strategy: Strategy, config: Any, run: RunShape) -> str | None:
+    """Why ``strategy`` with ``config`` cannot train ``run`` (`RefusesRuns`), or None."""
+    return strategy.refuses_run(config, run) if isinstance(strategy, RefusesRuns) else None
 
 
 def declared_trainable(strategy: Strategy, model: torch.nn.Module, config: Any) -> int | None:

@@ -117,7 +117,12 @@ class PeftStrategy(StrategyBase):
         raise NotImplementedError
 
     def apply(self, model: torch.nn.Module, config: Any) -> torch.nn.Module:
-        peft_config = self.peft_config(model, config)
+        return self.apply_config(model, self.peft_config(model, config))
+
+    def apply_config(self, model: torch.nn.Module, peft_config: Any) -> torch.nn.Module:
+        """``model`` with ``peft_config`` applied (``peft.get_peft_model``): what `apply` does with `peft_config`'s
+        config, for a strategy that builds the config itself (e.g. after computing something from data). PEFT's
+        refusal of the layers becomes an `AdaptersError`."""
         try:
             return _get_peft_model(model, peft_config)
         except ValueError as exc:  # PEFT's word on modules it cannot adapt (checked on the weightless model first)

@@ -20,7 +20,8 @@ START, END = "<!-- contract:start -->", "<!-- contract:end -->"
 # then the helpers that strategies would otherwise write again.
 NAMES = {
     "adapters.contract": ("Strategy", "StrategyBase", "Traits", "traits", "SavesOwnFormat", "DeclaresTrainable",
-                          "EstimatesMemory", "RefusesModels", "Merges",
+                          "EstimatesMemory", "RefusesModels", "RefusesRuns", "GroupsParameters",
+                          "InitialisesFromData", "Merges",
                           "ImportsPeft", "RunShape", "ModelShape", "LinearShape",
                           "StrategyMemory"),
     "adapters.nn": ("match_targets", "targeted_linears", "head_parameters"),

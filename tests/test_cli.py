@@ -140,7 +140,7 @@ def test_user_errors_in_process(case, tmp_path, capsys):
         "full-finetune@nf4": (["--strategy", "full-finetune@nf4"], ["'full-finetune'", "nf4", "lora"]),
         "conflicting@": (["--strategy", "lora@nf4", "--quantization", "int8"], ["nf4", "int8", "only one"]),
         "r=abc": (["--set", "r=abc"], ["'r'", "int", "'abc'"]),
-        "unknown-key": (["--set", "rank=8"], ["'rank'", "alpha, dropout, r, target_modules"]),
+        "unknown-key": (["--set", "rank=8"], ["'rank'", "alpha, dropout, init, lora_plus_ratio, r, target_modules, use_dora, use_rslora"]),
         "bad-set": (["--set", "r"], ["'r'", "key=value"]),
         "empty-data": (["--data", write(tmp_path / "empty.txt", "  \n\n")], ["empty.txt", "empty"]),
         "malformed-jsonl": (["--data", write(tmp_path / "bad.jsonl", '{"text": "ok"}\n{"text": oops}\n')],

@@ -59,7 +59,7 @@ def test_a_plain_peft_lora_is_imported_evaluated_and_merged(tmp_path, capsys):
     code, out, err = run_in_process(capsys, "import", str(source), "--model", "random:tiny", "--output", str(run))
     assert code == 0, err
     assert "Imported a PEFT LORA adapter as a lora run (r=4 alpha=8 dropout=0.0 target_modules=['q_proj', " \
-           "'v_proj']) on random:tiny" in out
+           "'v_proj'] use_dora=False use_rslora=False init=default lora_plus_ratio=1.0) on random:tiny" in out
     loaded = adapters.load(run)  # a complete run: manifest, PEFT's files, the fingerprint of the base
     assert loaded.strategy.name == "lora" and loaded.manifest.fingerprint == loaded.base.fingerprint
     assert loaded.manifest.training["imported_from"]["peft_type"] == "LORA"
@@ -174,7 +174,7 @@ def test_a_dir_with_only_pickled_weights_is_refused_unread(tmp_path, capsys):
 @pytest.mark.parametrize("change, needle", [
     ({"auto_mapping": {"base_model_class": "Evil", "parent_library": "evil"}}, "holds 'auto_mapping'"),
     ({"auto_map": {"AutoModel": "evil.Model"}}, "holds 'auto_map'"),
-    ({"use_dora": True}, "has use_dora=True, which strategy 'lora' has no option for"),
+    ({"bias": "all"}, "has bias='all', which strategy 'lora' has no option for"),
     ({"rank_pattern": {"q_proj": 8}}, "has rank_pattern={'q_proj': 8}"),
     ({"target_modules": ".*q_proj"}, "target_modules='.*q_proj', a regular expression"),
     ({"init_lora_weights": "pissa"}, "changes the base's own weights"),

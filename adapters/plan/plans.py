@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import rules
-from ..contract import QUANTIZATIONS, ModelShape, RunShape, Strategy
+from ..contract import QUANTIZATIONS, ModelShape, RunShape, Strategy, run_refusal
 from ..errors import AdaptersError
 from ..host import Registry, get_registry
 from ..resolver import resolve
@@ -162,7 +162,8 @@ def _accepted(strategy: Strategy, options: dict[str, Any]) -> dict[str, Any]:
 
 def _plan(asked: _Asked, shape: ModelShape, run: RunShape, budget: int | None) -> Plan:
     """One strategy's plan, or its refusal: what it declares it cannot do is a row, not an error."""
-    if asked.refusal is not None:
-        return Plan(asked.spec, asked.strategy.name, asked.quantization, "refused", asked.refusal)
+    refusal = asked.refusal or run_refusal(asked.strategy, asked.config, run)  # `adapters.RefusesRuns`
+    if refusal is not None:
+        return Plan(asked.spec, asked.strategy.name, asked.quantization, "refused", refusal)
     plan = estimate(shape, asked.strategy, asked.config, run, asked.spec)
     return plan if budget is None else with_budget(plan, shape, asked.strategy, asked.config, run, budget)

@@ -20,7 +20,9 @@ AdamW's moments with it: half the bytes of each, for updates that round at bf16'
 from __future__ import annotations
 
 import contextlib
+import itertools
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +31,7 @@ import torch
 
 from .. import engine, rules
 from ..checkpoints import MODEL
-from ..contract import SavesOwnFormat, declared_trainable
+from ..contract import InitialisesFromData, SavesOwnFormat, declared_trainable
 from ..errors import AdaptersError
 from ..loading import BaseModel, load_base_model
 from ..manifest import read_manifest
@@ -58,15 +60,22 @@ class Built:
                 "autocast": autocast}
 
 
-def build(run: Run, device: torch.device, *, checkpoint: Path | None = None, saved: Path | None = None) -> Built:
-    """Load ``run``'s base on ``device`` and put its strategy on it: freshly applied; or restored from a checkpoint's
-    weights (``checkpoint``), or from the final save in ``saved`` (a run continued with a fresh optimizer)."""
+# The training batches of a run's base (its tokenizer), for a strategy that initialises from data.
+TrainBatches = Callable[[BaseModel], Iterable[dict[str, torch.Tensor]]]
+
+
+def build(run: Run, device: torch.device, *, checkpoint: Path | None = None, saved: Path | None = None,
+          data: TrainBatches | None = None) -> Built:
+    """Load ``run``'s base on ``device`` and put its strategy on it: freshly applied (from the first batches of
+    ``data`` where the strategy initialises from data, `adapters.InitialisesFromData`); or restored from a
+    checkpoint's weights (``checkpoint``), or from the final save in ``saved`` (a run continued with a fresh
+    optimizer)."""
     started = time.perf_counter()
     base = load_base(run, device)
     base_dtype = str(base.model.dtype).removeprefix("torch.")  # before a strategy makes master weights of some
     if checkpoint is None and saved is None:
         declared = declared_trainable(run.strategy, base.model, run.config)
-        model, dtypes = apply_strategy(run, base)
+        model, dtypes = apply_strategy(run, base, data)
         return Built(base, model, dtypes, declared, time.perf_counter() - started, base_dtype)
     directory = saved if saved is not None else checkpoint / MODEL
     other_base = check_base(directory, read_manifest(directory), base, run.spec.allow_other_base)
@@ -102,12 +111,26 @@ def load_base(run: Run, device: torch.device) -> BaseModel:
     return base
 
 
-def apply_strategy(run: Run, base: BaseModel) -> tuple[torch.nn.Module, dict[str, torch.dtype]]:
-    """Apply ``run``'s strategy to ``base`` and keep what it trains in its dtype (`keep_trainable`).
+def apply_strategy(run: Run, base: BaseModel, data: TrainBatches | None = None
+                   ) -> tuple[torch.nn.Module, dict[str, torch.dtype]]:
+    """Apply ``run``'s strategy to ``base`` and keep what it trains in its dtype (`keep_trainable`). A strategy that
+    initialises from data gets the first batches of ``data`` (`adapters.InitialisesFromData`); without ``data`` it
+    is refused.
 
     Returns the model and the dtypes the strategy gave the weights that became float32 (`keep_float32_trainable`).
     """
-    model = run.strategy.apply(base.model, run.config)
+    strategy, config = run.strategy, run.config
+    wanted = strategy.data_batches(config) if isinstance(strategy, InitialisesFromData) else 0
+    if wanted and data is None:
+        raise AdaptersError(f"strategy {strategy.name!r} initialises from the run's training data with these "
+                            "options, and this run has none here. Train it with adapters train, or choose an "
+                            "initialisation that needs no data.")
+    if wanted:
+        device = next(base.model.parameters()).device
+        batches = [{k: v.to(device) for k, v in batch.items()} for batch in itertools.islice(data(base), wanted)]
+        model = strategy.apply_with_data(base.model, config, batches)
+    else:
+        model = strategy.apply(base.model, config)
     if count_parameters(model).trainable == 0:
         raise AdaptersError(f"strategy {run.strategy.name!r}: apply left no parameter trainable; check its options.")
     return model, keep_trainable(model, rules.weights_dtype(base.model.device.type, run.spec.master_weights))

@@ -24,10 +24,12 @@ import torch
 from .. import engine, rules
 from ..batches import make_batches, real_tokens
 from ..checkpoints import Position
+from ..contract import GroupsParameters, RunShape, run_refusal
 from ..distributed import fsdp_plugin, is_sharded, launched_with_fsdp
 from ..errors import AdaptersError
 from ..nn import ParameterCount, count_parameters
-from ..runspec import Run
+from ..loading import BaseModel
+from ..runspec import Run, StrategyRefused
 from .evaluate import evaluate
 from .health import Health
 from .in_backward import InBackward
@@ -97,16 +99,19 @@ class Session(Prepared):
         s = run.spec
         if s.offload_activations and (reason := rules.offload_refusal(accelerator.device.type)):
             raise AdaptersError(reason)  # before loading
-        built = build(run, accelerator.device, checkpoint=checkpoint, saved=saved)
+        if reason := run_refusal(run.strategy, run.config, run_shape(run, accelerator.device.type)):
+            raise StrategyRefused(reason, run.strategy, run.quantization)  # before loading
+        built = build(run, accelerator.device, checkpoint=checkpoint, saved=saved,
+                      data=lambda base: _loaders(run, base)[0])
         model = built.model
         parameters = count_parameters(model)
-        train_loader, eval_loader = _loaders(run, built)
+        train_loader, eval_loader = _loaders(run, built.base)
         choice = rules.engine(accelerator.device.type, run.task, compile=s.compile, sharding=s.sharding,
                               gradient_checkpointing=s.gradient_checkpointing, loss_chunk=s.loss_chunk,
                               optimizer_kind=s.optimizer)
         make_optimizer = InBackward if s.optimizer_in_backward else engine.make_optimizer
-        optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], run.learning_rate,
-                                   run.weight_decay, accelerator.device, kind=s.optimizer)
+        optimizer = make_optimizer(_parameter_groups(run, model), run.learning_rate, run.weight_decay,
+                                   accelerator.device, kind=s.optimizer)
         compiled = {"on": choice.compiled, "layers": engine.compile_layers(model) if choice.compiled else 0,
                     "error": None}
         scheduler = _schedule(run, optimizer, accelerator.num_processes)
@@ -164,19 +169,41 @@ class Session(Prepared):
                                 "be resumed. Start it again without --resume.")
 
 
-def _loaders(run: Run, built: Built) -> tuple[Any, Any]:
+def run_shape(run: Run, device: str) -> RunShape:
+    """``run`` on ``device`` (a device type) as the strategy contract describes it (`adapters.RunShape`)."""
+    s = run.spec
+    return RunShape(s.batch_size, s.seq_len, run.task, run.quantization, s.gradient_checkpointing, device,
+                    s.loss_chunk, s.compile, sharding=s.sharding, optimizer=s.optimizer,
+                    offload_activations=s.offload_activations)
+
+
+def _parameter_groups(run: Run, model: torch.nn.Module) -> list[Any]:
+    """The optimizer's parameters: the strategy's own groups (`adapters.GroupsParameters`), each trainable
+    parameter in exactly one; else every trainable parameter in one group."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not isinstance(run.strategy, GroupsParameters):
+        return trainable
+    groups = run.strategy.parameter_groups(model, run.config, run.learning_rate)
+    grouped = [id(p) for group in groups for p in group["params"]]
+    if sorted(grouped) != sorted(map(id, trainable)):
+        raise AdaptersError(f"strategy {run.strategy.name!r}: parameter_groups must hold every trainable parameter "
+                            f"exactly once ({len(grouped)} grouped, {len(trainable)} trainable); fix the plugin.")
+    return groups
+
+
+def _loaders(run: Run, base: BaseModel) -> tuple[Any, Any]:
     """The training rows (packed or padded as the run says) and the held-out rows (None without a held-out split),
     one example a row and always masked, so that the held-out loss is on completions whatever the training. Loaders
     draw their workers' seeds from their own generators, never from the global one that dropout uses, so where a
     run is resumed does not change its random numbers."""
     s = run.spec
-    train_set = make_batches(run.dataset.train, built.base, s.seq_len, "train", packing=bool(s.packing),
+    train_set = make_batches(run.dataset.train, base, s.seq_len, "train", packing=bool(s.packing),
                              train_on_prompt=s.train_on_prompt)
     train = torch.utils.data.DataLoader(train_set, batch_size=s.batch_size, shuffle=True, collate_fn=train_set.collate,
                                         generator=torch.Generator().manual_seed(s.seed))
     if not run.dataset.heldout:
         return train, None
-    eval_set = make_batches(run.dataset.heldout, built.base, s.seq_len, "held-out")
+    eval_set = make_batches(run.dataset.heldout, base, s.seq_len, "held-out")
     held_out = torch.utils.data.DataLoader(eval_set, batch_size=s.batch_size, collate_fn=eval_set.collate,
                                            generator=torch.Generator().manual_seed(s.seed))
     return train, held_out

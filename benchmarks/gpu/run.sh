@@ -33,6 +33,8 @@
 #   optimizer-options  optimizer_options.py: full fine-tuning with AdamW, the optimizer in backward, bf16 without
 #                master weights, both, adamw8bit and paged_adamw8bit: peak, plan error, tokens/s, held-out loss
 #                -> optimizer-options.json
+#   lora-variants adapters bench lora with each variant: DoRA, rsLoRA, PiSSA, LoRA+ and LoftQ (CUDA only)
+#                -> bench-lora-*.json
 #   ratios       ratios.py: adapters against the plain stack and the issue's goals -> ratios.json
 # ONLY="compile ratios" runs only the steps named (a second call, after one was cut short by its limit).
 set -uo pipefail
@@ -97,6 +99,12 @@ step optimizer-8bit 60 "$PY" -m adapters bench --model "$MODEL" --strategies ful
 step optimizer-options 150 "$PY" benchmarks/optimizer_options.py --model "$MODEL" --batch-size "$BATCH" --seq-len "$SEQ" \
   --steps "$STEPS" --bench-steps "$STEPS" --options adamw,in-backward,bf16,bf16+in-backward,adamw8bit,paged_adamw8bit \
   --output "$OUT/optimizer-options.json"
+# LoRA's variants (the lora strategy's options): one bench each, the plan beside it; LoftQ needs CUDA (not in DRY).
+LORA_VARIANTS=("use_dora=true" "use_rslora=true" "init=pissa_niter_4" "lora_plus_ratio=16")
+[[ "${DRY:-0}" == 1 ]] || LORA_VARIANTS+=("init=loftq")
+step lora-variants 120 env PY="$PY" MODEL="$MODEL" SHAPE_ARGS="${SHAPE_ARGS[*]}" bash -c 'for v in "$@"; do
+  "$PY" -m adapters bench --model "$MODEL" --strategies lora --set "$v" $SHAPE_ARGS \
+    --output "$OUT/bench-lora-${v//[=_]/-}.json" --overwrite || exit; done' _ "${LORA_VARIANTS[@]}"
 step ratios 10 "$PY" benchmarks/gpu/ratios.py "$OUT" --shape "$SHAPE"
 
 echo "results in $OUT"
