@@ -17,7 +17,8 @@ above 1 and a peak ratio below 1 favour adapters. With the machine, the versions
 
 Usage: python benchmarks/side_by_side.py [--model smollm2-135m] [--batch-size 4 --seq-len 512]
        [--steps 3 --warmup 1] [--rounds 1] [--cases lora,full-finetune,qlora] [--loss-chunk N]
-       [--compile/--no-compile] [--optimizer adamw|adamw8bit|paged_adamw8bit] [--output FILE (default: benchmarks/results/side-by-side-cpu-<cores>core.json)]
+       [--compile/--no-compile] [--optimizer adamw|adamw8bit|paged_adamw8bit] [--master-weights fp32|none]
+       [--optimizer-in-backward] [--output FILE (default: benchmarks/results/side-by-side-cpu-<cores>core.json)]
 """
 from __future__ import annotations
 
@@ -65,6 +66,10 @@ def run_adapters(strategy: str, args: argparse.Namespace) -> dict:
             command.append("--compile" if args.compile else "--no-compile")
         if args.optimizer is not None:
             command += ["--optimizer", args.optimizer]
+        if args.master_weights is not None:
+            command += ["--master-weights", args.master_weights]
+        if args.optimizer_in_backward:
+            command.append("--optimizer-in-backward")
         out = subprocess.run(command, capture_output=True, text=True)
         if not report.exists():
             raise SystemExit(f"adapters bench --strategies {strategy} failed:\n{out.stderr[-3000:]}")
@@ -103,6 +108,10 @@ def main() -> None:
                     help="passed to adapters bench (default: its own)")
     ap.add_argument("--optimizer", default=None, help="passed to adapters bench: adamw, adamw8bit, "
                     "paged_adamw8bit (default: its own); the plain stack keeps torch's AdamW")
+    ap.add_argument("--master-weights", choices=["fp32", "none"], default=None,
+                    help="passed to adapters bench (default: its own, fp32); the plain stack keeps float32 weights")
+    ap.add_argument("--optimizer-in-backward", action="store_true",
+                    help="passed to adapters bench; the plain stack steps after backward")
     ap.add_argument("--output", default=None,
                     help="default: benchmarks/results/side-by-side-cpu-<cores>core.json, or -cuda.json on a GPU")
     args = ap.parse_args()
@@ -124,6 +133,8 @@ def main() -> None:
                      "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds, "seed": args.seed,
                      "loss_chunk": args.loss_chunk, "compile": args.compile,
                      "optimizer": {"adapters": args.optimizer or "adamw", "plain": "AdamW"},
+                     "master_weights": {"adapters": args.master_weights or "fp32", "plain": "fp32"},
+                     "optimizer_in_backward": {"adapters": args.optimizer_in_backward, "plain": False},
                      "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
                      "peak_memory": "cuda max_memory_allocated" if device == "cuda"
                      else "CPU profiler live tensor bytes around one step after the timed ones"},
