@@ -44,6 +44,9 @@ PARSE_ONLY: list[tuple[str, list[str]]] = [
     ("the PEFT methods by name: tests/test_peft_methods.py lists them, trains loha, prompt-tuning and "
      "adaption-prompt, and runs the kit over every method",
      [r"^adapters strategies loha\b", r"--strategy (loha|boft)\b", r"^adapters check vera\b"]),
+    ("the LoRA variants on the real SmolLM2: tests/test_lora_variants.py trains each on SmolLM2, checks that plain "
+     "PEFT reproduces its save, and plans DoRA",
+     [r"--set (use_dora|use_rslora|lora_plus_ratio|init)="]),
     ("CUDA only: tests/test_activations.py runs the offload hooks on the CPU and checks the CPU refusal; its "
      "`gpu`-marked test and benchmarks/gpu/run.sh run it on a device",
      [r"--offload-activations\b"]),

@@ -379,7 +379,7 @@ def test_clean_manifest_gives_no_warning(tmp_path):
         store.read_manifest(tmp_path / "out")
 
 
-@pytest.mark.parametrize("config", [{"r": "sixteen"}, {"use_dora": True}])
+@pytest.mark.parametrize("config", [{"r": "sixteen"}, {"use_dorra": True}])
 def test_manifest_config_errors_name_the_manifest(config, tmp_path):
     trained_save(tmp_path / "out", "lora")
     edit_manifest(tmp_path / "out", lambda m: m["config"].update(config))

@@ -242,7 +242,7 @@ def bf16_base(monkeypatch):
     import adapters.training.model as pipeline
 
     real = pipeline.load_base_model
-    monkeypatch.setattr(pipeline, "load_base_model", lambda *args, **kwargs: real(*args, dtype=torch.bfloat16))
+    monkeypatch.setattr(pipeline, "load_base_model", lambda *args, **kwargs: real(*args, **{**kwargs, "dtype": torch.bfloat16}))
 
 
 def test_a_bf16_base_trains_float32_master_weights_that_keep_small_updates(bf16_base):

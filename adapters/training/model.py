@@ -99,7 +99,7 @@ def load_base(run: Run, device: torch.device) -> BaseModel:
     set_seed(s.seed)
     labels = run.dataset.labels if run.dataset is not None else None
     dtype = getattr(torch, rules.base_dtype(torch.device(device).type, s.master_weights))
-    base = load_base_model(s.model, run.quantization, run.task, labels or None, device, dtype)
+    base = load_base_model(s.model, run.quantization, run.task, labels or None, device, dtype=dtype)
     # Training never decodes: without this, every forward also fills a key/value cache that holds
     # each layer's keys and values (all of them when nothing else keeps them: a probe, a padded batch).
     base.model.config.use_cache = False
