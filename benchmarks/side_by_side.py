@@ -18,7 +18,7 @@ above 1 and a peak ratio below 1 favour adapters. With the machine, the versions
 Usage: python benchmarks/side_by_side.py [--model smollm2-135m] [--batch-size 4 --seq-len 512]
        [--steps 3 --warmup 1] [--rounds 1] [--cases lora,full-finetune,qlora] [--loss-chunk N]
        [--compile/--no-compile] [--optimizer adamw|adamw8bit|paged_adamw8bit] [--master-weights fp32|none]
-       [--optimizer-in-backward] [--output FILE (default: benchmarks/results/side-by-side-cpu-<cores>core.json)]
+       [--optimizer-in-backward] [--gradient-checkpointing] [--memory-limit SIZE] [--output FILE (default: benchmarks/results/side-by-side-cpu-<cores>core.json)]
 """
 from __future__ import annotations
 
@@ -70,6 +70,10 @@ def run_adapters(strategy: str, args: argparse.Namespace) -> dict:
             command += ["--master-weights", args.master_weights]
         if args.optimizer_in_backward:
             command.append("--optimizer-in-backward")
+        if args.gradient_checkpointing:
+            command.append("--gradient-checkpointing")
+        if args.memory_limit is not None:
+            command += ["--memory-limit", args.memory_limit]
         out = subprocess.run(command, capture_output=True, text=True)
         if not report.exists():
             raise SystemExit(f"adapters bench --strategies {strategy} failed:\n{out.stderr[-3000:]}")
@@ -112,6 +116,12 @@ def main() -> None:
                     help="passed to adapters bench (default: its own, fp32); the plain stack keeps float32 weights")
     ap.add_argument("--optimizer-in-backward", action="store_true",
                     help="passed to adapters bench; the plain stack steps after backward")
+    ap.add_argument("--gradient-checkpointing", action="store_true",
+                    help="passed to adapters bench; the plain stack's QLoRA recipe checkpoints every layer anyway, "
+                    "its LoRA and full fine-tuning never do")
+    ap.add_argument("--memory-limit", default=None,
+                    help="passed to adapters bench (e.g. 1500MiB): its plan picks the micro-batch, checkpointing "
+                    "and accumulation that fit")
     ap.add_argument("--output", default=None,
                     help="default: benchmarks/results/side-by-side-cpu-<cores>core.json, or -cuda.json on a GPU")
     args = ap.parse_args()
@@ -135,6 +145,9 @@ def main() -> None:
                      "optimizer": {"adapters": args.optimizer or "adamw", "plain": "AdamW"},
                      "master_weights": {"adapters": args.master_weights or "fp32", "plain": "fp32"},
                      "optimizer_in_backward": {"adapters": args.optimizer_in_backward, "plain": False},
+                     "memory_limit": {"adapters": args.memory_limit, "plain": None},
+                     "gradient_checkpointing": {"adapters": args.gradient_checkpointing,
+                                                "plain": "qlora case only (the HF recipe)"},
                      "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
                      "peak_memory": "cuda max_memory_allocated" if device == "cuda"
                      else "CPU profiler live tensor bytes around one step after the timed ones"},
