@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The GPU check of issue 12 in two calls of under 6 minutes each on one H100/H200, every result under $OUT.
+# The GPU check (issues 12 and 22) in calls of under 10 minutes each on one H100/H200, every result under $OUT.
 # The first run on an H200 (benchmarks/results/h200-2026-11-30/) found one call too short for all of it: each
-# process makes the random model once and compiles, so the steps are split in two, ONLY naming each half:
-#   call 1: ONLY="tests side-by-side"            call 2: ONLY="inventory inventory-qlora raw-stack bench compile ratios"
+# process makes the random model once and compiles, so the steps are split, ONLY naming each part, most important
+# first (a session has about 15 minutes of device time in all):
+#   call 1: ONLY="tests side-by-side side-by-side-options raw-stack ratios"
+#   call 2: ONLY="optimizer-options compile lora-variants offload optimizer-8bit inventory inventory-qlora bench"
 # $OUT takes at most 8 files back: end the command with  tar czf $OUT/gpu.tar.gz -C $D .  where D is the
 # folder given to this script as OUT.
 #
@@ -23,6 +25,9 @@
 #   tests        the GPU-marked tests (pytest -m gpu)
 #   side-by-side adapters bench lora, full-finetune, qlora (defaults) beside the plain stack's full fine-tuning,
 #                LoRA and HF QLoRA recipe (benchmarks/baseline/plain_stack.py), alternating -> side-by-side.json
+#   side-by-side-options  the same, one option at a time, each beside its own plain-stack run: qlora with
+#                --gradient-checkpointing (as the HF recipe runs) -> side-by-side-qlora-checkpointing.json;
+#                full-finetune with --master-weights none -> side-by-side-full-bf16.json
 #   raw-stack    raw_stack.py, the hand-written reference loop of ../shared/design/anchors.md -> anchor-*.json
 #   bench        adapters bench prefix-tuning, linear-probe (defaults) -> bench-default.json
 #   compile      adapters bench lora, qlora, full-finetune with compilation the other way round from the device's default: --compile
@@ -82,6 +87,10 @@ step tests 150 "$PY" -m pytest -q -m gpu -p no:cacheprovider --continue-on-colle
   --junitxml="$OUT/gpu-tests.xml" "${GPU_TESTS[@]}"
 step side-by-side 200 "$PY" benchmarks/side_by_side.py --model "$MODEL" "${SHAPE_ARGS[@]}" \
   --output "$OUT/side-by-side.json"
+step side-by-side-options 200 bash -c '"$0" benchmarks/side_by_side.py --model "$1" --cases qlora \
+  --gradient-checkpointing ${@:2} --output "$OUT/side-by-side-qlora-checkpointing.json" && "$0" benchmarks/side_by_side.py \
+  --model "$1" --cases full-finetune --master-weights none ${@:2} --output "$OUT/side-by-side-full-bf16.json"' \
+  "$PY" "$MODEL" "${SHAPE_ARGS[@]}"
 step inventory 45 "$PY" benchmarks/gpu/inventory.py --layers "${INVENTORY_LAYERS:-2,4}" --batch-size "$BATCH" \
   --seq-len "$SEQ" --output "$OUT/inventory.json"
 step inventory-qlora 60 "$PY" benchmarks/gpu/inventory.py --strategies qlora,lora --compile \
