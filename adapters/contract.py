@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from .rules import Engine, base_dtype, engine, weights_dtype
+from .rules import Engine, autocasts, base_dtype, engine, weights_dtype
 
 if TYPE_CHECKING:
     import torch
@@ -261,6 +261,7 @@ class RunShape:
     offload_activations: bool = False  # saved activations in host memory during the step (CUDA only)
     optimizer_in_backward: bool = False  # each weight stepped in backward: at most one gradient alive at a time
     master_weights: str = "fp32"  # adapters.rules.MASTER_WEIGHTS: "fp32" masters of what trains, or "none" (bf16)
+    mixed_precision: str | None = None  # adapters.rules.MIXED_PRECISION: "bf16" autocast, "no"; None: the device's
 
     @property
     def engine(self) -> Engine:
@@ -280,17 +281,24 @@ class RunShape:
         return self.batch_size * self.seq_len
 
     @property
+    def autocast(self) -> bool:
+        """Whether the run computes under bf16 autocast (`adapters.rules.autocasts`): on CUDA unless asked
+        otherwise, on the CPU with ``mixed_precision="bf16"``. Trained float32 weights are then cast to bf16 where
+        they are used, and what they compute is bf16."""
+        return autocasts(self.device, self.mixed_precision)
+
+    @property
     def compute_bytes(self) -> int:
-        """Bytes per element of weights and activations in the compute dtype (bf16 on CUDA, fp32 on CPU; bf16
-        everywhere with ``master_weights="none"``): `adapters.rules.base_dtype`."""
-        return _BYTES[base_dtype(self.device, self.master_weights)]
+        """Bytes per element of weights and activations in the compute dtype (bf16 under autocast, fp32 on the CPU
+        without it; bf16 everywhere with ``master_weights="none"``): `adapters.rules.base_dtype`."""
+        return _BYTES[base_dtype(self.device, self.master_weights, self.mixed_precision)]
 
     @property
     def master_bytes(self) -> int:
         """Bytes per element of a base weight the strategy trains: float32 on every device, since the
         core keeps float32 master weights of trainable weights that a bf16 base loaded in bf16; bf16 with
         ``master_weights="none"`` (`adapters.rules.weights_dtype`)."""
-        return _BYTES[weights_dtype(self.device, self.master_weights)]
+        return _BYTES[weights_dtype(self.device, self.master_weights, self.mixed_precision)]
 
     @property
     def dropout_mask_bytes(self) -> int:

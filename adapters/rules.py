@@ -107,16 +107,29 @@ MASTER_WEIGHTS = ("fp32", "none")
 DEFAULT_MASTER_WEIGHTS = "fp32"
 
 
-def base_dtype(device: str, master_weights: str = DEFAULT_MASTER_WEIGHTS) -> str:
-    """The dtype the base loads in on ``device`` (a device type): bf16 on CUDA; float32 on the CPU, where bf16
-    kernels are slow, unless the run trains in bf16 throughout (``master_weights="none"``)."""
-    return "bfloat16" if device == "cuda" or master_weights == "none" else "float32"
+# --mixed-precision: bf16 computes under bf16 autocast, the base loaded in bf16 and what trains kept in float32 (with
+# --master-weights fp32); no computes in the weights' dtype. Unset, each device's default: bf16 on CUDA; no on the
+# CPU, where bf16 pays only on CPUs with native bf16 instructions (AVX512-BF16, AMX).
+MIXED_PRECISION = ("bf16", "no")
 
 
-def weights_dtype(device: str, master_weights: str = DEFAULT_MASTER_WEIGHTS) -> str:
+def autocasts(device: str, mixed_precision: str | None = None) -> bool:
+    """Whether a run on ``device`` (a device type) computes under bf16 autocast: as ``--mixed-precision`` asks,
+    else on CUDA only."""
+    return device == "cuda" if mixed_precision is None else mixed_precision == "bf16"
+
+
+def base_dtype(device: str, master_weights: str = DEFAULT_MASTER_WEIGHTS, mixed_precision: str | None = None) -> str:
+    """The dtype the base loads in on ``device`` (a device type): bf16 under bf16 autocast (CUDA's default,
+    ``--mixed-precision bf16`` elsewhere) or when the run trains in bf16 throughout (``master_weights="none"``);
+    else float32, the CPU's default."""
+    return "bfloat16" if master_weights == "none" or autocasts(device, mixed_precision) else "float32"
+
+
+def weights_dtype(device: str, master_weights: str = DEFAULT_MASTER_WEIGHTS, mixed_precision: str | None = None) -> str:
     """The dtype the trained weights are kept in (and so their gradients and AdamW's moments): float32 master
     weights, or with ``master_weights="none"`` the base's dtype, bf16."""
-    return "float32" if master_weights == "fp32" else base_dtype(device, master_weights)
+    return "float32" if master_weights == "fp32" else base_dtype(device, master_weights, mixed_precision)
 
 
 def loss_chunk(asked: int | None) -> int:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from .contract import LR_SCHEDULERS, QUANTIZATIONS, TASKS, Strategy
 from .errors import AdaptersError
 from .options import read_toml, settings_values
-from .rules import DEFAULT_MASTER_WEIGHTS, DEFAULT_OPTIMIZER, MASTER_WEIGHTS, OPTIMIZERS
+from .rules import DEFAULT_MASTER_WEIGHTS, DEFAULT_OPTIMIZER, MASTER_WEIGHTS, MIXED_PRECISION, OPTIMIZERS
 
 if TYPE_CHECKING:
     from .data import Dataset
@@ -97,6 +97,10 @@ class RunSpec:
                                   help="fp32: keep float32 master copies of the weights that train; none: train in "
                                   "bf16 throughout (base, trained weights, gradients and AdamW's moments), half "
                                   "their memory, updates rounded at bf16's resolution.")
+    mixed_precision: str | None = setting(None, commands=WORKLOAD, choices=MIXED_PRECISION,
+                                          help="bf16: compute under bf16 autocast, the frozen base in bf16 and what "
+                                          "trains kept as float32 masters; no: compute in the weights' dtype "
+                                          "[default: bf16 on CUDA, no on the CPU].")
     gradient_checkpointing: bool = setting(False, commands=WORKLOAD,
                                            help="Recompute activations in backward to save memory.")
     offload_activations: bool = setting(False, commands=WORKLOAD,

@@ -18,7 +18,8 @@ above 1 and a peak ratio below 1 favour adapters. With the machine, the versions
 Usage: python benchmarks/side_by_side.py [--model smollm2-135m] [--batch-size 4 --seq-len 512]
        [--steps 3 --warmup 1] [--rounds 1] [--cases lora,full-finetune,qlora] [--loss-chunk N]
        [--compile/--no-compile] [--optimizer adamw|adamw8bit|paged_adamw8bit] [--master-weights fp32|none]
-       [--optimizer-in-backward] [--gradient-checkpointing] [--memory-limit SIZE] [--output FILE (default: benchmarks/results/side-by-side-cpu-<cores>core.json)]
+       [--optimizer-in-backward] [--gradient-checkpointing] [--mixed-precision bf16|no]
+       [--memory-limit SIZE] [--output FILE (default: benchmarks/results/side-by-side-cpu-<cores>core.json)]
 """
 from __future__ import annotations
 
@@ -72,6 +73,8 @@ def run_adapters(strategy: str, args: argparse.Namespace) -> dict:
             command.append("--optimizer-in-backward")
         if args.gradient_checkpointing:
             command.append("--gradient-checkpointing")
+        if args.mixed_precision is not None:
+            command += ["--mixed-precision", args.mixed_precision]
         if args.memory_limit is not None:
             command += ["--memory-limit", args.memory_limit]
         out = subprocess.run(command, capture_output=True, text=True)
@@ -119,6 +122,9 @@ def main() -> None:
     ap.add_argument("--gradient-checkpointing", action="store_true",
                     help="passed to adapters bench; the plain stack's QLoRA recipe checkpoints every layer anyway, "
                     "its LoRA and full fine-tuning never do")
+    ap.add_argument("--mixed-precision", choices=("bf16", "no"), default=None,
+                    help="passed to adapters bench (default: its own, bf16 autocast on CUDA, none on the CPU); the "
+                    "plain stack computes in its weights' dtype")
     ap.add_argument("--memory-limit", default=None,
                     help="passed to adapters bench (e.g. 1500MiB): its plan picks the micro-batch, checkpointing "
                     "and accumulation that fit")
@@ -146,6 +152,8 @@ def main() -> None:
                      "master_weights": {"adapters": args.master_weights or "fp32", "plain": "fp32"},
                      "optimizer_in_backward": {"adapters": args.optimizer_in_backward, "plain": False},
                      "memory_limit": {"adapters": args.memory_limit, "plain": None},
+                     "mixed_precision": {"adapters": args.mixed_precision or ("bf16" if device == "cuda" else "no"),
+                                         "plain": "bf16 weights" if device == "cuda" else "no"},
                      "gradient_checkpointing": {"adapters": args.gradient_checkpointing,
                                                 "plain": "qlora case only (the HF recipe)"},
                      "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),

@@ -24,11 +24,10 @@ class FullFinetune(adapters.StrategyBase):
         return adapters.count_parameters(model).total
 
     def estimate_memory(self, model: adapters.ModelShape, config: FullOptions, run: adapters.RunShape):
-        """Every base weight trains, as a float32 master weight. On CUDA, autocast's bf16 copy of each
-        linear weight is kept for backward, with the layer's activations."""
+        """Every base weight trains, as a float32 master weight. Under bf16 autocast (CUDA's default), autocast's
+        bf16 copy of each linear weight is kept for backward, with the layer's activations."""
         sizes = [p.numel() for p in model.meta_model.parameters()]
-        cuda = run.device == "cuda"
-        copies = sum(lin.in_features * lin.out_features * 2 for lin in model.layer_linears) if cuda else 0
+        copies = sum(lin.in_features * lin.out_features * 2 for lin in model.layer_linears) if run.autocast else 0
         return adapters.StrategyMemory(sum(sizes), sum(sizes) * run.master_bytes, max(sizes) * run.master_bytes,
                                        gradient_flow="weights", base_parameters_trained=sum(sizes),
                                        layer_activation_bytes=copies)

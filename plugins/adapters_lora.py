@@ -200,19 +200,19 @@ class Lora(adapters.PeftStrategy):
         largest = max([config.r * max(adapters.linear_features(m)) for m in matched], default=0)
         leaves = {t.rsplit(".", 1)[-1] for t in targets}
         per_layer = [lin for lin in model.layer_linears if lin.name in leaves]
-        n, cuda = run.tokens, run.device == "cuda"
+        n, autocast = run.tokens, run.autocast  # bf16 autocast: CUDA's default, --mixed-precision bf16 elsewhere
         saved = 0
         if config.dropout > 0:  # each adapter's dropout keeps its mask and its output (cast to bf16 on CUDA)
             for lin in per_layer:
-                saved += n * lin.in_features * (run.dropout_mask_bytes + (2 if cuda else 4))
-        elif cuda:  # each adapter casts its input to fp32, and autocast casts it back: a bf16 copy each
+                saved += n * lin.in_features * (run.dropout_mask_bytes + (2 if autocast else 4))
+        elif autocast:  # each adapter casts its input to fp32, and autocast casts it back: a bf16 copy each
             saved += sum(n * lin.in_features * 2 for lin in per_layer)
         else:  # lora_A keeps the layer's own tensor, once per distinct input the base does not keep already
             inputs = {lin.input_group: lin.in_features for lin in per_layer if not lin.input_kept}
             saved += sum(n * width * 4 for width in inputs.values())
-        saved += len(per_layer) * n * config.r * (2 if cuda else 4)  # lora_A's output, kept by lora_B
+        saved += len(per_layer) * n * config.r * (2 if autocast else 4)  # lora_A's output, kept by lora_B
         if config.use_dora:  # the magnitude's gradient keeps the base's output and the adapter's, each layer's width
-            saved += sum(2 * n * lin.out_features * (2 if cuda else 4) for lin in per_layer)
+            saved += sum(2 * n * lin.out_features * (2 if autocast else 4) for lin in per_layer)
         return adapters.StrategyMemory(trainable, 4 * trainable, 4 * largest, gradient_flow="inputs",
                                        layer_activation_bytes=saved)
 

@@ -31,7 +31,8 @@ def predict(spec: RunSpec, result: OkResult, shapes: dict[str, Any] | None = Non
                        device, loss_chunk=spec.loss_chunk, compile=spec.compile,
                        processes=result.processes or 1, sharding=spec.sharding, optimizer=spec.optimizer,
                        offload_activations=spec.offload_activations, optimizer_in_backward=spec.optimizer_in_backward,
-                       master_weights=spec.master_weights)
+                       master_weights=spec.master_weights,
+                       mixed_precision=spec.mixed_precision)
         plan = estimate(shapes[task], strategy, config, run, result.strategy)
     except Exception as exc:  # the measurement stands; a failing plan is recorded, not fatal
         return Prediction(status="no estimate", message=f"planning failed: {type(exc).__name__}: {exc}")

@@ -134,7 +134,7 @@ def fit(run: Run, limit: int, device: str | None = None) -> Fit:
             shape_of_run = RunShape(m, s.seq_len, run.task, run.quantization, gc, device, s.loss_chunk, s.compile,
                                     processes=processes, sharding=s.sharding, optimizer=s.optimizer,
                                     offload_activations=off, optimizer_in_backward=s.optimizer_in_backward,
-                                    master_weights=s.master_weights)
+                                    master_weights=s.master_weights, mixed_precision=s.mixed_precision)
             plan = estimate(shape, run.strategy, run.config, shape_of_run)
             if plan.status != "ok":
                 raise Unpredictable(

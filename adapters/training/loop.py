@@ -51,7 +51,8 @@ def train(spec: RunSpec, progress: bool = True, stop: Callable[[int], bool] | No
     s = begun.run.spec
     if s.output and s.overwrite and begun.saved is None and not spec.resume:
         _clear_run_files(Path(s.output))
-    accelerator = make_accelerator(s.report_to, Path(s.output) / "logs" if s.output else None, s.sharding)
+    accelerator = make_accelerator(s.report_to, Path(s.output) / "logs" if s.output else None, s.sharding,
+                                   s.mixed_precision)
     session = Session.open(begun.run, accelerator=accelerator, checkpoint=begun.checkpoint, saved=begun.saved)
     if not s.output:  # said once the model is ready, before the first step
         warnings.warn("no --output, so nothing of this run will be kept: give --output DIR to save the weights, "

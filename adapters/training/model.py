@@ -11,7 +11,8 @@ each of AdamW's two moments, which follow the weights' dtype. LoRA's adapter wei
 already (PEFT keeps them so), so nothing changes for them. A completed run rounds the master weights
 back to the dtype the strategy gave them (`restore_dtypes`) before its final evaluation and save, so
 the result is what ``adapters.load`` gives back; checkpoints keep them in float32, so a resumed run
-continues from them exactly. On the CPU the base is float32 and nothing changes.
+continues from them exactly. On the CPU the base is float32 and nothing changes, unless ``--mixed-precision bf16``
+asks for the GPU's recipe there (`adapters.rules.autocasts`): worth it on CPUs with native bf16 instructions.
 
 ``--master-weights none`` trains in bf16 throughout instead (`adapters.rules.base_dtype` and `weights_dtype`):
 the base loads in bf16 on every device, and what trains is kept in bf16 (`keep_trainable`), its gradients and
@@ -80,7 +81,8 @@ def build(run: Run, device: torch.device, *, checkpoint: Path | None = None, sav
     directory = saved if saved is not None else checkpoint / MODEL
     other_base = check_base(directory, read_manifest(directory), base, run.spec.allow_other_base)
     model = restore(run.strategy, base.model, directory, run.config)
-    dtypes = keep_trainable(model, rules.weights_dtype(torch.device(device).type, run.spec.master_weights))
+    dtypes = keep_trainable(model, rules.weights_dtype(torch.device(device).type, run.spec.master_weights,
+                                                       run.spec.mixed_precision))
     if count_parameters(model).trainable == 0:  # e.g. PEFT's prefix with projection, saved for inference
         raise AdaptersError(f"{directory}: strategy {run.strategy.name!r} restores these weights for inference only "
                             "(nothing is trainable once loaded), so they cannot be trained further. Start a new run "
@@ -98,7 +100,7 @@ def load_base(run: Run, device: torch.device) -> BaseModel:
     s = run.spec
     set_seed(s.seed)
     labels = run.dataset.labels if run.dataset is not None else None
-    dtype = getattr(torch, rules.base_dtype(torch.device(device).type, s.master_weights))
+    dtype = getattr(torch, rules.base_dtype(torch.device(device).type, s.master_weights, s.mixed_precision))
     base = load_base_model(s.model, run.quantization, run.task, labels or None, device, dtype=dtype)
     # Training never decodes: without this, every forward also fills a key/value cache that holds
     # each layer's keys and values (all of them when nothing else keeps them: a probe, a padded batch).
@@ -133,7 +135,8 @@ def apply_strategy(run: Run, base: BaseModel, data: TrainBatches | None = None
         model = strategy.apply(base.model, config)
     if count_parameters(model).trainable == 0:
         raise AdaptersError(f"strategy {run.strategy.name!r}: apply left no parameter trainable; check its options.")
-    return model, keep_trainable(model, rules.weights_dtype(base.model.device.type, run.spec.master_weights))
+    return model, keep_trainable(model, rules.weights_dtype(base.model.device.type, run.spec.master_weights,
+                                                            run.spec.mixed_precision))
 
 
 def enable_gradient_checkpointing(model: torch.nn.Module) -> None:

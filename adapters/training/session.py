@@ -41,8 +41,9 @@ from .step import Stepper
 
 
 def make_accelerator(log_with: list[str] | None = None, project_dir: str | Path | None = None,
-                     sharding: str = "none"):
-    """bf16 mixed precision on GPU, full precision on the CPU; ``log_with`` names Accelerate's trackers.
+                     sharding: str = "none", mixed_precision: str | None = None):
+    """bf16 mixed precision on GPU, full precision on the CPU, unless ``mixed_precision`` says otherwise
+    (`adapters.rules.autocasts`); ``log_with`` names Accelerate's trackers.
 
     ``sharding="fsdp"`` sets up what ``accelerate launch --use_fsdp`` would (`fsdp_plugin`). A run started by
     ``accelerate launch`` with FSDP configured gets Accelerate's own plugin whatever ``sharding`` says.
@@ -56,8 +57,10 @@ def make_accelerator(log_with: list[str] | None = None, project_dir: str | Path 
     if not cuda and launched_with_fsdp():  # Accelerate would ignore its own --use_fsdp on the CPU
         sharding = "fsdp"
     plugin = fsdp_plugin() if sharding == "fsdp" else None
+    precision = "bf16" if rules.autocasts("cuda" if cuda else "cpu", mixed_precision) else "no"
+    _precision_afresh(precision)
     accelerator = Accelerator(
-        mixed_precision="bf16" if cuda else "no",
+        mixed_precision=precision,
         cpu=not cuda,  # without it, processes started by torchrun on a CPU machine would not join one group
         # Each epoch's order follows from the seed and the epoch alone, so a resumed run can find its place.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
@@ -68,6 +71,17 @@ def make_accelerator(log_with: list[str] | None = None, project_dir: str | Path 
         accelerator.state.distributed_type = DistributedType.FSDP
         accelerator.state.fsdp_plugin = plugin
     return accelerator
+
+
+def _precision_afresh(precision: str) -> None:
+    """Accelerate keeps one state per process, set by its first Accelerator, and refuses another mixed precision
+    after it: a later run in the same process that asks for another (``--mixed-precision``) starts its state
+    afresh. The process's own state (devices, process group) stays."""
+    from accelerate.state import AcceleratorState
+
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision") != precision:
+        AcceleratorState._reset_state(reset_partial_state=False)
 
 
 @dataclass
@@ -93,7 +107,7 @@ class Session(Prepared):
              saved: Path | None = None) -> Session:
         """Set ``run`` up (``accelerator``: one made for it by default), its strategy applied afresh, or restored
         from ``checkpoint``'s weights or from the final save in ``saved``."""
-        accelerator = accelerator or make_accelerator(sharding=run.spec.sharding)
+        accelerator = accelerator or make_accelerator(sharding=run.spec.sharding, mixed_precision=run.spec.mixed_precision)
         if run.spec.sharding == "none" and accelerator.distributed_type == "FSDP":  # `accelerate launch --use_fsdp`
             run = dataclasses.replace(run, spec=dataclasses.replace(run.spec, sharding="fsdp"))
         s = run.spec
