@@ -261,7 +261,7 @@ class RunShape:
     offload_activations: bool = False  # saved activations in host memory during the step (CUDA only)
     optimizer_in_backward: bool = False  # each weight stepped in backward: at most one gradient alive at a time
     master_weights: str = "fp32"  # adapters.rules.MASTER_WEIGHTS: "fp32" masters of what trains, or "none" (bf16)
-    mixed_precision: str | None = None  # adapters.rules.MIXED_PRECISION: "bf16" autocast, "no"; None: the device's
+    mixed_precision: str | None = None  # adapters.rules.MIXED_PRECISION: "bf16" autocast or "no"; None: by device
 
     @property
     def engine(self) -> Engine:

@@ -108,3 +108,12 @@ def test_the_plan_is_within_the_cpu_target_of_the_measured_peak(strategy, tmp_pa
     error = result["prediction"]["error_pct"]["total"]
     assert abs(error) <= CPU_TARGET_PCT, f"predicted {result['prediction']['peak_bytes']:,}, measured " \
                                          f"{result['memory']['peak_bytes']:,}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_mixed_precision_no_trains_in_float32(tmp_path):
+    result = _train(tmp_path / "run", mixed_precision="no")
+    assert result.precision["autocast"] is None and result.precision["base_dtype"] == "float32"
+    losses = logged(tmp_path / "run", "loss")
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
