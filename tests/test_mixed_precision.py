@@ -74,6 +74,23 @@ def test_it_resumes_from_a_checkpoint_to_the_same_losses(runs, tmp_path):
     assert logged(cut, "loss")[-2:] == logged(out, "loss")[-2:]
 
 
+def test_a_lora_trained_in_mixed_precision_is_one_plain_peft_loads(tmp_path):
+    """LoRA's adapters stay float32 under autocast, on a bf16 base: the save is a plain PEFT adapter, and PEFT on
+    the float32 base gives what `adapters.load` gives."""
+    from peft import PeftModel
+
+    out = tmp_path / "lora"
+    result = _train(out, strategy="lora", mixed_precision="bf16")
+    assert result.precision["base_dtype"] == "bfloat16" and result.precision["trainable_dtype"] == ["float32"]
+    ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = adapters.load(str(out)).model.eval()(input_ids=ids).logits
+        plain = PeftModel.from_pretrained(adapters.load_base_model("random:tiny").model, out).eval()
+        assert torch.equal(plain(input_ids=ids).logits, ours)
+        with plain.disable_adapter():
+            assert not torch.allclose(plain(input_ids=ids).logits, ours), "training changed nothing"
+
+
 def test_the_rules_follow_the_device_unless_asked():
     assert rules.autocasts("cuda") and not rules.autocasts("cpu")
     assert rules.autocasts("cpu", "bf16") and not rules.autocasts("cuda", "no")
