@@ -9,7 +9,8 @@ clips), the strategy's own learning rate and schedule:
 - in-backward: ``--optimizer-in-backward``, each weight stepped in backward (exactly adamw's update);
 - bf16, no masters: ``--master-weights none``, the model, gradients and AdamW's moments in bf16;
 - bf16 + in-backward: both;
-- adamw8bit: bitsandbytes' 8-bit AdamW (and with the optimizer in backward), where it runs.
+- adamw8bit: bitsandbytes' 8-bit AdamW (and with the optimizer in backward), where it runs;
+- mixed: ``--mixed-precision bf16``, float32 masters under bf16 autocast (a GPU's default; an option on the CPU).
 
 For each: quality, `adapters train` for --steps steps and its held-out loss (completions only, as train scores it)
 after; memory and speed, `adapters bench` of the same run at --batch-size x --seq-len: the step's peak (on the CPU
@@ -17,7 +18,7 @@ the profiler's live tensor bytes; on CUDA max_memory_allocated), the plan's pred
 tokens/s of timed steps after a warm-up. Each command runs in its own process.
 
 Usage: python benchmarks/optimizer_options.py [--model smollm2-135m] [--steps 10] [--batch-size 2] [--seq-len 64]
-       [--options adamw,in-backward,bf16,bf16+in-backward,adamw8bit,adamw8bit+in-backward]
+       [--options adamw,in-backward,bf16,bf16+in-backward,adamw8bit,adamw8bit+in-backward,mixed]
        [--output benchmarks/results/optimizer-options-cpu-2core.json]
 """
 from __future__ import annotations
@@ -45,6 +46,7 @@ OPTIONS = {
     "adamw8bit": ["--optimizer", "adamw8bit"],
     "adamw8bit+in-backward": ["--optimizer", "adamw8bit", "--optimizer-in-backward"],
     "paged_adamw8bit": ["--optimizer", "paged_adamw8bit"],  # CUDA: the states page to host memory under pressure
+    "mixed": ["--mixed-precision", "bf16"],  # the CPU: the GPU's recipe, float32 masters under bf16 autocast
 }
 DEFAULT_OPTIONS = "adamw,in-backward,bf16,bf16+in-backward,adamw8bit,adamw8bit+in-backward"
 
