@@ -31,3 +31,14 @@ def assert_learned_the_same(got: Path, expected: Path, steps: int, rtol: float, 
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=rtol, atol=atol, msg=key)
+
+
+def assert_reloads_in_bf16(run: Path) -> None:
+    """``run`` saved its weights in bf16, and `adapters.load` (float32 on the CPU) gives each back exactly."""
+    import adapters
+
+    tensors = load_file(run / "weights.safetensors")
+    assert tensors and {t.dtype for t in tensors.values()} == {torch.bfloat16}
+    loaded = dict(adapters.load(str(run)).model.named_parameters())
+    for name, tensor in tensors.items():
+        assert torch.equal(loaded[name].detach().to(tensor.dtype), tensor), name

@@ -6,8 +6,7 @@ import math
 
 import pytest
 import torch
-from run_helpers import logged
-from safetensors import safe_open
+from run_helpers import assert_reloads_in_bf16, logged
 
 import adapters
 from adapters import rules
@@ -48,12 +47,7 @@ def test_it_trains_to_the_float32_masters_losses_within_a_stated_tolerance(bf16_
 
 def test_the_saved_weights_are_bf16_safetensors_that_reload(bf16_run):
     out, _ = bf16_run
-    with safe_open(out / "weights.safetensors", "pt") as saved:
-        tensors = {name: saved.get_tensor(name) for name in saved.keys()}
-    assert tensors and {t.dtype for t in tensors.values()} == {torch.bfloat16}
-    loaded = dict(adapters.load(str(out)).model.named_parameters())
-    for name, tensor in tensors.items():
-        assert torch.equal(loaded[name].detach().to(tensor.dtype), tensor), name
+    assert_reloads_in_bf16(out)
 
 
 def test_it_resumes_from_a_checkpoint_to_the_same_weights(bf16_run, tmp_path):

@@ -7,8 +7,7 @@ import math
 
 import pytest
 import torch
-from run_helpers import logged
-from safetensors import safe_open
+from run_helpers import assert_reloads_in_bf16, logged
 
 import adapters
 from adapters import rules
@@ -53,12 +52,7 @@ def test_the_masters_are_saved_in_the_bases_dtype_and_reload(runs):
     """As on a GPU: a completed run rounds its float32 masters to the dtype the base loaded in, bf16, and saves
     those; `adapters.load` (float32 on the CPU) gives them back exactly."""
     _, (out, _) = runs
-    with safe_open(out / "weights.safetensors", "pt") as saved:
-        tensors = {name: saved.get_tensor(name) for name in saved.keys()}
-    assert tensors and {t.dtype for t in tensors.values()} == {torch.bfloat16}
-    loaded = dict(adapters.load(str(out)).model.named_parameters())
-    for name, tensor in tensors.items():
-        assert torch.equal(loaded[name].detach().to(tensor.dtype), tensor), name
+    assert_reloads_in_bf16(out)
 
 
 def test_it_resumes_from_a_checkpoint_to_the_same_losses(runs, tmp_path):
