@@ -2,9 +2,11 @@
 # The GPU check (issues 12 and 22) in calls of under 10 minutes each on one H100/H200, every result under $OUT.
 # The first run on an H200 (benchmarks/results/h200-2026-11-30/) found one call too short for all of it: each
 # process makes the random model once and compiles, so the steps are split, ONLY naming each part, most important
-# first (a session has about 15 minutes of device time in all):
-#   call 1: ONLY="tests side-by-side side-by-side-options raw-stack ratios"
-#   call 2: ONLY="optimizer-options compile lora-variants offload optimizer-8bit inventory inventory-qlora bench"
+# first. A session has about 15 minutes of device time in all, the machine's start included, and a call may run
+# 600 s: each call's step limits below add up to less than that (560, 470 and 285 s).
+#   call 1: ONLY="tests side-by-side side-by-side-options ratios"
+#   call 2: ONLY="raw-stack optimizer-options compile lora-variants ratios"
+#   call 3: ONLY="offload optimizer-8bit inventory inventory-qlora bench"
 # $OUT takes at most 8 files back: end the command with  tar czf $OUT/gpu.tar.gz -C $D .  where D is the
 # folder given to this script as OUT.
 #
