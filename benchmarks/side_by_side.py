@@ -33,6 +33,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from adapters import rules
 from adapters.bench.provenance import device_kind, provenance
 from adapters.files import write_json
 
@@ -122,7 +123,7 @@ def main() -> None:
     ap.add_argument("--gradient-checkpointing", action="store_true",
                     help="passed to adapters bench; the plain stack's QLoRA recipe checkpoints every layer anyway, "
                     "its LoRA and full fine-tuning never do")
-    ap.add_argument("--mixed-precision", choices=("bf16", "no"), default=None,
+    ap.add_argument("--mixed-precision", choices=rules.MIXED_PRECISION, default=None,
                     help="passed to adapters bench (default: its own, bf16 autocast on CUDA, none on the CPU); the "
                     "plain stack computes in its weights' dtype")
     ap.add_argument("--memory-limit", default=None,
@@ -152,7 +153,7 @@ def main() -> None:
                      "master_weights": {"adapters": args.master_weights or "fp32", "plain": "fp32"},
                      "optimizer_in_backward": {"adapters": args.optimizer_in_backward, "plain": False},
                      "memory_limit": {"adapters": args.memory_limit, "plain": None},
-                     "mixed_precision": {"adapters": args.mixed_precision or ("bf16" if device == "cuda" else "no"),
+                     "mixed_precision": {"adapters": "bf16" if rules.autocasts(device, args.mixed_precision) else "no",
                                          "plain": "bf16 weights" if device == "cuda" else "no"},
                      "gradient_checkpointing": {"adapters": args.gradient_checkpointing,
                                                 "plain": "qlora case only (the HF recipe)"},

@@ -202,7 +202,7 @@ class Lora(adapters.PeftStrategy):
         per_layer = [lin for lin in model.layer_linears if lin.name in leaves]
         n, autocast = run.tokens, run.autocast  # bf16 autocast: CUDA's default, --mixed-precision bf16 elsewhere
         saved = 0
-        if config.dropout > 0:  # each adapter's dropout keeps its mask and its output (cast to bf16 on CUDA)
+        if config.dropout > 0:  # each adapter's dropout keeps its mask and its output (cast to bf16 under autocast)
             for lin in per_layer:
                 saved += n * lin.in_features * (run.dropout_mask_bytes + (2 if autocast else 4))
         elif autocast:  # each adapter casts its input to fp32, and autocast casts it back: a bf16 copy each

@@ -18,7 +18,7 @@ def predict(spec: RunSpec, result: OkResult, shapes: dict[str, Any] | None = Non
     """
     from ..host import get_registry
     from ..options import build_config
-    from ..plan import RunShape, estimate, model_shape
+    from ..plan import estimate, model_shape, run_shape
 
     shapes = {} if shapes is None else shapes
     task, device = result.task, device_kind()
@@ -27,12 +27,7 @@ def predict(spec: RunSpec, result: OkResult, shapes: dict[str, Any] | None = Non
             shapes[task] = model_shape(spec.model, task, device)
         strategy = get_registry().get(result.name)
         config = build_config(strategy.config_class, spec.options, strategy.name)
-        run = RunShape(spec.batch_size, spec.seq_len, task, result.quantization, spec.gradient_checkpointing,
-                       device, loss_chunk=spec.loss_chunk, compile=spec.compile,
-                       processes=result.processes or 1, sharding=spec.sharding, optimizer=spec.optimizer,
-                       offload_activations=spec.offload_activations, optimizer_in_backward=spec.optimizer_in_backward,
-                       master_weights=spec.master_weights,
-                       mixed_precision=spec.mixed_precision)
+        run = run_shape(spec, task, result.quantization, device, processes=result.processes or 1)
         plan = estimate(shapes[task], strategy, config, run, result.strategy)
     except Exception as exc:  # the measurement stands; a failing plan is recorded, not fatal
         return Prediction(status="no estimate", message=f"planning failed: {type(exc).__name__}: {exc}")

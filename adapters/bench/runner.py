@@ -226,6 +226,7 @@ def _report(settings: BenchSettings, outcome: _Outcome) -> Report:
         schema_version=SCHEMA_VERSION,
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         provenance=msgspec.convert({**provenance(), "seed": s.seed}, Provenance),
-        settings=Settings(**settings.to_dict(), dtype=rules.base_dtype(device, s.master_weights, s.mixed_precision), device=device,
+        settings=Settings(**settings.to_dict(), dtype=rules.base_dtype(device, s.master_weights, s.mixed_precision),
+                          device=device,
                           effective_batch_size=s.batch_size * s.gradient_accumulation_steps * settings.processes),
         results=outcome.results, capacity=outcome.capacity, interrupted=bool(outcome.interrupted))

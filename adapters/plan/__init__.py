@@ -17,7 +17,7 @@ from .activations import layer_activations
 from .budget import largest_that_fits, with_budget
 from .memory import COMPONENTS, RUNTIME_OVERHEAD, STATIC_COMPONENTS, Plan, estimate, peak, strategy_memory
 from .plans import PlanSettings, make_plans
-from .skeleton import model_shape
+from .skeleton import model_shape, run_shape
 from .weights import base_weights
 
 __all__ = [

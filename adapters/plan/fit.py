@@ -113,7 +113,7 @@ def fit(run: Run, limit: int, device: str | None = None) -> Fit:
     """
     from ..distributed import launched_processes
     from .memory import estimate
-    from .skeleton import model_shape
+    from .skeleton import model_shape, run_shape
 
     s = run.spec
     device = device or device_for_run()
@@ -131,10 +131,8 @@ def fit(run: Run, limit: int, device: str | None = None) -> Fit:
     for m in (d for d in range(effective, smallest - 1, -1) if effective % d == 0):
         k = effective // m
         for gc, off in ((gc, off) for gc in checkpointing for off in offloading):
-            shape_of_run = RunShape(m, s.seq_len, run.task, run.quantization, gc, device, s.loss_chunk, s.compile,
-                                    processes=processes, sharding=s.sharding, optimizer=s.optimizer,
-                                    offload_activations=off, optimizer_in_backward=s.optimizer_in_backward,
-                                    master_weights=s.master_weights, mixed_precision=s.mixed_precision)
+            shape_of_run = run_shape(s, run.task, run.quantization, device, batch_size=m, gradient_checkpointing=gc,
+                                     offload_activations=off, processes=processes)
             plan = estimate(shape, run.strategy, run.config, shape_of_run)
             if plan.status != "ok":
                 raise Unpredictable(

@@ -28,7 +28,7 @@ from ..runspec import (
 from ..text import parse_size
 from .budget import with_budget
 from .memory import RUNTIME_OVERHEAD, Plan, estimate
-from .skeleton import model_shape
+from .skeleton import model_shape, run_shape
 
 
 @dataclass
@@ -77,11 +77,7 @@ def make_plans(settings: PlanSettings) -> dict[str, Any]:
     shape = model_shape(s.model, s.task, settings.device)
     plans = []
     for one in asked:
-        run = RunShape(s.batch_size, s.seq_len, shape.task, one.quantization, s.gradient_checkpointing,
-                       settings.device, s.loss_chunk, s.compile, processes=settings.processes, sharding=s.sharding,
-                       optimizer=s.optimizer, offload_activations=s.offload_activations,
-                       optimizer_in_backward=s.optimizer_in_backward, master_weights=s.master_weights,
-                       mixed_precision=s.mixed_precision)
+        run = run_shape(s, shape.task, one.quantization, settings.device, processes=settings.processes)
         plans.append(_plan(one, shape, run, budget))
     engine = rules.engine(settings.device, shape.task, compile=s.compile, sharding=s.sharding,
                           gradient_checkpointing=s.gradient_checkpointing, loss_chunk=s.loss_chunk,

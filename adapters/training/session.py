@@ -107,7 +107,8 @@ class Session(Prepared):
              saved: Path | None = None) -> Session:
         """Set ``run`` up (``accelerator``: one made for it by default), its strategy applied afresh, or restored
         from ``checkpoint``'s weights or from the final save in ``saved``."""
-        accelerator = accelerator or make_accelerator(sharding=run.spec.sharding, mixed_precision=run.spec.mixed_precision)
+        accelerator = accelerator or make_accelerator(sharding=run.spec.sharding,
+                                                      mixed_precision=run.spec.mixed_precision)
         if run.spec.sharding == "none" and accelerator.distributed_type == "FSDP":  # `accelerate launch --use_fsdp`
             run = dataclasses.replace(run, spec=dataclasses.replace(run.spec, sharding="fsdp"))
         s = run.spec

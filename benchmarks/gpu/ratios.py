@@ -87,6 +87,12 @@ def ratio(ours: dict, theirs: dict | None) -> dict | None:
             "peak_memory": ours["peak_bytes"] / theirs["peak_bytes"] if theirs.get("peak_bytes") else None}
 
 
+def meets(r: dict | None, case: str) -> bool:
+    """Whether ratios ``r`` meet ``case``'s goal (none: not met)."""
+    goal = GOALS.get(case)
+    return goal is not None and r is not None and r["tokens_per_s"] >= goal[0] and r["peak_memory"] <= goal[1]
+
+
 def shown(r: dict | None) -> str:
     if r is None:
         return "not measured"
@@ -115,7 +121,7 @@ def main() -> None:
               f"{side['cases'].get(case, {}).get('plain_variant', '?')}")
         for mode, rows in measured.items():
             r = ratio(rows[case], plain.get(case)) if case in rows else None
-            met = r is not None and r["tokens_per_s"] >= speed_goal and r["peak_memory"] <= memory_goal
+            met = meets(r, case)
             verdict["goals"][f"{case} ({mode})"] = {**(r or {}), "met": met}
             print(f"  {mode:10} {shown(r):34} {'met' if met else 'NOT met'}")
     # Each option's run has its own plain-stack run beside it, in the same call: its ratio is against that one.
@@ -127,8 +133,7 @@ def main() -> None:
         measured[mode] = ours
         for case, row in ours.items():
             r = ratio(row, theirs.get(case))
-            goal = GOALS.get(case)
-            met = goal is not None and r is not None and r["tokens_per_s"] >= goal[0] and r["peak_memory"] <= goal[1]
+            met = meets(r, case)
             verdict["options"][f"{case} ({mode})"] = {**(r or {}), "met": met}
             print(f"{case} {mode}: {shown(r)} {'met' if met else 'NOT met'} (its own plain-stack run)")
     print("against raw_stack.py (../shared/anchors/raw_stack.py, same call):")
