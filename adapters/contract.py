@@ -262,13 +262,15 @@ class RunShape:
     optimizer_in_backward: bool = False  # each weight stepped in backward: at most one gradient alive at a time
     master_weights: str = "fp32"  # adapters.rules.MASTER_WEIGHTS: "fp32" masters of what trains, or "none" (bf16)
     mixed_precision: str | None = None  # adapters.rules.MIXED_PRECISION: "bf16" autocast or "no"; None: by device
+    # With gradient_checkpointing: how many decoder layers are checkpointed, the first ones; None: every layer.
+    checkpoint_layers: int | None = None
 
     @property
     def engine(self) -> Engine:
         """How this run computes (`adapters.rules`): compiled or not, MLP recompute, optimizer, loss path."""
         return engine(self.device, self.task, compile=self.compile, sharding=self.sharding,
-                      gradient_checkpointing=self.gradient_checkpointing, loss_chunk=self.loss_chunk,
-                      optimizer_kind=self.optimizer)
+                      gradient_checkpointing=self.gradient_checkpointing, checkpoint_layers=self.checkpoint_layers,
+                      loss_chunk=self.loss_chunk, optimizer_kind=self.optimizer)
 
     @property
     def recomputes_mlp(self) -> bool:
@@ -279,6 +281,13 @@ class RunShape:
     @property
     def tokens(self) -> int:
         return self.batch_size * self.seq_len
+
+    def checkpointed_layers(self, num_layers: int) -> int:
+        """How many of a model's ``num_layers`` decoder layers recompute their activations in backward: none
+        without checkpointing, the first ``checkpoint_layers`` with it (every layer when that is None)."""
+        if not self.gradient_checkpointing:
+            return 0
+        return num_layers if self.checkpoint_layers is None else min(self.checkpoint_layers, num_layers)
 
     @property
     def autocast(self) -> bool:

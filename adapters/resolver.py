@@ -59,6 +59,7 @@ def resolve(spec: RunSpec, *, data: bool = True) -> Run:
     model = resolve_model(spec.model)
     task = check_model_task(model, spec.task)
     hf_config = model_config(spec.model)
+    _check_checkpoint_layers(spec, hf_config)
     check_supported(strategy, quantization, task, spec.gradient_checkpointing, registry, hf_config)
     optimization = _optimization(spec, strategy)
     _check_in_backward(spec, optimization["max_grad_norm"])
@@ -83,6 +84,17 @@ def _check_counts(spec: RunSpec) -> None:
         check_at_least(0, loss_chunk=spec.loss_chunk)
     if spec.seed >= 2**32:  # what torch, numpy and random all accept
         raise AdaptersError(f"--seed must be below 2**32 ({2**32}), not {spec.seed}.")
+
+
+def _check_checkpoint_layers(spec: RunSpec, hf_config: Any) -> None:
+    """--checkpoint-layers N counts decoder layers: at least 1, at most the model's."""
+    if spec.checkpoint_layers is None:
+        return
+    check_at_least(1, checkpoint_layers=spec.checkpoint_layers)
+    layers = getattr(hf_config, "num_hidden_layers", None)
+    if layers is not None and spec.checkpoint_layers > layers:
+        raise AdaptersError(f"--checkpoint-layers {spec.checkpoint_layers}: {spec.model} has {layers} decoder "
+                            f"layers. Give at most {layers}, or --gradient-checkpointing alone for all of them.")
 
 
 def check_supported(strategy: Strategy, quantization: str, task: str, gradient_checkpointing: bool,

@@ -51,11 +51,12 @@ def compiles(asked: bool | None, device: str, sharding: str = "none") -> bool:
     return sharding == "none" and COMPILE_BY_DEFAULT.get(device, False)
 
 
-def recomputes_mlp(gradient_checkpointing: bool, compiled: bool) -> bool:
+def recomputes_mlp(gradient_checkpointing: bool, compiled: bool, checkpoint_layers: int | None = None) -> bool:
     """Whether gated MLPs keep only their two projections for backward and recompute the activation and product
-    there: not when whole layers are recomputed already (gradient checkpointing), nor under torch.compile, whose
-    partitioner makes its own choice of what to keep."""
-    return not gradient_checkpointing and not compiled
+    there: not when every layer is recomputed already (gradient checkpointing of all of them), nor under
+    torch.compile, whose partitioner makes its own choice of what to keep. With some layers checkpointed
+    (``checkpoint_layers``), the others' MLPs still recompute."""
+    return (not gradient_checkpointing or checkpoint_layers is not None) and not compiled
 
 
 # The optimizers a run may ask for (RunSpec.optimizer). adamw: torch's, float32 states (8 bytes a weight);
@@ -162,12 +163,12 @@ class Engine:
 
 
 def engine(device: str, task: str, *, compile: bool | None = None, sharding: str = "none",
-           gradient_checkpointing: bool = False, loss_chunk: int | None = None,
+           gradient_checkpointing: bool = False, checkpoint_layers: int | None = None, loss_chunk: int | None = None,
            optimizer_kind: str | None = None) -> Engine:
     """Every rule for one run on ``device`` (a device type)."""
     compiled = compiles(compile, device, sharding)
-    return Engine(device, compiled, recomputes_mlp(gradient_checkpointing, compiled), optimizer(device, optimizer_kind),
-                  loss_path(task, loss_chunk))
+    return Engine(device, compiled, recomputes_mlp(gradient_checkpointing, compiled, checkpoint_layers),
+                  optimizer(device, optimizer_kind), loss_path(task, loss_chunk))
 
 
 def offload_refusal(device: str) -> str | None:

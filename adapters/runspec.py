@@ -103,6 +103,10 @@ class RunSpec:
                                           "[default: bf16 on CUDA, no on the CPU].")
     gradient_checkpointing: bool = setting(False, commands=WORKLOAD,
                                            help="Recompute activations in backward to save memory.")
+    checkpoint_layers: int | None = setting(None, commands=WORKLOAD, metavar="N",
+                                            help="Checkpoint only the first N decoder layers, keeping the others' "
+                                            "activations: part of checkpointing's saving for part of its cost "
+                                            "(implies --gradient-checkpointing) [default: every layer].")
     offload_activations: bool = setting(False, commands=WORKLOAD,
                                         help="CUDA: move saved activations to host memory during the forward "
                                         "(overlapped on a side stream) and back for backward; refused elsewhere.")
@@ -136,6 +140,10 @@ class RunSpec:
                                      "checkpoint's.")
     options: dict[str, Any] = setting(factory=dict, commands=WORKLOAD, metavar="KEY=VALUE", option="set",
                                       help="A strategy option (repeatable), checked against the strategy's options.")
+
+    def __post_init__(self) -> None:
+        if self.checkpoint_layers is not None:  # checkpointing some of the layers is checkpointing
+            self.gradient_checkpointing = True
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

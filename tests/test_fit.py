@@ -108,7 +108,7 @@ def test_fitting_a_fitted_spec_chooses_the_same():
     assert again.spec == first.spec
     assert {k: v for k, v in again.fit.items() if k != "asked"} == {k: v for k, v in first.fit.items() if k != "asked"}
     assert first.fit["asked"] == {"batch_size": 8, "gradient_accumulation_steps": 1, "gradient_checkpointing": False,
-                                 "offload_activations": False}
+                                  "checkpoint_layers": None, "offload_activations": False}
 
 
 def test_checkpointing_as_asked_or_as_the_strategy_allows():

@@ -152,6 +152,7 @@ def plan(ctx: click.Context, strategies: str, device: str, budget: str | None, p
     click.echo(f"{result['model']} ({result['task']}) on {result['device']}, {result['dtype']}: "
                f"batch {result['batch_size']} x seq {result['seq_len']}"
                + (", gradient checkpointing" if result["gradient_checkpointing"] else "")
+               + (f" of the first {result['checkpoint_layers']} layers" if result.get("checkpoint_layers") else "")
                + (", activations offloaded to host memory" if result["offload_activations"] else "")
                + (", optimizer in backward" if result["optimizer_in_backward"] else "")
                + (", no float32 master weights" if result["master_weights"] == "none" else "")

@@ -6,25 +6,31 @@ is fastest among those predicted to fit:
 
 - **Candidates**: every micro-batch m that divides E, so that each optimizer step still sees E rows, in k = E / m
   micro-batches of equal size (a micro-batch that does not divide E would need an uneven last piece); each
-  without and with gradient checkpointing, and on CUDA without and with saved activations offloaded to host
-  memory (`adapters.training.offload`). Only with checkpointing when the run asks for ``--gradient-checkpointing``
-  (the fit then chooses the micro-batch and the offload), only without it when the strategy cannot checkpoint;
-  only with offload when the run asks for ``--offload-activations``.
+  without gradient checkpointing, with the fewest layers checkpointed that fits (``--checkpoint-layers``: the
+  first n of the decoder's L), and with every layer checkpointed; and on CUDA without and with saved activations
+  offloaded to host memory (`adapters.training.offload`). Only with the checkpointing asked for when the run asks
+  (``--gradient-checkpointing``, ``--checkpoint-layers``: the fit then chooses the micro-batch and the offload),
+  only without it when the strategy cannot checkpoint; only with offload when the run asks for
+  ``--offload-activations``. The fewest layers is found by bisection: each layer checkpointed keeps its input
+  alone where it kept every tensor its backward reads, so the predicted peak falls as n grows.
 - **Predicted peak**: the plan's peak for a micro-batch of m rows (`adapters.plan.estimate`, for the device the
   run goes to: "cuda" in bf16, "cpu" in fp32). With k > 1, the gradients of the earlier micro-batches stay alive
   through the later ones, and each new gradient is added into them (one more gradient tensor at a time): the
   plan's phases before the gradients exist are taken again with every gradient added, and the largest trainable
   tensor on top (`_accumulating_peak`). It fits when it is at most the limit less `HEADROOM`.
-- **Predicted time** of an optimizer step, in token-equivalents: ``k x ((1 + 1/3 gc) x m x seq_len +
-  MICRO_STEP_TOKENS[device])``. Checkpointing runs each layer's forward twice in backward: about a third more
-  compute. Each micro-step has a fixed cost beside its tokens (launching its kernels, reading every weight once),
-  counted as that many tokens' worth: a rule of thumb, not a measurement, which makes larger micro-batches
-  somewhat faster per row on a GPU. A CPU is compute-bound from a few tokens on, so there it is 0. Offloading
-  costs ``OFFLOAD_COST`` more: its copies overlap the compute on a side stream, but share the memory bus (a rule
-  of thumb too, until benchmarks/gpu/run.sh measures it), so it is predicted faster than checkpointing.
-- **Choice**: the lowest predicted time among the candidates that fit; at equal time, no checkpointing, then no
-  offload, then the larger micro-batch. So on the CPU: no checkpointing with the largest micro-batch that fits,
-  if any fits; on a GPU, offload before checkpointing, and both when neither alone fits.
+- **Predicted time** of an optimizer step, in token-equivalents: ``k x ((1 + 1/3 n/L) x m x seq_len +
+  MICRO_STEP_TOKENS[device])``. Checkpointing runs a layer's forward twice in backward: about a third more
+  compute for each layer checkpointed. Each micro-step has a fixed cost beside its tokens (launching its
+  kernels, reading every weight once), counted as that many tokens' worth: a rule of thumb, not a measurement,
+  which makes larger micro-batches somewhat faster per row on a GPU. A CPU is compute-bound from a few tokens on,
+  so there it is 0. Offloading costs ``OFFLOAD_COST`` more: its copies overlap the compute on a side stream, but
+  share the memory bus (a rule of thumb too, until benchmarks/gpu/run.sh measures it), so it is predicted faster
+  than checkpointing every layer, and slower than checkpointing fewer than 30% of them.
+- **Choice**: the lowest predicted time among the candidates that fit; at equal time, fewer layers checkpointed,
+  then no offload, then the larger micro-batch. So on the CPU: no checkpointing with the largest micro-batch that
+  fits, if any fits, else the fewest layers checkpointed; on a GPU, checkpointing a few layers (less than
+  ``OFFLOAD_COST``'s worth of recompute) before offload, offload before checkpointing more, and both when neither
+  alone fits.
 
 Nothing fitting even at a micro-batch of 1 with checkpointing is `MemoryLimitTooSmall` (a `StrategyRefused`:
 train stops with it before any weight loads, bench records a refused row), naming the smallest limit that fits.
@@ -35,6 +41,7 @@ The choice depends on the effective batch alone, never on how the spec split it,
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -69,6 +76,7 @@ class Candidate:
     batch_size: int  # the micro-batch
     gradient_accumulation_steps: int
     gradient_checkpointing: bool
+    checkpoint_layers: int | None  # with gradient_checkpointing: the first this many layers; None: every one
     offload_activations: bool
     predicted_peak_bytes: int
     predicted_time: float  # token-equivalents per optimizer step (see the module's docstring)
@@ -95,6 +103,7 @@ class Fit:
         """``spec`` with the chosen micro-batch, accumulation and checkpointing."""
         c = self.chosen
         return dataclasses.replace(spec, batch_size=c.batch_size, gradient_checkpointing=c.gradient_checkpointing,
+                                   checkpoint_layers=c.checkpoint_layers,
                                    gradient_accumulation_steps=c.gradient_accumulation_steps,
                                    offload_activations=c.offload_activations)
 
@@ -122,29 +131,40 @@ def fit(run: Run, limit: int, device: str | None = None) -> Fit:
     labels = run.dataset.labels if run.dataset is not None else []
     shape = model_shape(s.model, run.task, device, len(labels) or 2)
     usable = int(limit * (1 - HEADROOM))
+    layers = shape.num_layers
     can_checkpoint = traits(run.strategy).supports_gradient_checkpointing
-    checkpointing = [True] if s.gradient_checkpointing else [False, True] if can_checkpoint else [False]
     offloading = [True] if s.offload_activations else [False, True] if device == "cuda" else [False]
+
+    def candidate(m: int, n: int, off: bool) -> Candidate:
+        k = effective // m
+        shape_of_run = run_shape(s, run.task, run.quantization, device, batch_size=m, gradient_checkpointing=n > 0,
+                                 checkpoint_layers=n if 0 < n < layers else None, offload_activations=off,
+                                 processes=processes)
+        plan = estimate(shape, run.strategy, run.config, shape_of_run)
+        if plan.status != "ok":
+            raise Unpredictable(
+                f"--memory-limit: the planner cannot predict {run.strategy.name} on {s.model} ({plan.message}), "
+                "so it cannot fit the run. Drop --memory-limit and set --batch-size and "
+                "--gradient-checkpointing yourself.", run.strategy, run.quantization)
+        peak = plan.peak_bytes if k == 1 else _accumulating_peak(plan, shape, run, shape_of_run)
+        cost = 1 + CHECKPOINTING_COST * n / max(layers, 1) + OFFLOAD_COST * off
+        time = k * (cost * m * s.seq_len + MICRO_STEP_TOKENS[device])
+        return Candidate(m, k, n > 0, shape_of_run.checkpoint_layers, off, peak, round(time, 1), peak <= usable)
+
     candidates = []
     # In backward, each weight steps as its gradient is whole: one micro-batch a step (rules.in_backward_refusal).
     smallest = effective if s.optimizer_in_backward else 1
     for m in (d for d in range(effective, smallest - 1, -1) if effective % d == 0):
-        k = effective // m
-        for gc, off in ((gc, off) for gc in checkpointing for off in offloading):
-            shape_of_run = run_shape(s, run.task, run.quantization, device, batch_size=m, gradient_checkpointing=gc,
-                                     offload_activations=off, processes=processes)
-            plan = estimate(shape, run.strategy, run.config, shape_of_run)
-            if plan.status != "ok":
-                raise Unpredictable(
-                    f"--memory-limit: the planner cannot predict {run.strategy.name} on {s.model} ({plan.message}), "
-                    "so it cannot fit the run. Drop --memory-limit and set --batch-size and "
-                    "--gradient-checkpointing yourself.", run.strategy, run.quantization)
-            peak = plan.peak_bytes if k == 1 else _accumulating_peak(plan, shape, run, shape_of_run)
-            cost = 1 + CHECKPOINTING_COST * gc + OFFLOAD_COST * off
-            time = k * (cost * m * s.seq_len + MICRO_STEP_TOKENS[device])
-            candidates.append(Candidate(m, k, gc, off, peak, round(time, 1), peak <= usable))
+        for off in offloading:
+            if s.gradient_checkpointing:  # as asked
+                candidates.append(candidate(m, min(s.checkpoint_layers or layers, layers), off))
+            elif not can_checkpoint or layers < 1:
+                candidates.append(candidate(m, 0, off))
+            else:
+                candidates.extend(_by_layers(functools.partial(candidate, m, off=off), layers))
     asked = {"batch_size": s.batch_size, "gradient_accumulation_steps": s.gradient_accumulation_steps,
-             "gradient_checkpointing": s.gradient_checkpointing, "offload_activations": s.offload_activations}
+             "gradient_checkpointing": s.gradient_checkpointing, "checkpoint_layers": s.checkpoint_layers,
+             "offload_activations": s.offload_activations}
     fitting = [c for c in candidates if c.fits]
     if not fitting:
         raise MemoryLimitTooSmall(_too_small(run, limit, candidates, device), run.strategy, run.quantization)
@@ -153,10 +173,38 @@ def fit(run: Run, limit: int, device: str | None = None) -> Fit:
                candidates)
 
 
-def _rank(c: Candidate) -> tuple[float, bool, bool, int]:
-    """The order of preference: the lowest predicted time, then no checkpointing, then no offload, then the larger
-    micro-batch."""
-    return c.predicted_time, c.gradient_checkpointing, c.offload_activations, -c.batch_size
+def _by_layers(candidate: Any, layers: int) -> list[Candidate]:
+    """The candidates of one micro-batch and offload by how many layers they checkpoint: none, every one, and
+    between them the fewest that fits (bisected, the peak falling as more are checkpointed), or when none between
+    fits, all but one (the least peak between)."""
+    none, every = candidate(0), candidate(layers)
+    if none.fits or layers < 2:
+        return [none, every]
+    low, high = 1, layers - 1  # the answer, if any, is in [low, high]
+    best = candidate(high)
+    if not best.fits:
+        return [none, best, every]
+    while low < high:
+        middle = (low + high) // 2
+        c = candidate(middle)
+        if c.fits:
+            best, high = c, middle
+        else:
+            low = middle + 1
+    return [none, best, every]
+
+
+def _checkpointed(c: Candidate) -> int:
+    """How many layers ``c`` checkpoints, for ranking: every one counts as more than any number."""
+    if not c.gradient_checkpointing:
+        return 0
+    return c.checkpoint_layers if c.checkpoint_layers is not None else 1 << 30
+
+
+def _rank(c: Candidate) -> tuple[float, int, bool, int]:
+    """The order of preference: the lowest predicted time, then fewer layers checkpointed, then no offload, then
+    the larger micro-batch."""
+    return c.predicted_time, _checkpointed(c), c.offload_activations, -c.batch_size
 
 
 def _accumulating_peak(plan: Plan, shape: ModelShape, run: Run, shape_of_run: RunShape) -> int:
@@ -184,8 +232,15 @@ def fit_spec(run: Run, limit: int) -> Run:
 
 def _ways(c: Candidate) -> str:
     """Checkpointing and offload, in words."""
-    return (f"{'with' if c.gradient_checkpointing else 'without'} gradient checkpointing"
-            + (", activations offloaded" if c.offload_activations else ""))
+    return _checkpointing(c, "with", "without") + (", activations offloaded" if c.offload_activations else "")
+
+
+def _checkpointing(c: Candidate, with_: str, without: str) -> str:
+    if not c.gradient_checkpointing:
+        return f"{without} gradient checkpointing"
+    if c.checkpoint_layers is None:
+        return f"{with_} gradient checkpointing"
+    return f"{with_} gradient checkpointing of the first {c.checkpoint_layers} layers"
 
 
 def _reason(chosen: Candidate, candidates: list[Candidate], usable: int) -> str:
@@ -207,7 +262,7 @@ def _too_small(run: Run, limit: int, candidates: list[Candidate], device: str) -
     least = min(candidates, key=lambda c: c.predicted_peak_bytes)
     needed = math.ceil(least.predicted_peak_bytes / (1 - HEADROOM) / 2**20)
     how = (f"micro-batch {least.batch_size} x {least.gradient_accumulation_steps}"
-           f"{' and gradient checkpointing' if least.gradient_checkpointing else ''}"
+           f"{_checkpointing(least, ' and', '') if least.gradient_checkpointing else ''}"
            f"{' and activations offloaded' if least.offload_activations else ''}")
     predicted = format_bytes(least.predicted_peak_bytes)
     return (f"--memory-limit {s.memory_limit or format_bytes(limit)} is too small for {run.strategy.name} on "

@@ -118,23 +118,28 @@ def _phases(shape: ModelShape, run: RunShape, part: StrategyMemory) -> dict[str,
     layer = layer_activations(shape, run, flow, part.extra_attention_tokens)
     layer += part.layer_activation_bytes if flow != "head" else 0
     outside = outside_layers(shape, run, flow)
-    checkpointed = run.gradient_checkpointing and flow != "head"
-    kept = shape.num_layers * (run.tokens * shape.hidden_size * run.compute_bytes if checkpointed else layer)
+    # Checkpointed layers (the first n) keep their input alone, the others every tensor their backward reads.
+    n = run.checkpointed_layers(shape.num_layers) if flow != "head" else 0
+    every = n == shape.num_layers
+    checkpointed = n > 0
+    layer_input = run.tokens * shape.hidden_size * run.compute_bytes
+    kept = n * layer_input + (shape.num_layers - n) * layer
     if flow == "inputs" and not checkpointed and shape.family == "llama":  # the embeddings' output needs
         kept -= run.tokens * (shape.hidden_size + 1) * 4  # no gradient: layer 0's first norm keeps nothing
     if run.offload_activations:  # in host memory, but for the layer whose copies are in flight, or back for backward
-        kept = min(kept, run.tokens * shape.hidden_size * run.compute_bytes if checkpointed else layer)
+        kept = min(kept, layer_input if every else layer)
     forward, working = transients(shape, run)
     phases: dict[str, dict[str, int]] = {
         "forward": {"activations": kept + forward},
         "loss backward": {"activations": kept + outside, "logits_and_loss": loss(shape, run, flow)},
     }
     if flow != "head":
-        # A layer's backward: its saved tensors (recomputed under checkpointing) plus the gradients
-        # in flight through it.
-        phases["layer backward"] = {"activations": kept + outside + (layer if checkpointed else 0) + working}
+        # A layer's backward: its saved tensors (recomputed under checkpointing) plus the gradients in flight through
+        # it. Backward begins at the last layer: checkpointed, it recomputes its tensors on top of everything kept;
+        # kept, its own are there already, and by the first checkpointed layer the later ones' are gone.
+        phases["layer backward"] = {"activations": kept + outside + (layer if every else 0) + working}
         if flow == "weights":  # the first layer's backward, with every other gradient already made
-            first = (kept if checkpointed else 0) + layer + working
+            first = n * layer_input + layer + working
             phases["end of backward"] = {"gradients": part.trainable_bytes, "activations": first}
     if not run.optimizer_in_backward:
         phases["optimizer step"] = {"gradients": part.trainable_bytes,

@@ -80,14 +80,15 @@ def make_plans(settings: PlanSettings) -> dict[str, Any]:
         run = run_shape(s, shape.task, one.quantization, settings.device, processes=settings.processes)
         plans.append(_plan(one, shape, run, budget))
     engine = rules.engine(settings.device, shape.task, compile=s.compile, sharding=s.sharding,
-                          gradient_checkpointing=s.gradient_checkpointing, loss_chunk=s.loss_chunk,
-                          optimizer_kind=s.optimizer)
+                          gradient_checkpointing=s.gradient_checkpointing, checkpoint_layers=s.checkpoint_layers,
+                          loss_chunk=s.loss_chunk, optimizer_kind=s.optimizer)
     return {
         "model": s.model, "task": shape.task, "device": settings.device,
         "dtype": rules.base_dtype(settings.device, s.master_weights, s.mixed_precision)
         + (" (autocast)" if rules.autocasts(settings.device, s.mixed_precision) else ""),
         "batch_size": s.batch_size, "seq_len": s.seq_len,
-        "gradient_checkpointing": s.gradient_checkpointing, "offload_activations": s.offload_activations,
+        "gradient_checkpointing": s.gradient_checkpointing, "checkpoint_layers": s.checkpoint_layers,
+        "offload_activations": s.offload_activations,
         "optimizer_in_backward": s.optimizer_in_backward, "master_weights": s.master_weights,
         "mixed_precision": s.mixed_precision,
         "loss": engine.loss_path,

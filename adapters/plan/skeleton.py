@@ -36,7 +36,8 @@ def run_shape(spec: RunSpec, task: str, quantization: str, device: str, **change
     """The run an estimate is for, as ``spec`` asks for it on ``device``; ``changes`` override its fields (a fitted
     micro-batch, checkpointing, the processes)."""
     fields = dict(batch_size=spec.batch_size, seq_len=spec.seq_len, task=task, quantization=quantization,
-                  gradient_checkpointing=spec.gradient_checkpointing, device=device, loss_chunk=spec.loss_chunk,
+                  gradient_checkpointing=spec.gradient_checkpointing, checkpoint_layers=spec.checkpoint_layers,
+                  device=device, loss_chunk=spec.loss_chunk,
                   compile=spec.compile, sharding=spec.sharding, optimizer=spec.optimizer,
                   offload_activations=spec.offload_activations, optimizer_in_backward=spec.optimizer_in_backward,
                   master_weights=spec.master_weights, mixed_precision=spec.mixed_precision)

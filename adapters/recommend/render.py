@@ -67,7 +67,9 @@ def train_command(result: dict[str, Any]) -> str | None:
     parts += [f"--batch-size {c['batch_size']}", f"--seq-len {result['seq_len']}"]
     if c["gradient_accumulation_steps"] and c["gradient_accumulation_steps"] > 1:
         parts.append(f"--gradient-accumulation-steps {c['gradient_accumulation_steps']}")
-    if c["gradient_checkpointing"]:
+    if c.get("checkpoint_layers"):
+        parts.append(f"--checkpoint-layers {c['checkpoint_layers']}")
+    elif c["gradient_checkpointing"]:
         parts.append("--gradient-checkpointing")
     if c["offload_activations"]:
         parts.append("--offload-activations")

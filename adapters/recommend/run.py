@@ -74,6 +74,7 @@ class Candidate:
     batch_size: int | None = None  # as fitted into the memory limit
     gradient_accumulation_steps: int | None = None
     gradient_checkpointing: bool | None = None
+    checkpoint_layers: int | None = None  # with gradient_checkpointing: the first this many layers; None: all
     offload_activations: bool | None = None
     peak_bytes: int | None = None  # measured
     tokens_per_s: float | None = None
@@ -190,6 +191,7 @@ def _plan(c: Candidate, spec: RunSpec) -> RunSpec | None:
     c.batch_size, c.gradient_accumulation_steps, c.gradient_checkpointing, c.offload_activations = (
         chosen["batch_size"], chosen["gradient_accumulation_steps"], chosen["gradient_checkpointing"],
         chosen["offload_activations"])
+    c.checkpoint_layers = chosen["checkpoint_layers"]
     return mine
 
 

@@ -57,7 +57,7 @@ _INVERSE_TO_STEP_TIME = {"tokens_per_s", "mfu"}
 MARKS = {"better": "+", "worse": "!", "noise": "~", "n/a": "?"}
 VERSIONED_PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate")
 COMPARED_SETTINGS = ("model", "device", "dtype", "batch_size", "gradient_accumulation_steps", "effective_batch_size",
-                     "seq_len", "gradient_checkpointing", "quality_steps", "processes", "sharding")
+                     "seq_len", "gradient_checkpointing", "checkpoint_layers", "quality_steps", "processes", "sharding")
 
 ReportLike = Report | Mapping[str, Any]
 

@@ -101,6 +101,7 @@ class Settings(Struct, kw_only=True):
     optimizer_in_backward: bool | None = None
     master_weights: Literal["fp32", "none"] | None = None
     mixed_precision: Literal["bf16", "no"] | None = None  # None: the device's default (bf16 on CUDA, no on the CPU)
+    checkpoint_layers: int | None = None  # with gradient_checkpointing: the first this many layers; None: all
     options: dict[str, Any] = {}  # strategy options, for every strategy of the suite
     run: str | None = None  # `adapters bench --run RUN`: the run whose settings these are
 

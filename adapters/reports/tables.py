@@ -73,7 +73,8 @@ def summary(report: Report) -> str:
     s = report.settings
     parts = [f"model {s.model}", f"device {s.device}", f"dtype {s.dtype}", f"batch {s.batch_size} × seq {s.seq_len}",
              f"{s.steps} timed steps × {s.repeats} repeats after {s.warmup} warm-up",
-             f"gradient checkpointing {text(s.gradient_checkpointing)}"]
+             f"gradient checkpointing {text(s.gradient_checkpointing)}"
+             + (f" (the first {s.checkpoint_layers} layers)" if s.checkpoint_layers else "")]
     if s.quality_steps:
         parts.append(f"quality over {s.quality_steps} steps")
     if s.processes > 1:

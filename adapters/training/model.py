@@ -106,9 +106,9 @@ def load_base(run: Run, device: torch.device) -> BaseModel:
     # each layer's keys and values (all of them when nothing else keeps them: a probe, a padded batch).
     base.model.config.use_cache = False
     if s.gradient_checkpointing:
-        enable_gradient_checkpointing(base.model)
-    if rules.recomputes_mlp(s.gradient_checkpointing, rules.compiles(s.compile, torch.device(device).type,
-                                                                     s.sharding)):
+        enable_gradient_checkpointing(base.model, s.checkpoint_layers)
+    if rules.recomputes_mlp(s.gradient_checkpointing, rules.compiles(s.compile, torch.device(device).type, s.sharding),
+                            s.checkpoint_layers):
         engine.recompute_gated_mlps(base.model)
     return base
 
@@ -139,8 +139,9 @@ def apply_strategy(run: Run, base: BaseModel, data: TrainBatches | None = None
                                                             run.spec.mixed_precision))
 
 
-def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
-    """Turn checkpointing on so that it really engages with a frozen base.
+def enable_gradient_checkpointing(model: torch.nn.Module, layers: int | None = None) -> None:
+    """Turn checkpointing on so that it really engages with a frozen base: for every decoder layer, or for the first
+    ``layers`` of them (the others keep their activations; see `adapters.plan.memory` for why the first).
 
     Non-reentrant checkpointing plus input gradients lets gradients flow through checkpointed
     segments whose own weights are all frozen; the session keeps the model in train mode, without
@@ -156,6 +157,18 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
     with contextlib.suppress(AttributeError):
         model.disable_input_require_grads()
     model.enable_input_require_grads()
+    if layers is not None:
+        _checkpoint_first(model, layers)
+
+
+def _checkpoint_first(model: torch.nn.Module, layers: int) -> None:
+    """Leave checkpointing on for the first ``layers`` decoder layers alone."""
+    decoder = engine.decoder_layers(model)
+    if decoder is None or not all(hasattr(layer, "gradient_checkpointing") for layer in decoder):
+        raise AdaptersError(f"--checkpoint-layers: {type(model).__name__} checkpoints as a whole, not layer by "
+                            "layer. Use --gradient-checkpointing alone.")
+    for index, layer in enumerate(decoder):
+        layer.gradient_checkpointing = index < layers
 
 
 def keep_trainable(model: torch.nn.Module, dtype: str) -> dict[str, torch.dtype]:

@@ -122,8 +122,8 @@ class Session(Prepared):
         parameters = count_parameters(model)
         train_loader, eval_loader = _loaders(run, built.base)
         choice = rules.engine(accelerator.device.type, run.task, compile=s.compile, sharding=s.sharding,
-                              gradient_checkpointing=s.gradient_checkpointing, loss_chunk=s.loss_chunk,
-                              optimizer_kind=s.optimizer)
+                              gradient_checkpointing=s.gradient_checkpointing, checkpoint_layers=s.checkpoint_layers,
+                              loss_chunk=s.loss_chunk, optimizer_kind=s.optimizer)
         make_optimizer = InBackward if s.optimizer_in_backward else engine.make_optimizer
         optimizer = make_optimizer(_parameter_groups(run, model), run.learning_rate, run.weight_decay,
                                    accelerator.device, kind=s.optimizer)
@@ -189,7 +189,7 @@ def run_shape(run: Run, device: str) -> RunShape:
     s = run.spec
     return RunShape(s.batch_size, s.seq_len, run.task, run.quantization, s.gradient_checkpointing, device,
                     s.loss_chunk, s.compile, sharding=s.sharding, optimizer=s.optimizer,
-                    offload_activations=s.offload_activations)
+                    offload_activations=s.offload_activations, checkpoint_layers=s.checkpoint_layers)
 
 
 def _parameter_groups(run: Run, model: torch.nn.Module) -> list[Any]:
