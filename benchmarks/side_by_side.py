@@ -11,6 +11,9 @@ tensor bytes around one step). The cases:
   qlora           adapters `qlora`          beside the HF QLoRA recipe (prepare_model_for_kbit_training,
                                             its gradient checkpointing on, train mode)
 
+``--memory-limit plain`` gives adapters the plain run's measured peak as its limit, round by round (the plain side
+then runs first in every round): how fast adapters trains in the plain stack's memory, its plan choosing how.
+
 The JSON holds, per case, each side's tokens/s and peak per round, the planner's prediction of adapters'
 peak with its error, and the ratios adapters / plain (per round, and their median): a tokens/s ratio
 above 1 and a peak ratio below 1 favour adapters. With the machine, the versions and the settings.
@@ -18,8 +21,8 @@ above 1 and a peak ratio below 1 favour adapters. With the machine, the versions
 Usage: python benchmarks/side_by_side.py [--model smollm2-135m] [--batch-size 4 --seq-len 512]
        [--steps 3 --warmup 1] [--rounds 1] [--cases lora,full-finetune,qlora] [--loss-chunk N]
        [--compile/--no-compile] [--optimizer adamw|adamw8bit|paged_adamw8bit] [--master-weights fp32|none]
-       [--optimizer-in-backward] [--gradient-checkpointing] [--mixed-precision bf16|no]
-       [--memory-limit SIZE] [--output FILE (default: benchmarks/results/side-by-side-cpu-<cores>core.json)]
+       [--optimizer-in-backward] [--gradient-checkpointing | --checkpoint-layers N] [--mixed-precision bf16|no]
+       [--memory-limit SIZE|plain] [--output FILE (default: benchmarks/results/side-by-side-cpu-<cores>core.json)]
 """
 from __future__ import annotations
 
@@ -55,8 +58,9 @@ def run_plain(variant: str, args: argparse.Namespace) -> dict:
             "step_s": result["step_s"]["median"], "final_loss": result["final_loss"]}
 
 
-def run_adapters(strategy: str, args: argparse.Namespace) -> dict:
-    """One `adapters bench` case (bench runs it in a fresh worker process): tokens/s, peak and prediction."""
+def run_adapters(strategy: str, args: argparse.Namespace, limit: str | None = None) -> dict:
+    """One `adapters bench` case (bench runs it in a fresh worker process): tokens/s, peak and prediction, and with
+    a memory ``limit`` what its plan chose to fit it."""
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "bench.json"
         command = [sys.executable, "-m", "adapters", "bench", "--model", args.model, "--strategies", strategy,
@@ -74,10 +78,12 @@ def run_adapters(strategy: str, args: argparse.Namespace) -> dict:
             command.append("--optimizer-in-backward")
         if args.gradient_checkpointing:
             command.append("--gradient-checkpointing")
+        if args.checkpoint_layers is not None:
+            command += ["--checkpoint-layers", str(args.checkpoint_layers)]
         if args.mixed_precision is not None:
             command += ["--mixed-precision", args.mixed_precision]
-        if args.memory_limit is not None:
-            command += ["--memory-limit", args.memory_limit]
+        if limit is not None:
+            command += ["--memory-limit", limit]
         out = subprocess.run(command, capture_output=True, text=True)
         if not report.exists():
             raise SystemExit(f"adapters bench --strategies {strategy} failed:\n{out.stderr[-3000:]}")
@@ -89,12 +95,14 @@ def run_adapters(strategy: str, args: argparse.Namespace) -> dict:
             "step_s": result["step_s"]["median"], "final_loss": result["final_loss"],
             "predicted_peak_bytes": prediction.get("peak_bytes"),
             "prediction_error_pct": (prediction.get("error_pct") or {}).get("total"),
-            "flags": result["flags"], **{k: v for k, v in result.items() if k.startswith("compile")}}
+            "flags": result["flags"], **{k: v for k, v in result.items() if k.startswith("compile")},
+            **({"memory_limit": limit, "fit": result["memory_fit"]["reason"]} if result.get("memory_fit") else {})}
 
 
 def summarize(rounds: list[dict]) -> dict:
     """Each side's numbers per round, and the ratios adapters / plain per round and their median."""
-    sides = {side: {key: [r[side][key] for r in rounds] for key in rounds[0][side]} for side in ("plain", "adapters")}
+    sides = {side: {key: [r[side].get(key) for r in rounds] for key in rounds[0][side]}
+             for side in ("plain", "adapters")}
     speed = [r["adapters"]["tokens_per_s"] / r["plain"]["tokens_per_s"] for r in rounds]
     memory = [r["adapters"]["peak_bytes"] / r["plain"]["peak_bytes"] for r in rounds]
     return {**sides, "ratios": {"tokens_per_s": statistics.median(speed), "peak_memory": statistics.median(memory),
@@ -123,12 +131,14 @@ def main() -> None:
     ap.add_argument("--gradient-checkpointing", action="store_true",
                     help="passed to adapters bench; the plain stack's QLoRA recipe checkpoints every layer anyway, "
                     "its LoRA and full fine-tuning never do")
+    ap.add_argument("--checkpoint-layers", type=int, default=None,
+                    help="passed to adapters bench: checkpoint its first N decoder layers alone")
     ap.add_argument("--mixed-precision", choices=rules.MIXED_PRECISION, default=None,
                     help="passed to adapters bench (default: its own, bf16 autocast on CUDA, none on the CPU); the "
                     "plain stack computes in its weights' dtype")
     ap.add_argument("--memory-limit", default=None,
                     help="passed to adapters bench (e.g. 1500MiB): its plan picks the micro-batch, checkpointing "
-                    "and accumulation that fit")
+                    "and accumulation that fit; plain: the plain run's measured peak, round by round")
     ap.add_argument("--output", default=None,
                     help="default: benchmarks/results/side-by-side-cpu-<cores>core.json, or -cuda.json on a GPU")
     args = ap.parse_args()
@@ -157,6 +167,7 @@ def main() -> None:
                                          "plain": "bf16 weights" if device == "cuda" else "no"},
                      "gradient_checkpointing": {"adapters": args.gradient_checkpointing,
                                                 "plain": "qlora case only (the HF recipe)"},
+                     "checkpoint_layers": {"adapters": args.checkpoint_layers, "plain": None},
                      "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
                      "peak_memory": "cuda max_memory_allocated" if device == "cuda"
                      else "CPU profiler live tensor bytes around one step after the timed ones"},
@@ -169,8 +180,13 @@ def main() -> None:
         rounds = []
         for i in range(args.rounds):
             measured = {}
-            for side in (("plain", "adapters") if i % 2 == 0 else ("adapters", "plain")):
-                measured[side] = run_plain(variant, args) if side == "plain" else run_adapters(strategy, args)
+            in_plains = args.memory_limit == "plain"  # the plain side first: its peak is adapters' limit
+            for side in (("plain", "adapters") if i % 2 == 0 or in_plains else ("adapters", "plain")):
+                if side == "plain":
+                    measured[side] = run_plain(variant, args)
+                else:
+                    limit = f"{measured['plain']['peak_bytes']}B" if in_plains else args.memory_limit
+                    measured[side] = run_adapters(strategy, args, limit)
             rounds.append(measured)
             ratio = measured["adapters"]["tokens_per_s"] / measured["plain"]["tokens_per_s"]
             memory = measured["adapters"]["peak_bytes"] / measured["plain"]["peak_bytes"]
