@@ -149,3 +149,14 @@ def test_a_run_fitted_with_some_layers_checkpointed_stays_under_its_limit():
     assert "gradient checkpointing of the first" in run.fit["reason"]
     peak = measured_peak(run)
     assert peak <= limit, f"measured {peak:,} over the limit {limit:,} ({run.fit['reason']})"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_compiled_layers_checkpoint_some_of_them_to_the_same_losses(tmp_path):
+    """On CUDA the layers run compiled by default: checkpointing inside some of them trains as the run without."""
+    plain = _train(tmp_path / "plain", save_every=None)
+    partial = _train(tmp_path / "partial", checkpoint_layers=1, save_every=None)
+    assert partial.compiled["on"] == plain.compiled["on"]
+    ours, theirs = logged(tmp_path / "partial", "loss"), logged(tmp_path / "plain", "loss")
+    assert ours == pytest.approx(theirs, rel=0.01)

@@ -24,8 +24,10 @@ from adapters.files import write_json
 # case: (tokens/s at least this many times the plain stack's, at a peak at most this share of its peak): issue 22's
 # GPU goals (QLoRA's stretch goal is 0.5x the recipe's peak)
 GOALS = {"qlora": (2.5, 1.0), "lora": (1.6, 0.5), "full-finetune": (1.0, 0.6)}
-# side_by_side.py runs with one option each (benchmarks/gpu/run.sh, step side-by-side-options): file stem -> mode
-OPTIONS = {"side-by-side-qlora-checkpointing": "--gradient-checkpointing",
+# side_by_side.py runs with one option each (benchmarks/gpu/run.sh, steps side-by-side-options and
+# side-by-side-checkpointing): file stem -> mode
+OPTIONS = {"side-by-side-qlora-in-plains-memory": "--memory-limit plain",
+           "side-by-side-qlora-checkpointing": "--gradient-checkpointing",
            "side-by-side-full-bf16": "--master-weights none"}
 PLANNER_GOAL_PCT = 10.0
 # adapters' case -> raw_stack.py's variants to set it beside: the same recipe, and the best hand-written loop

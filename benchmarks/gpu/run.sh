@@ -6,7 +6,7 @@
 # 600 s: each call's step limits below add up to less than that (560, 470 and 285 s).
 #   call 1: ONLY="tests side-by-side side-by-side-options ratios"
 #   call 2: ONLY="raw-stack optimizer-options compile lora-variants ratios"
-#   call 3: ONLY="offload optimizer-8bit inventory inventory-qlora bench"
+#   call 3: ONLY="offload optimizer-8bit inventory inventory-qlora bench side-by-side-checkpointing ratios"
 # $OUT takes at most 8 files back: end the command with  tar czf $OUT/gpu.tar.gz -C $D .  where D is the
 # folder given to this script as OUT.
 #
@@ -28,8 +28,11 @@
 #   side-by-side adapters bench lora, full-finetune, qlora (defaults) beside the plain stack's full fine-tuning,
 #                LoRA and HF QLoRA recipe (benchmarks/baseline/plain_stack.py), alternating -> side-by-side.json
 #   side-by-side-options  the same, one option at a time, each beside its own plain-stack run: qlora with
-#                --gradient-checkpointing (as the HF recipe runs) -> side-by-side-qlora-checkpointing.json;
-#                full-finetune with --master-weights none -> side-by-side-full-bf16.json
+#                --memory-limit plain (the recipe's measured peak as its limit: the plan checkpoints the fewest
+#                layers that fit) -> side-by-side-qlora-in-plains-memory.json; full-finetune with
+#                --master-weights none -> side-by-side-full-bf16.json
+#   side-by-side-checkpointing  qlora with --gradient-checkpointing, every layer (as the HF recipe runs)
+#                -> side-by-side-qlora-checkpointing.json
 #   raw-stack    raw_stack.py, the hand-written reference loop of ../shared/design/anchors.md -> anchor-*.json
 #   bench        adapters bench prefix-tuning, linear-probe (defaults) -> bench-default.json
 #   compile      adapters bench lora, qlora, full-finetune with compilation the other way round from the device's default: --compile
@@ -90,9 +93,11 @@ step tests 150 "$PY" -m pytest -q -m gpu -p no:cacheprovider --continue-on-colle
 step side-by-side 200 "$PY" benchmarks/side_by_side.py --model "$MODEL" "${SHAPE_ARGS[@]}" \
   --output "$OUT/side-by-side.json"
 step side-by-side-options 200 bash -c '"$0" benchmarks/side_by_side.py --model "$1" --cases qlora \
-  --gradient-checkpointing ${@:2} --output "$OUT/side-by-side-qlora-checkpointing.json" && "$0" benchmarks/side_by_side.py \
+  --memory-limit plain ${@:2} --output "$OUT/side-by-side-qlora-in-plains-memory.json" && "$0" benchmarks/side_by_side.py \
   --model "$1" --cases full-finetune --master-weights none ${@:2} --output "$OUT/side-by-side-full-bf16.json"' \
   "$PY" "$MODEL" "${SHAPE_ARGS[@]}"
+step side-by-side-checkpointing 120 "$PY" benchmarks/side_by_side.py --model "$MODEL" --cases qlora \
+  --gradient-checkpointing "${SHAPE_ARGS[@]}" --output "$OUT/side-by-side-qlora-checkpointing.json"
 step inventory 45 "$PY" benchmarks/gpu/inventory.py --layers "${INVENTORY_LAYERS:-2,4}" --batch-size "$BATCH" \
   --seq-len "$SEQ" --output "$OUT/inventory.json"
 step inventory-qlora 60 "$PY" benchmarks/gpu/inventory.py --strategies qlora,lora --compile \
