@@ -126,14 +126,26 @@ def test_the_plan_follows_the_measured_peak(tmp_path):
     assert half < none and abs((none - half) - (none_plan - half_plan)) <= 0.2 * (none_plan - half_plan)
 
 
-def test_a_memory_limit_checkpoints_the_fewest_layers_that_fit_on_a_gpu():
+def test_on_a_gpu_a_memory_limit_checkpoints_the_fewest_layers_while_that_is_cheaper_than_offload():
+    """QLoRA recomputes half a step's compute for each layer checkpointed (its base is frozen): a layer or two of
+    16 costs less than offloading the activations (`OFFLOAD_COST`), four cost more."""
+    from adapters.plan.fit import CHECKPOINTING_COST, OFFLOAD_COST
+
     run = resolve(adapters.RunSpec(model="random:llama-1b", strategy="qlora", batch_size=8, seq_len=512), data=False)
-    chosen = fit(run, 8 * 2**30, device="cuda").chosen
-    n = chosen.checkpoint_layers
-    assert chosen.gradient_checkpointing and 0 < n < 16 and chosen.batch_size == 8 and not chosen.offload_activations
-    fewer = RunShape(8, 512, quantization="nf4", gradient_checkpointing=n > 1, checkpoint_layers=n - 1 or None)
     shape = model_shape("random:llama-1b", device="cuda")
-    assert estimate(shape, run.strategy, run.config, fewer).peak_bytes > int(8 * 2**30 * (1 - HEADROOM))
+
+    def peak(n: int) -> int:
+        shape_of_run = RunShape(8, 512, quantization="nf4", gradient_checkpointing=n > 0, checkpoint_layers=n or None)
+        return estimate(shape, run.strategy, run.config, shape_of_run).peak_bytes
+
+    def limit_between(n: int) -> int:  # n layers fit, n - 1 do not
+        return int((peak(n - 1) + peak(n)) / 2 / (1 - HEADROOM))
+
+    assert CHECKPOINTING_COST["inputs"] * 2 / 16 < OFFLOAD_COST < CHECKPOINTING_COST["inputs"] * 4 / 16
+    chosen = fit(run, limit_between(2), device="cuda").chosen
+    assert (chosen.batch_size, chosen.checkpoint_layers, chosen.offload_activations) == (8, 2, False)
+    chosen = fit(run, limit_between(4), device="cuda").chosen
+    assert (chosen.batch_size, chosen.gradient_checkpointing, chosen.offload_activations) == (8, False, True)
 
 
 def test_a_run_fitted_with_some_layers_checkpointed_stays_under_its_limit():

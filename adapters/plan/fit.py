@@ -18,14 +18,16 @@ is fastest among those predicted to fit:
   through the later ones, and each new gradient is added into them (one more gradient tensor at a time): the
   plan's phases before the gradients exist are taken again with every gradient added, and the largest trainable
   tensor on top (`_accumulating_peak`). It fits when it is at most the limit less `HEADROOM`.
-- **Predicted time** of an optimizer step, in token-equivalents: ``k x ((1 + 1/3 n/L) x m x seq_len +
-  MICRO_STEP_TOKENS[device])``. Checkpointing runs a layer's forward twice in backward: about a third more
-  compute for each layer checkpointed. Each micro-step has a fixed cost beside its tokens (launching its
+- **Predicted time** of an optimizer step, in token-equivalents: ``k x ((1 + c n/L) x m x seq_len +
+  MICRO_STEP_TOKENS[device])``. Checkpointing runs a layer's forward again in backward: c, the forward's share
+  of a step, is a third when backward computes the weights' gradients and the inputs' (two matmuls for the
+  forward's one: full fine-tuning), and a half when the base is frozen and backward computes the inputs'
+  alone (LoRA, QLoRA: `CHECKPOINTING_COST`). Each micro-step has a fixed cost beside its tokens (launching its
   kernels, reading every weight once), counted as that many tokens' worth: a rule of thumb, not a measurement,
   which makes larger micro-batches somewhat faster per row on a GPU. A CPU is compute-bound from a few tokens on,
   so there it is 0. Offloading costs ``OFFLOAD_COST`` more: its copies overlap the compute on a side stream, but
   share the memory bus (a rule of thumb too, until benchmarks/gpu/run.sh measures it), so it is predicted faster
-  than checkpointing every layer, and slower than checkpointing fewer than 30% of them.
+  than checkpointing every layer, and slower than checkpointing fewer than a fifth (frozen base) or 30% of them.
 - **Choice**: the lowest predicted time among the candidates that fit; at equal time, fewer layers checkpointed,
   then no offload, then the larger micro-batch. So on the CPU: no checkpointing with the largest micro-batch that
   fits, if any fits, else the fewest layers checkpointed; on a GPU, checkpointing a few layers (less than
@@ -57,7 +59,12 @@ from .memory import STATIC_COMPONENTS, Plan
 HEADROOM = 0.10
 # A micro-step's fixed cost, as that many tokens of compute (see the module's docstring).
 MICRO_STEP_TOKENS = {"cpu": 0, "cuda": 1024}
-CHECKPOINTING_COST = 1 / 3  # the extra compute of recomputing each layer's forward in backward
+# The extra compute of recomputing a layer's forward in backward, by the strategy's gradient flow
+# (adapters.contract.StrategyMemory): a third of a step that also makes the weights' gradients, half of one whose
+# base is frozen. Measured on the CPU (SmolLM2 LoRA, 4 x 512, benchmarks/checkpoint_layers.py): every layer
+# checkpointed ran at 0.61x the tokens/s of none, 1 / (1 + 1/2) = 0.67x predicted; 10 of 30 layers at 0.81x, 0.86x
+# predicted.
+CHECKPOINTING_COST = {"weights": 1 / 3, "inputs": 1 / 2, "head": 0.0}
 OFFLOAD_COST = 0.1  # offloaded activations' copies, overlapped with the compute (see the module's docstring)
 
 
@@ -121,7 +128,7 @@ def fit(run: Run, limit: int, device: str | None = None) -> Fit:
     Raises `MemoryLimitTooSmall` when nothing fits, or when the plan cannot estimate this strategy on this model.
     """
     from ..distributed import launched_processes
-    from .memory import estimate
+    from .memory import estimate, strategy_memory
     from .skeleton import model_shape, run_shape
 
     s = run.spec
@@ -133,6 +140,8 @@ def fit(run: Run, limit: int, device: str | None = None) -> Fit:
     usable = int(limit * (1 - HEADROOM))
     layers = shape.num_layers
     can_checkpoint = traits(run.strategy).supports_gradient_checkpointing
+    part = strategy_memory(run.strategy, shape, run.config, run_shape(s, run.task, run.quantization, device))
+    recompute = CHECKPOINTING_COST.get(part.gradient_flow, CHECKPOINTING_COST["inputs"]) if part else 0.0
     offloading = [True] if s.offload_activations else [False, True] if device == "cuda" else [False]
 
     def candidate(m: int, n: int, off: bool) -> Candidate:
@@ -147,7 +156,7 @@ def fit(run: Run, limit: int, device: str | None = None) -> Fit:
                 "so it cannot fit the run. Drop --memory-limit and set --batch-size and "
                 "--gradient-checkpointing yourself.", run.strategy, run.quantization)
         peak = plan.peak_bytes if k == 1 else _accumulating_peak(plan, shape, run, shape_of_run)
-        cost = 1 + CHECKPOINTING_COST * n / max(layers, 1) + OFFLOAD_COST * off
+        cost = 1 + recompute * n / max(layers, 1) + OFFLOAD_COST * off
         time = k * (cost * m * s.seq_len + MICRO_STEP_TOKENS[device])
         return Candidate(m, k, n > 0, shape_of_run.checkpoint_layers, off, peak, round(time, 1), peak <= usable)
 
