@@ -92,10 +92,11 @@ step tests 150 "$PY" -m pytest -q -m gpu -p no:cacheprovider --continue-on-colle
   --junitxml="$OUT/gpu-tests.xml" "${GPU_TESTS[@]}"
 step side-by-side 200 "$PY" benchmarks/side_by_side.py --model "$MODEL" "${SHAPE_ARGS[@]}" \
   --output "$OUT/side-by-side.json"
+# Both run even when the first fails (its fit may choose the offload path, measured here for the first time).
 step side-by-side-options 200 bash -c '"$0" benchmarks/side_by_side.py --model "$1" --cases qlora \
-  --memory-limit plain ${@:2} --output "$OUT/side-by-side-qlora-in-plains-memory.json" && "$0" benchmarks/side_by_side.py \
-  --model "$1" --cases full-finetune --master-weights none ${@:2} --output "$OUT/side-by-side-full-bf16.json"' \
-  "$PY" "$MODEL" "${SHAPE_ARGS[@]}"
+  --memory-limit plain ${@:2} --output "$OUT/side-by-side-qlora-in-plains-memory.json"; first=$?; "$0" \
+  benchmarks/side_by_side.py --model "$1" --cases full-finetune --master-weights none ${@:2} \
+  --output "$OUT/side-by-side-full-bf16.json" && exit $first' "$PY" "$MODEL" "${SHAPE_ARGS[@]}"
 step side-by-side-checkpointing 120 "$PY" benchmarks/side_by_side.py --model "$MODEL" --cases qlora \
   --gradient-checkpointing "${SHAPE_ARGS[@]}" --output "$OUT/side-by-side-qlora-checkpointing.json"
 step inventory 45 "$PY" benchmarks/gpu/inventory.py --layers "${INVENTORY_LAYERS:-2,4}" --batch-size "$BATCH" \
