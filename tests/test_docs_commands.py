@@ -56,7 +56,7 @@ PARSE_ONLY: list[tuple[str, list[str]]] = [
      [r"^adapters recommend --model smollm2-135m\b"]),
     ("minutes of training or benchmarking the real SmolLM2 on 2 CPU cores (the same commands run at small sizes in "
      "tests/test_runs.py, test_instructions.py, test_merge.py, test_generate.py, test_evaluation.py, test_fit.py, "
-     "test_bench.py and test_api.py)",
+     "test_checkpoint_layers.py, test_bench.py and test_api.py)",
      [r"^adapters train .*--max-steps (?:[5-9]|\d\d)\b", r"^adapters train --resume ",
       r"^adapters train --strategy lora@int8 ", r"^adapters train --data chat\.jsonl ",
       r"^adapters train --model smollm2-135m --strategy qlora --max-steps 4 ", r"^adapters (merge|generate|eval) ",
