@@ -45,7 +45,9 @@ def test_each_variant_trains_on_smollm2_and_plain_peft_on_the_original_base_repr
     trained = logits(result.trained, ids)
 
     plain = PeftModel.from_pretrained(copy.deepcopy(smollm2.model), out)  # the original weights, untouched
-    assert torch.allclose(logits(plain, ids), trained, atol=1e-4), variant
+    # float32 roundoff apart: PiSSA's save is its residual base plus rank r, converted to rank 2r on the original
+    # base, whose sums round otherwise (up to 1.5e-4 on SmolLM2's logits, measured); a wrong one is off by units.
+    assert (logits(plain, ids) - trained).abs().max() < 5e-4, variant
     with plain.disable_adapter():
         assert not torch.allclose(logits(plain, ids), trained, atol=1e-3), "training changed nothing"
     saved = json.loads((out / "adapter_config.json").read_text())
