@@ -27,7 +27,8 @@ is fastest among those predicted to fit:
   which makes larger micro-batches somewhat faster per row on a GPU. A CPU is compute-bound from a few tokens on,
   so there it is 0. Offloading costs ``OFFLOAD_COST`` more: its copies overlap the compute on a side stream, but
   share the memory bus (a rule of thumb too, until benchmarks/gpu/run.sh measures it), so it is predicted faster
-  than checkpointing every layer, and slower than checkpointing fewer than a fifth (frozen base) or 30% of them.
+  than checkpointing every layer, and slower than checkpointing fewer than a fifth of them (a frozen base) or
+  fewer than 30% (full fine-tuning).
 - **Choice**: the lowest predicted time among the candidates that fit; at equal time, fewer layers checkpointed,
   then no offload, then the larger micro-batch. So on the CPU: no checkpointing with the largest micro-batch that
   fits, if any fits, else the fewest layers checkpointed; on a GPU, checkpointing a few layers (less than
@@ -140,7 +141,8 @@ def fit(run: Run, limit: int, device: str | None = None) -> Fit:
     usable = int(limit * (1 - HEADROOM))
     layers = shape.num_layers
     can_checkpoint = traits(run.strategy).supports_gradient_checkpointing
-    part = strategy_memory(run.strategy, shape, run.config, run_shape(s, run.task, run.quantization, device))
+    part = strategy_memory(run.strategy, shape, run.config, run_shape(s, run.task, run.quantization, device)) \
+        if shape.family is not None else None  # else each candidate's estimate says why there is none
     recompute = CHECKPOINTING_COST.get(part.gradient_flow, CHECKPOINTING_COST["inputs"]) if part else 0.0
     offloading = [True] if s.offload_activations else [False, True] if device == "cuda" else [False]
 
