@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .contract import LR_SCHEDULERS, QUANTIZATIONS, TASKS, Strategy
+from .contract import LR_SCHEDULERS, QUANTIZATIONS, TASKS, RunShape, Strategy
 from .errors import AdaptersError
 from .options import read_toml, settings_values
 from .rules import DEFAULT_MASTER_WEIGHTS, DEFAULT_OPTIMIZER, MASTER_WEIGHTS, MIXED_PRECISION, OPTIMIZERS
@@ -150,6 +150,19 @@ class RunSpec:
 
 
 TrainSettings = RunSpec  # the name before 0.2; `adapters.TrainSettings` keeps working
+
+
+def run_shape(spec: RunSpec, task: str, quantization: str, device: str, **changes: Any) -> RunShape:
+    """The run a memory estimate or a strategy's refusal is for (`adapters.RunShape`), as ``spec`` asks for it on
+    ``device`` (a device type); ``changes`` override its fields (a fitted micro-batch, checkpointing, the
+    processes)."""
+    fields = dict(batch_size=spec.batch_size, seq_len=spec.seq_len, task=task, quantization=quantization,
+                  gradient_checkpointing=spec.gradient_checkpointing, checkpoint_layers=spec.checkpoint_layers,
+                  device=device, loss_chunk=spec.loss_chunk,
+                  compile=spec.compile, sharding=spec.sharding, optimizer=spec.optimizer,
+                  offload_activations=spec.offload_activations, optimizer_in_backward=spec.optimizer_in_backward,
+                  master_weights=spec.master_weights, mixed_precision=spec.mixed_precision)
+    return RunShape(**{**fields, **changes})
 
 
 def fields_for(command: str) -> list[dataclasses.Field]:

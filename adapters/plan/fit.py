@@ -141,7 +141,8 @@ def fit(run: Run, limit: int, device: str | None = None) -> Fit:
     usable = int(limit * (1 - HEADROOM))
     layers = shape.num_layers
     can_checkpoint = traits(run.strategy).supports_gradient_checkpointing
-    part = strategy_memory(run.strategy, shape, run.config, run_shape(s, run.task, run.quantization, device)) \
+    asked_run = run_shape(s, run.task, run.quantization, device)
+    part = strategy_memory(run.strategy, shape, run.config, asked_run) \
         if shape.family is not None else None  # else each candidate's estimate says why there is none
     recompute = CHECKPOINTING_COST.get(part.gradient_flow, CHECKPOINTING_COST["inputs"]) if part else 0.0
     offloading = [True] if s.offload_activations else [False, True] if device == "cuda" else [False]
@@ -168,7 +169,7 @@ def fit(run: Run, limit: int, device: str | None = None) -> Fit:
     for m in (d for d in range(effective, smallest - 1, -1) if effective % d == 0):
         for off in offloading:
             if s.gradient_checkpointing:  # as asked
-                candidates.append(candidate(m, min(s.checkpoint_layers or layers, layers), off))
+                candidates.append(candidate(m, asked_run.checkpointed_layers(layers), off))
             elif not can_checkpoint or layers < 1:
                 candidates.append(candidate(m, 0, off))
             else:

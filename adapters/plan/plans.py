@@ -79,9 +79,7 @@ def make_plans(settings: PlanSettings) -> dict[str, Any]:
     for one in asked:
         run = run_shape(s, shape.task, one.quantization, settings.device, processes=settings.processes)
         plans.append(_plan(one, shape, run, budget))
-    engine = rules.engine(settings.device, shape.task, compile=s.compile, sharding=s.sharding,
-                          gradient_checkpointing=s.gradient_checkpointing, checkpoint_layers=s.checkpoint_layers,
-                          loss_chunk=s.loss_chunk, optimizer_kind=s.optimizer)
+    engine = run_shape(s, shape.task, "none", settings.device).engine  # the same for every quantization
     return {
         "model": s.model, "task": shape.task, "device": settings.device,
         "dtype": rules.base_dtype(settings.device, s.master_weights, s.mixed_precision)

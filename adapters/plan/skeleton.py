@@ -7,17 +7,15 @@ from __future__ import annotations
 
 import copy
 import re
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from ..contract import LinearShape, ModelShape, RunShape, Strategy, declared_trainable
+from ..contract import LinearShape, ModelShape, Strategy, declared_trainable
 from ..errors import AdaptersError
 from ..models import check_model_task, model_config, quiet_transformers, resolve_model
 from ..nn import is_linear, linear_features
-
-if TYPE_CHECKING:
-    from ..runspec import RunSpec
+from ..runspec import run_shape  # noqa: F401  (adapters.plan.run_shape)
 
 # The layer families whose activations the memory model knows, by the modules a layer must have.
 _FAMILY_PARTS = {
@@ -30,18 +28,6 @@ _FAMILY_PARTS = {
 _SHARED_INPUTS = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "gate_proj": "mlp_in",
                   "up_proj": "mlp_in", "query": "attn_in", "key": "attn_in", "value": "attn_in"}
 _INPUT_KEPT = {"self_attn.o_proj"}  # SDPA keeps its output, which o_proj reads
-
-
-def run_shape(spec: RunSpec, task: str, quantization: str, device: str, **changes: Any) -> RunShape:
-    """The run an estimate is for, as ``spec`` asks for it on ``device``; ``changes`` override its fields (a fitted
-    micro-batch, checkpointing, the processes)."""
-    fields = dict(batch_size=spec.batch_size, seq_len=spec.seq_len, task=task, quantization=quantization,
-                  gradient_checkpointing=spec.gradient_checkpointing, checkpoint_layers=spec.checkpoint_layers,
-                  device=device, loss_chunk=spec.loss_chunk,
-                  compile=spec.compile, sharding=spec.sharding, optimizer=spec.optimizer,
-                  offload_activations=spec.offload_activations, optimizer_in_backward=spec.optimizer_in_backward,
-                  master_weights=spec.master_weights, mixed_precision=spec.mixed_precision)
-    return RunShape(**{**fields, **changes})
 
 
 def model_shape(name: str, task: str | None = None, device: str = "cuda", num_labels: int = 2) -> ModelShape:

@@ -37,7 +37,7 @@ from ..errors import AdaptersError
 from ..loading import BaseModel, load_base_model
 from ..manifest import read_manifest
 from ..nn import count_parameters
-from ..runspec import Run
+from ..runspec import Run, run_shape
 from ..store import check_base, load_trainable, restore
 
 
@@ -107,8 +107,7 @@ def load_base(run: Run, device: torch.device) -> BaseModel:
     base.model.config.use_cache = False
     if s.gradient_checkpointing:
         enable_gradient_checkpointing(base.model, s.checkpoint_layers)
-    if rules.recomputes_mlp(s.gradient_checkpointing, rules.compiles(s.compile, torch.device(device).type, s.sharding),
-                            s.checkpoint_layers):
+    if run_shape(s, run.task, run.quantization, torch.device(device).type).recomputes_mlp:
         engine.recompute_gated_mlps(base.model)
     return base
 

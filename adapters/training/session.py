@@ -24,12 +24,12 @@ import torch
 from .. import engine, rules
 from ..batches import make_batches, real_tokens
 from ..checkpoints import Position
-from ..contract import GroupsParameters, RunShape, run_refusal
+from ..contract import GroupsParameters, run_refusal
 from ..distributed import fsdp_plugin, is_sharded, launched_with_fsdp
 from ..errors import AdaptersError
 from ..nn import ParameterCount, count_parameters
 from ..loading import BaseModel
-from ..runspec import Run, StrategyRefused
+from ..runspec import Run, StrategyRefused, run_shape
 from .evaluate import evaluate
 from .health import Health
 from .in_backward import InBackward
@@ -114,16 +114,15 @@ class Session(Prepared):
         s = run.spec
         if s.offload_activations and (reason := rules.offload_refusal(accelerator.device.type)):
             raise AdaptersError(reason)  # before loading
-        if reason := run_refusal(run.strategy, run.config, run_shape(run, accelerator.device.type)):
+        shape = run_shape(s, run.task, run.quantization, accelerator.device.type)
+        if reason := run_refusal(run.strategy, run.config, shape):
             raise StrategyRefused(reason, run.strategy, run.quantization)  # before loading
         built = build(run, accelerator.device, checkpoint=checkpoint, saved=saved,
                       data=lambda base: _loaders(run, base)[0])
         model = built.model
         parameters = count_parameters(model)
         train_loader, eval_loader = _loaders(run, built.base)
-        choice = rules.engine(accelerator.device.type, run.task, compile=s.compile, sharding=s.sharding,
-                              gradient_checkpointing=s.gradient_checkpointing, checkpoint_layers=s.checkpoint_layers,
-                              loss_chunk=s.loss_chunk, optimizer_kind=s.optimizer)
+        choice = shape.engine
         make_optimizer = InBackward if s.optimizer_in_backward else engine.make_optimizer
         optimizer = make_optimizer(_parameter_groups(run, model), run.learning_rate, run.weight_decay,
                                    accelerator.device, kind=s.optimizer)
@@ -182,14 +181,6 @@ class Session(Prepared):
             raise AdaptersError(f"{checkpoint}: strategy {self.run.strategy.name!r} restores other trainable weights "
                                 "than the run trained (it saves these options for inference), so this run cannot "
                                 "be resumed. Start it again without --resume.")
-
-
-def run_shape(run: Run, device: str) -> RunShape:
-    """``run`` on ``device`` (a device type) as the strategy contract describes it (`adapters.RunShape`)."""
-    s = run.spec
-    return RunShape(s.batch_size, s.seq_len, run.task, run.quantization, s.gradient_checkpointing, device,
-                    s.loss_chunk, s.compile, sharding=s.sharding, optimizer=s.optimizer,
-                    offload_activations=s.offload_activations, checkpoint_layers=s.checkpoint_layers)
 
 
 def _parameter_groups(run: Run, model: torch.nn.Module) -> list[Any]:
